@@ -1,0 +1,216 @@
+"""One validated configuration tree, loaded from TOML.
+
+Every knob has a type, a default and a one-line description (``Field(description=...)``).
+Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tracer.errors import TracerError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    kg: str = Field("data/kg.json", description="Knowledge graph file (kg.json schema).")
+    out_dir: str = Field("data", description="Directory the generated JSONL splits are written to.")
+    seed: int = Field(1234, description="Seed for question generation.")
+    train_hops: list[int] = Field([1, 2, 3], description="Hop lengths of training questions.")
+    eval_hops: list[int] = Field([4, 5], description="Hop lengths of held-out eval and RSFT-pool questions.")
+    eval_size: int = Field(300, ge=1, description="Number of held-out eval questions.")
+    rsft_size: int = Field(600, ge=0, description="Number of RSFT-pool questions (4-5 hops, disjoint from eval).")
+    train_per_hop: dict[str, int] = Field(
+        {"2": 900, "3": 900}, description="Training questions per hop length above 1 (1-hop count follows from coverage)."
+    )
+    min_edge_coverage: int = Field(3, ge=0, description="Each KG edge appears in at least this many training paths.")
+    context: Literal["closed", "facts"] = Field("closed", description="'closed': question + options; 'facts': also list KG facts.")
+    max_facts: int = Field(12, ge=1, description="Facts listed per prompt in 'facts' mode (gold edges + distractor edges).")
+    shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
+    letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="Offline alias, local mlx-lm/HF model directory, .gguf file, or Hugging Face hub id.",
+    )
+    cache_dir: str = Field("~/.cache/tracer", description="Where pulled and converted models are kept.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute precision; 'auto' = float32 on CPU, bfloat16 on GPU."
+    )
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(320.0, gt=0, description="LoRA alpha; updates are scaled by alpha / rank (mlx-lm's 'scale').")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    num_layers: int = Field(-1, description="Number of last transformer layers to adapt (-1 = all).")
+    keys: list[str] = Field(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        description="Projections that receive LoRA adapters.",
+    )
+
+
+class TrainConfig(Section):
+    iters: int = Field(600, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per step.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup: int = Field(20, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
+    max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated.")
+    val_every: int = Field(100, ge=0, description="Validation loss every N steps (0 = off).")
+    val_size: int = Field(64, ge=0, description="Held-back training examples used for validation loss.")
+    save_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    curriculum: bool = Field(False, description="Order training from 1-hop to 3-hop instead of shuffling.")
+    seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
+
+
+class SFTConfig(TrainConfig):
+    pass
+
+
+class RSFTConfig(TrainConfig):
+    iters: int = Field(200, ge=1, description="Optimizer steps per RSFT round.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    rounds: int = Field(1, ge=1, description="Sample → filter → fine-tune rounds, each from the latest adapter.")
+    k_samples: int = Field(8, ge=1, description="Completions sampled per question.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
+    keep_top: int = Field(1, ge=1, description="Winners kept per question.")
+    min_reward: float = Field(1.0, description="A sample must reach this reward (and be correct) to be kept.")
+    max_questions: int = Field(0, ge=0, description="Use at most this many RSFT-pool questions (0 = all).")
+    max_tokens: int = Field(160, ge=1, description="Token budget per sampled completion.")
+    replay: float = Field(0.5, ge=0, description="SFT examples mixed in per winner, to keep earlier skills.")
+
+
+class EvalConfig(Section):
+    max_examples: int = Field(0, ge=0, description="Evaluate at most this many questions (0 = all).")
+    max_tokens: int = Field(160, ge=1, description="Token budget per completion.")
+    batch_size: int = Field(32, ge=1, description="Prompts generated together.")
+    shuffled: bool = Field(False, description="Also evaluate eval_shuffled.jsonl and report shuffle agreement.")
+    seed: int = Field(0, description="Seed for generation (greedy decoding ignores it).")
+
+
+class RewardConfig(Section):
+    correct: float = Field(1.0, description="Correctness score of a right answer.")
+    incorrect: float = Field(-2.0, description="Correctness score of a wrong answer.")
+    invalid: float = Field(-2.0, description="Total reward of an unparseable completion.")
+    w_correct: float = Field(1.0, description="Weight of correctness in the total.")
+    w_path: float = Field(0.5, description="Weight of path reward in the total.")
+    min_hits: int = Field(2, ge=0, description="Path entities the trace must name before path reward counts.")
+    max_path_reward: float = Field(1.0, description="Cap on the path reward.")
+    repeat_max: int = Field(2, ge=1, description="An entity named more often than this is spam.")
+    spam_penalty: float = Field(0.5, ge=0, description="Penalty subtracted when any entity is spammed.")
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
+    runs_dir: str = Field("data/runs", description="Parent directory of run directories.")
+    phases: list[Literal["base", "sft", "rsft"]] = Field(
+        ["base", "sft", "rsft"], description="Pipeline phases `tracer run` executes, in order."
+    )
+    seed: int = Field(1234, description="Master seed recorded in meta.json.")
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Question generation.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on reference traces.")
+    rsft: RSFTConfig = Field(default_factory=RSFTConfig, description="Rejection-sampling fine-tuning.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="KG reward weights.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Pipeline run.")
+
+    @model_validator(mode="after")
+    def _check_hops(self) -> "Config":
+        if not self.data.train_hops or min(self.data.train_hops) < 1:
+            raise ValueError("data.train_hops: expected hop lengths >= 1")
+        if not self.data.eval_hops or min(self.data.eval_hops) < 1:
+            raise ValueError("data.eval_hops: expected hop lengths >= 1")
+        return self
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    if isinstance(got, (str, int, float, bool)) and err["type"] != "missing":
+        msg = f"{msg}, got {got!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a plain dict; errors name the source and the key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        errs = e.errors()
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise TracerError(f"{source}: {_describe_error(errs[0])}{more}") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a TOML config; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise TracerError(f"{p}: no such config file")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise TracerError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise TracerError(f"{p}: not a UTF-8 text file") from None
+    return config_from_dict(data, str(p))
+
+
+def override(cfg: Config, **dotted: Any) -> Config:
+    """Return a copy with ``section__key=value`` overrides applied (``None`` values are skipped)."""
+    data = cfg.model_dump()
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        section, name = key.split("__", 1)
+        data[section][name] = value
+    return config_from_dict(data, "command line")
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise the resolved config as TOML (for run directories)."""
+    lines: list[str] = []
+    for section, values in cfg.model_dump().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")

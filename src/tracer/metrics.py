@@ -1,0 +1,92 @@
+"""Aggregate episode rows into phase metrics (pure Python, stdlib only)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n; n = 0 → (0.0, 0.0)."""
+    if n <= 0:
+        return 0.0, 0.0
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(eps)
+    correct = sum(1 for e in eps if e["correct"])
+    lo, hi = wilson(correct, n)
+    valid = [e for e in eps if e["parsed"]["valid_format"]]
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci": [lo, hi],
+        "path_coverage": _mean([e["reward"]["path_coverage"] for e in eps]),
+        "reward": _mean([e["reward"]["total"] for e in eps]),
+        "format_rate": len(valid) / n if n else 0.0,
+        "edge_precision": _mean([e["reward"]["edge_precision"] for e in valid]),
+    }
+
+
+def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Phase entry for metrics.json (without wall_s, finished_at, shuffle_agreement).
+
+    ``edge_precision`` is averaged over valid-format episodes only (0.0 if none).
+    ``per_hop`` is keyed by ``str(hop_len)`` in ascending hop order; each entry has the same
+    fields as the top level except ``correct``.
+    """
+    out = _summary(episodes)
+    by_hop: dict[int, list[dict[str, Any]]] = {}
+    for e in episodes:
+        by_hop.setdefault(int(e["hop_len"]), []).append(e)
+    per_hop = {}
+    for hop in sorted(by_hop):
+        s = _summary(by_hop[hop])
+        s.pop("correct")
+        per_hop[str(hop)] = s
+    out["per_hop"] = per_hop
+    return out
+
+
+def _picked(ep: dict[str, Any], example: dict[str, Any] | None) -> str | None:
+    """The entity a valid episode picked, or None."""
+    if example is None or not ep["parsed"]["valid_format"]:
+        return None
+    letter = ep["parsed"]["answer"]
+    return example["options"].get(letter) if letter else None
+
+
+def shuffle_agreement(orig_eps: list[dict[str, Any]], shuf_eps: list[dict[str, Any]],
+                      orig_examples: list[dict[str, Any]], shuf_examples: list[dict[str, Any]]) -> float:
+    """Fraction of questions where the same entity was picked before and after option shuffling.
+
+    Pairs ``ex_id`` with ``ex_id + "-shuf"``; only questions present in both are counted.
+    Invalid or missing answers count as disagreement. No pairs → 0.0.
+    """
+    ox = {e["id"]: e for e in orig_examples}
+    sx = {e["id"]: e for e in shuf_examples}
+    shuf_by_id = {e["ex_id"]: e for e in shuf_eps}
+    pairs = 0
+    agree = 0
+    for ep in orig_eps:
+        sid = ep["ex_id"] + "-shuf"
+        sep = shuf_by_id.get(sid)
+        if sep is None:
+            continue
+        pairs += 1
+        a = _picked(ep, ox.get(ep["ex_id"]))
+        b = _picked(sep, sx.get(sid))
+        if a is not None and a == b:
+            agree += 1
+    return agree / pairs if pairs else 0.0

@@ -1,0 +1,122 @@
+"""Run directories: layout, atomic JSON writes, meta.json and metrics.json bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tracer.errors import TracerError
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    p = Path(path)
+    if not p.exists():
+        if default is not None:
+            return default
+        raise TracerError(f"{p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TracerError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("tracer", "mlx", "mlx-lm", "transformers", "tokenizers", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, force: bool, resume: bool) -> Path:
+    """Create (or reopen with ``resume``) a run directory; never overwrite one without ``force``."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if resume:
+            if not (run_dir / "meta.json").exists():
+                raise TracerError(f"{run_dir}: cannot resume: not a tracer run (no meta.json)")
+            return run_dir
+        if not force:
+            raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.toml", config_toml)
+    write_json(
+        run_dir / "meta.json",
+        {
+            "run_id": run_dir.name,
+            "created_at": now(),
+            "platform": f"{platform.system().lower()}-{platform.machine()}",
+            "versions": versions(),
+            "seed": seed,
+            "phases": phases,
+            "timings": {},
+            "contaminated": False,
+        },
+    )
+    return run_dir
+
+
+def update_meta(run_dir: Path, **fields: Any) -> dict:
+    meta = read_json(run_dir / "meta.json", default={})
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key].update(value)
+        else:
+            meta[key] = value
+    write_json(run_dir / "meta.json", meta)
+    return meta
+
+
+def record_phase(run_dir: Path, phase: str, entry: dict, contaminated: bool = False) -> dict:
+    """Add or replace one phase's entry in ``metrics.json``; contamination is sticky."""
+    path = run_dir / "metrics.json"
+    metrics = read_json(path, default={"run_id": run_dir.name, "contaminated": False, "phases": {}})
+    metrics.setdefault("phases", {})[phase] = entry
+    metrics["contaminated"] = bool(metrics.get("contaminated")) or contaminated
+    write_json(path, metrics)
+    return metrics
+
+
+def finished_phases(run_dir: Path) -> set[str]:
+    metrics = read_json(run_dir / "metrics.json", default={"phases": {}})
+    return set(metrics.get("phases", {}))
+
+
+def episodes_path(run_dir: Path, phase: str) -> Path:
+    return run_dir / "episodes" / f"{phase}.jsonl"
+
+
+def model_dir(run_dir: Path, phase: str) -> Path:
+    return run_dir / "models" / phase

@@ -1,0 +1,65 @@
+import tomllib
+
+import pytest
+
+from tracer.config import Config, config_from_dict, load_config, override, to_toml
+from tracer.errors import TracerError
+
+
+def test_every_field_has_a_description_and_default():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            assert not field.is_required(), f"{prefix}{name} has no default"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Config.__mro__[1]):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(Config)
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "tiny"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.toml")
+    assert cfg.eval.max_tokens > 0
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text("[sft]\niterz = 3\n")
+    with pytest.raises(TracerError, match=r"x.toml: sft.iterz: unknown key"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text('[sft]\niters = "abc"\n')
+    with pytest.raises(TracerError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: sft.iters: ") and "'abc'" in msg and "\n" not in msg
+
+
+def test_constraint_violation(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text("[rsft]\nk_samples = 0\n")
+    with pytest.raises(TracerError, match="rsft.k_samples: .*greater than or equal to 1"):
+        load_config(p)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[sft\n")
+    with pytest.raises(TracerError, match="bad.toml: invalid TOML"):
+        load_config(p)
+    with pytest.raises(TracerError, match="nope.toml: no such config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_override_and_toml_round_trip():
+    cfg = override(Config(), sft__iters=7, data__context="facts", eval__seed=None)
+    assert cfg.sft.iters == 7 and cfg.data.context == "facts"
+    again = config_from_dict(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+    with pytest.raises(TracerError, match="command line: sft.iters"):
+        override(cfg, sft__iters=0)

@@ -1,0 +1,89 @@
+"""Tests for tracer.metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracer.metrics import aggregate, shuffle_agreement, wilson
+
+
+def test_wilson_known_values():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4)
+    assert hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == 1.0
+    assert wilson(0, 0) == (0.0, 0.0)
+
+
+def ep(ex_id, hop, correct, valid=True, answer="A", cov=0.0, total=0.0, ep_prec=0.0):
+    return {"ex_id": ex_id, "hop_len": hop, "correct": correct,
+            "parsed": {"valid_format": valid, "answer": answer},
+            "reward": {"path_coverage": cov, "total": total, "edge_precision": ep_prec}}
+
+
+EPS = [
+    ep("a", 4, True, cov=1.0, total=1.5, ep_prec=1.0),
+    ep("b", 4, False, cov=0.5, total=-1.75, ep_prec=0.5),
+    ep("c", 5, True, cov=0.0, total=1.0, ep_prec=0.0),
+    ep("d", 5, False, valid=False, answer=None, cov=0.2, total=-2.0, ep_prec=0.9),
+]
+
+
+def test_aggregate_totals():
+    m = aggregate(EPS)
+    assert m["n"] == 4 and m["correct"] == 2
+    assert m["accuracy"] == 0.5
+    assert m["accuracy_ci"] == pytest.approx(list(wilson(2, 4)))
+    assert m["path_coverage"] == pytest.approx(1.7 / 4)
+    assert m["reward"] == pytest.approx((1.5 - 1.75 + 1.0 - 2.0) / 4)
+    assert m["format_rate"] == 0.75
+    assert m["edge_precision"] == pytest.approx(1.5 / 3)  # invalid episode excluded
+
+
+def test_aggregate_per_hop():
+    ph = aggregate(EPS)["per_hop"]
+    assert list(ph) == ["4", "5"]
+    h4, h5 = ph["4"], ph["5"]
+    assert h4["n"] == 2 and h4["accuracy"] == 0.5
+    assert h4["path_coverage"] == pytest.approx(0.75)
+    assert h4["reward"] == pytest.approx(-0.125)
+    assert h4["format_rate"] == 1.0
+    assert h4["edge_precision"] == pytest.approx(0.75)
+    assert h4["accuracy_ci"] == pytest.approx(list(wilson(1, 2)))
+    assert h5["format_rate"] == 0.5
+    assert h5["edge_precision"] == 0.0
+    assert h5["path_coverage"] == pytest.approx(0.1)
+
+
+def test_aggregate_empty_and_no_valid():
+    m = aggregate([])
+    assert m["n"] == 0 and m["accuracy"] == 0.0 and m["accuracy_ci"] == [0.0, 0.0] and m["per_hop"] == {}
+    m = aggregate([ep("x", 4, False, valid=False, answer=None, ep_prec=0.7)])
+    assert m["edge_precision"] == 0.0 and m["format_rate"] == 0.0
+
+
+def test_hop_ordering_is_numeric():
+    m = aggregate([ep("a", 10, True), ep("b", 2, True)])
+    assert list(m["per_hop"]) == ["2", "10"]
+
+
+def test_shuffle_agreement():
+    orig_ex = [{"id": f"q{i}", "options": {"A": "X", "B": "Y", "C": "Z", "D": "W"}} for i in range(4)]
+    shuf_ex = [{"id": f"q{i}-shuf", "options": {"A": "Y", "B": "X", "C": "W", "D": "Z"}} for i in range(4)]
+    orig = [ep("q0", 4, True, answer="A"), ep("q1", 4, True, answer="A"),
+            ep("q2", 4, True, answer="C"), ep("q3", 4, True, answer="A")]
+    shuf = [ep("q0-shuf", 4, True, answer="B"),        # X == X: agree
+            ep("q1-shuf", 4, True, answer="A"),        # X vs Y: disagree
+            ep("q2-shuf", 4, True, answer="D"),        # Z == Z: agree
+            ep("q3-shuf", 4, False, valid=False, answer="B")]  # invalid: disagree
+    assert shuffle_agreement(orig, shuf, orig_ex, shuf_ex) == 0.5
+    # unpaired questions are ignored; no pairs -> 0.0
+    assert shuffle_agreement(orig[:2], shuf[:1], orig_ex, shuf_ex) == 1.0
+    assert shuffle_agreement(orig, [], orig_ex, shuf_ex) == 0.0
+    # both invalid (None answers) is not agreement
+    o = [ep("q0", 4, False, valid=False, answer=None)]
+    s = [ep("q0-shuf", 4, False, valid=False, answer=None)]
+    assert shuffle_agreement(o, s, orig_ex, shuf_ex) == 0.0

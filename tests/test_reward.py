@@ -1,0 +1,180 @@
+"""Tests for tracer.reward (pure Python; a tiny KG stand-in is used)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracer.config import RewardConfig
+from tracer.reward import EntityMatcher, episode, parse_completion, score
+
+
+class FakeKG:
+    """Stand-in for tracer.kg.KG: ``entities`` and directed ``has_edge``."""
+
+    def __init__(self, edges):
+        self.edges = set(edges)
+        names = {x for e in edges for x in e} | {"DiskFull", "DiskFullError", "Other", "Noise"}
+        self.entities = {n: object() for n in names}
+
+    def has_edge(self, a, b):
+        return (a, b) in self.edges
+
+
+KG_ = FakeKG([("E0", "E1"), ("E1", "E2"), ("E2", "E3")])
+M = EntityMatcher(KG_.entities)
+CFG = RewardConfig()
+EX = {
+    "id": "eval-00001", "split": "eval", "hop_len": 3, "prompt": "Q?",
+    "options": {"A": "E3", "B": "Other", "C": "Noise", "D": "DiskFull"},
+    "answer_star": "A",
+    "path_star": {"entities": ["E0", "E1", "E2", "E3"], "edges": []},
+}
+
+
+def run(text, cfg=CFG):
+    return score(text, EX, M, KG_, cfg)
+
+
+def test_correct_with_path_is_positive_bonus():
+    r = run("TRACE: E0 -caused_by-> E1\nANSWER: A")
+    assert r["valid_format"] and r["correct"]
+    assert r["hits"] == 2
+    assert r["path_coverage"] == pytest.approx(0.5)
+    assert r["path_reward"] == pytest.approx(0.5)
+    assert r["total"] == pytest.approx(1.25)
+    assert r["total"] > 1.0
+
+
+def test_full_path_reward():
+    r = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: A")
+    assert r["path_coverage"] == 1.0
+    assert r["total"] == pytest.approx(1.5)
+    assert r["edge_precision"] == 1.0
+    assert r["hallucinated_hops"] == []
+
+
+@pytest.mark.parametrize("trace", ["E0", "Other -x-> Noise", "something"])
+def test_correct_with_few_path_entities_is_exactly_one(trace):
+    r = run(f"TRACE: {trace}\nANSWER: A")
+    assert r["correct"]
+    assert r["path_reward"] == 0.0
+    assert r["total"] == 1.0
+
+
+def test_wrong_with_all_path_entities_is_negative():
+    r = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: B")
+    assert not r["correct"]
+    assert r["correctness"] == -2.0
+    assert r["path_coverage"] == 1.0
+    assert r["total"] == pytest.approx(-1.5)
+    assert r["total"] < 0
+
+
+def test_spam_penalty():
+    r = run("TRACE: E0 E1 E1 E1 E1 E1 E1 E2\nANSWER: A")
+    assert r["spam_penalty"] == 0.5
+    assert r["total"] == pytest.approx(1.0 + 0.5 * 0.75 - 0.5)
+    ok = run("TRACE: E0 E1 E1 E2\nANSWER: A")  # twice is allowed (repeat_max = 2)
+    assert ok["spam_penalty"] == 0.0
+
+
+def test_missing_answer_line_invalid():
+    r = run("TRACE: E0 -a-> E1 -b-> E2")
+    assert r["valid_format"] is False
+    assert r["total"] == -2.0
+    assert r["correctness"] == 0.0
+    assert r["correct"] is False
+    assert r["path_coverage"] == pytest.approx(0.75)  # diagnostics still computed
+
+
+@pytest.mark.parametrize("text", [
+    "TRACE: E0 E1\nANSWER: E",
+    "TRACE: E0 E1\nANSWER: AB",
+    "TRACE:\nANSWER: A",
+    "TRACE:   \nANSWER: A",
+    "E0 E1\nANSWER: A",
+    "ANSWER: A\nTRACE: E0 E1",
+    "TRACE: E0 E1 ANSWER: A",
+    "",
+])
+def test_invalid_formats(text):
+    r = run(text)
+    assert r["valid_format"] is False
+    assert r["total"] == CFG.invalid
+    assert r["correct"] is False
+
+
+def test_tolerant_answer_line_and_trailing_text():
+    r = run("Let me think.\n  TRACE: E0 -a-> E1\n  ANSWER:  A.  \nANSWER: B\nE2 E3 E3 E3")
+    assert r["valid_format"] and r["answer"] == "A" and r["correct"]
+    assert r["trace_entities"] == ["E0", "E1"]
+    assert r["spam_penalty"] == 0.0
+
+
+def test_multiline_trace_between_markers():
+    p = parse_completion("TRACE: E0 -a-> E1\n-b-> E2\nANSWER: C\nE3", M)
+    assert p.valid_format and p.answer == "C"
+    assert p.trace_text == "E0 -a-> E1\n-b-> E2"
+    assert p.trace_entities == ["E0", "E1", "E2"]
+
+
+def test_crlf_line_endings():
+    p = parse_completion("TRACE: E0 -a-> E1\r\nANSWER: D\r\n", M)
+    assert p.valid_format and p.answer == "D"
+
+
+def test_longest_match_first():
+    m = EntityMatcher(["DiskFull", "DiskFullError", "Disk"])
+    assert m.find("DiskFullError then DiskFull then Disk") == ["DiskFullError", "DiskFull", "Disk"]
+
+
+def test_word_boundaries():
+    m = EntityMatcher(["DiskFull"])
+    assert m.find("XDiskFull DiskFullX DiskFull_ a_DiskFull 1DiskFull") == []
+    assert m.find("(DiskFull), -x->DiskFull.") == ["DiskFull", "DiskFull"]
+
+
+def test_matcher_order_and_repeats_and_empty():
+    assert M.find("E2 E0 E2") == ["E2", "E0", "E2"]
+    assert EntityMatcher([]).find("E0") == []
+
+
+def test_edge_precision_with_hallucinated_hop():
+    r = run("TRACE: E0 -a-> E1 -b-> E3 -c-> E3\nANSWER: A")
+    # pairs (distinct): E0->E1 ok, E1->E3 not an edge; E3->E3 skipped
+    assert r["edge_precision"] == pytest.approx(0.5)
+    assert r["hallucinated_hops"] == [["E1", "E3"]]
+
+
+def test_edge_precision_direction_and_no_pairs():
+    r = run("TRACE: E1 -> E0\nANSWER: A")
+    assert r["edge_precision"] == 0.0
+    assert r["hallucinated_hops"] == [["E1", "E0"]]
+    assert run("TRACE: E0\nANSWER: A")["edge_precision"] == 0.0
+
+
+def test_custom_weights_change_total():
+    cfg = RewardConfig(correct=2.0, w_correct=0.5, w_path=2.0, min_hits=1, max_path_reward=0.6,
+                       spam_penalty=1.0, repeat_max=1)
+    r = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: A", cfg)
+    assert r["total"] == pytest.approx(0.5 * 2.0 + 2.0 * 0.6)
+    r = run("TRACE: E0 E0\nANSWER: A", cfg)  # 1 hit counts with min_hits=1; spam with repeat_max=1
+    assert r["total"] == pytest.approx(1.0 + 2.0 * 0.25 - 1.0)
+    assert run("nope", RewardConfig(invalid=-5.0))["total"] == -5.0
+
+
+def test_episode_row_format():
+    text = "TRACE: E0 -a-> E1 -b-> E3\nANSWER: A"
+    r = run(text)
+    row = episode(EX, text, "sft", r)
+    assert list(row) == ["phase", "ex_id", "split", "hop_len", "prompt", "completion", "answer_star",
+                         "correct", "parsed", "reward", "hallucinated_hops"]
+    assert row["phase"] == "sft" and row["ex_id"] == "eval-00001" and row["hop_len"] == 3
+    assert row["correct"] is True
+    assert row["parsed"] == {"valid_format": True, "answer": "A", "trace_text": "E0 -a-> E1 -b-> E3",
+                             "trace_entities": ["E0", "E1", "E3"], "path_entities": ["E0", "E1", "E2", "E3"]}
+    assert set(row["reward"]) == {"correctness", "path_coverage", "path_reward", "spam_penalty", "total",
+                                  "edge_precision"}
+    assert row["hallucinated_hops"] == [["E1", "E3"]]
+    import json
+    json.dumps(row)
