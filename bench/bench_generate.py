@@ -1,0 +1,138 @@
+"""Throughput: mlx_lm single-stream greedy vs tracer.generate batched greedy, same prompts.
+
+    PYTHONPATH=src python bench/bench_generate.py                      # tiny model, built on the fly
+    PYTHONPATH=src python bench/bench_generate.py --shape smollm2      # random SmolLM2-135M-shaped
+    PYTHONPATH=src python bench/bench_generate.py --model ~/.cache/tracer/models/smollm2-135m-instruct
+
+Both paths generate until eos or ``--max-tokens`` (no ANSWER stop), so tokens/s compare like
+for like; reported rates include prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from tracer.blas import blas_info, preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from tracer import generate as G  # noqa: E402
+from tracer.tiny import build_tiny_model  # noqa: E402
+
+ENTS = ["DiskFull", "LogRotation", "CronJob", "OOMKill", "MemoryLimit", "CacheEviction",
+        "TLSHandshake", "CertExpiry", "DNSTimeout", "ResolverConfig", "PoolExhausted", "ConnLeak"]
+RELS = ["caused_by", "fixed_by", "depends_on", "mitigated_by", "symptom_of"]
+
+SMOLLM2 = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
+
+
+def make_prompts(n: int) -> list[str]:
+    """Realistic eval-style user prompts (~130-180 tokens with the chat template)."""
+    from tracer.dataset import build_prompt
+
+    out = []
+    for i in range(n):
+        e = [ENTS[(i + j * 5) % len(ENTS)] for j in range(6)]
+        facts = [f"{e[j]} -{RELS[(i + j) % len(RELS)]}-> {e[j + 1]}" for j in range(3 + i % 3)]
+        q = (f"Starting from {e[0]}, follow {RELS[i % 5]} then {RELS[(i + 1) % 5]}"
+             f"{' then ' + RELS[(i + 2) % 5] if i % 2 else ''}. Which entity do you reach?")
+        options = {k: e[2 + j] for j, k in enumerate("ABCD")}
+        out.append(build_prompt(q, options, facts))
+    return out
+
+
+def build_model(shape: str) -> Path:
+    texts = make_prompts(64) + ["TRACE: DiskFull -caused_by-> LogRotation\nANSWER: C"] * 8
+    tmp = Path(tempfile.mkdtemp(prefix="tracer-bench-"))
+    if shape == "smollm2":
+        return smollm2_shaped(build_tiny_model(tmp / "m", texts, vocab_size=2048, **SMOLLM2))
+    return build_tiny_model(tmp / "m", texts)
+
+
+def smollm2_shaped(path: Path, vocab: int = 49152) -> Path:
+    """Widen a built model's embedding / lm head to SmolLM2's vocabulary (random weights)."""
+    from mlx_lm.models import llama
+
+    config = json.loads((path / "config.json").read_text())
+    config["vocab_size"] = vocab
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return path
+
+
+def load(path: str):
+    from mlx_lm import load as mlx_load
+
+    model, tok = mlx_load(path)
+    if any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model, tok
+
+
+def bench_mlx_lm(model, tok, prompts: list[str], max_tokens: int) -> tuple[int, float]:
+    from mlx_lm import stream_generate
+
+    n_tok, t0 = 0, time.perf_counter()
+    for p in prompts:
+        last = None
+        for last in stream_generate(model, tok, G.encode_chat(tok, p), max_tokens=max_tokens):
+            pass
+        n_tok += last.generation_tokens if last is not None else 0
+    return n_tok, time.perf_counter() - t0
+
+
+def bench_tracer(model, tok, prompts: list[str], max_tokens: int, batch_size: int) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    toks = G.generate_tokens(model, tok, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                             stop_after_answer=False)
+    return sum(len(t) + 1 for t in toks if len(t) < max_tokens) + sum(
+        len(t) for t in toks if len(t) >= max_tokens), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_pos", nargs="?", help="model directory (same as --model)")
+    ap.add_argument("--model", help="mlx-lm model directory")
+    ap.add_argument("--shape", choices=["tiny", "smollm2"], default="tiny",
+                    help="random model to build when no --model is given")
+    ap.add_argument("-n", type=int, default=32, help="prompts")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--single-n", type=int, default=None,
+                    help="prompts for the single-stream run (default: all)")
+    args = ap.parse_args()
+
+    path = args.model or args.model_pos or str(build_model(args.shape))
+    model, tok = load(str(Path(path).expanduser()))
+    prompts = make_prompts(args.n)
+    lens = [len(G.encode_chat(tok, p)) for p in prompts]
+    G.generate(model, tok, prompts[:2], max_tokens=4)  # warm-up
+
+    single = prompts[: args.single_n] if args.single_n else prompts
+    s_tok, s_wall = bench_mlx_lm(model, tok, single, args.max_tokens)
+    b_tok, b_wall = bench_tracer(model, tok, prompts, args.max_tokens, args.batch_size)
+    s_rate, b_rate = s_tok / s_wall, b_tok / b_wall
+    print(json.dumps({
+        "model": path, "blas": blas_info()["openblas"], "n": args.n,
+        "prompt_tokens": {"min": min(lens), "mean": round(sum(lens) / len(lens), 1), "max": max(lens)},
+        "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "mlx_lm_single": {"prompts": len(single), "tokens": s_tok, "wall_s": round(s_wall, 2),
+                          "tok_s": round(s_rate, 1)},
+        "tracer_batched": {"prompts": len(prompts), "tokens": b_tok, "wall_s": round(b_wall, 2),
+                           "tok_s": round(b_rate, 1)},
+        "ratio": round(b_rate / s_rate, 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

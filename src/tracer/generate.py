@@ -1,0 +1,402 @@
+"""Batched greedy / sampled generation with a KV cache and stop rules (MLX).
+
+Prompts are raw user messages; :func:`chat_prompt` wraps them in the tokenizer's chat template
+(the same function training uses). Prompts are sorted by token length into batches, left-padded,
+prefilled once with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so
+every row sees exactly the positions it would see alone) and decoded step by step. A row stops at
+an end-of-turn / eos token, as soon as its text matches ``ANSWER:\\s*[A-D]`` (when
+``stop_after_answer``) or at ``max_tokens``; finished rows are dropped from the batch and cache.
+Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
+so Python bookkeeping overlaps the model's compute.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+from tracer.blas import preload_openblas
+
+preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+
+from tracer.progress import NullProgress, Progress  # noqa: E402
+
+try:  # dataset.py is pure Python; the fallback only guards against it being mid-edit
+    from tracer.dataset import SYSTEM_PROMPT
+except ImportError:  # pragma: no cover
+    SYSTEM_PROMPT = "You answer multi-hop questions about a software troubleshooting knowledge graph."
+
+ANSWER_RE = re.compile(r"ANSWER:\s*[A-D]")
+ANSWER_LETTERS = "ABCD"
+
+_LETTER_TOKENS: dict[int, frozenset[int]] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat format (shared with training)
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> str:
+    """The chat-template text for ``system`` + user ``prompt``, ending with the assistant header."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bool(ids) and ids[0] == bos
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of chat-template ``text``: the tokenizer's BOS only if the text lacks it."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    bos_tok = getattr(tokenizer, "bos_token", None)
+    if _adds_bos(tokenizer) and not (bos_tok and text.startswith(bos_tok)):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def encode_chat(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
+    """Token ids of :func:`chat_prompt` (no double BOS)."""
+    return encode_text(tokenizer, chat_prompt(tokenizer, prompt, system))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop rules
+# ---------------------------------------------------------------------------------------------
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """End-of-turn / eos ids: ``tokenizer.eos_token_ids`` (mlx-lm wrapper) plus ``<|im_end|>``."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for special in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        if special in vocab:
+            ids.add(int(vocab[special]))
+    return ids
+
+
+def letter_tokens(tokenizer) -> frozenset[int]:
+    """Ids whose text contains A-D: only after one of these can ``ANSWER: X`` newly match."""
+    key = id(tokenizer)
+    if key not in _LETTER_TOKENS:
+        vocab = tokenizer.get_vocab()
+        # byte-level BPE maps ASCII letters to themselves, so the raw token strings suffice
+        _LETTER_TOKENS[key] = frozenset(
+            i for t, i in vocab.items() if any(c in t for c in ANSWER_LETTERS)
+        )
+    return _LETTER_TOKENS[key]
+
+
+def answer_end(text: str) -> int | None:
+    """Index just after the first ``ANSWER: X`` in ``text``, or None."""
+    m = ANSWER_RE.search(text)
+    return m.end() if m else None
+
+
+def finish_text(tokenizer, tokens: list[int], stop_after_answer: bool = True) -> str:
+    """Decode a completion (stop token already excluded), cut right after ``ANSWER: X``."""
+    text = tokenizer.decode(tokens)
+    if stop_after_answer:
+        end = answer_end(text)
+        if end is not None:
+            text = text[:end]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of tokens whose probability mass reaches ``top_p`` (per row)."""
+    sorted_lp = mx.sort(logprobs, axis=-1)
+    sorted_p = mx.exp(sorted_lp)
+    mass_above = mx.cumsum(sorted_p, axis=-1, reverse=True, inclusive=False)
+    n_dropped = (mass_above >= top_p).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(sorted_lp, n_dropped, axis=-1)
+    return mx.where(logprobs < threshold, -float("inf"), logprobs)
+
+
+def make_sampler(temperature: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array]:
+    """``logits (B, V) -> tokens (B,)``: argmax when temperature == 0, else seeded sampling.
+
+    The sampler owns ``key`` and splits it once per call, so a fixed seed and the same
+    batches give the same tokens.
+    """
+    if temperature <= 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+    state = {"key": key}
+
+    def sample(logits: mx.array) -> mx.array:
+        state["key"], sub = mx.random.split(state["key"])
+        logprobs = logits.astype(mx.float32) / temperature
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs, axis=-1, key=sub)
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Model steps
+# ---------------------------------------------------------------------------------------------
+
+
+def make_cache(model, left_padding: list[int], prefix_kv: list | None = None) -> list:
+    """One mlx-lm ``BatchKVCache`` per layer for a left-padded batch.
+
+    With ``prefix_kv`` (from :func:`prefix_cache`), every row's first ``P`` columns (its padding,
+    then the shared prefix) are filled from the prefix keys/values, computed once.
+    """
+    from mlx_lm.models.cache import BatchKVCache
+
+    caches = [BatchKVCache(left_padding) for _ in model.layers]
+    if not prefix_kv:
+        return caches
+    P = prefix_kv[0][0].shape[2]
+    pad = mx.array(left_padding, dtype=mx.int32)
+    # row i, column c holds prefix token c - pad_i (c < pad_i is padding, masked anyway)
+    idx = mx.maximum(mx.arange(P, dtype=mx.int32)[None, :] - pad[:, None], 0)
+    for c, (k, v) in zip(caches, prefix_kv):
+        keys = k[0][:, idx].transpose(1, 0, 2, 3)
+        values = v[0][:, idx].transpose(1, 0, 2, 3)
+        c.state = (keys, values, c.offset + P, c.left_padding, P)
+    return caches
+
+
+def prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]]:
+    """Per-layer ``(keys, values)`` of shape ``(1, H, P, D)`` for the shared ``prefix``."""
+    from mlx_lm.models.cache import KVCache
+
+    cache = [KVCache() for _ in model.layers]
+    body = model.model if _head(model) is not None else model
+    body(mx.array([prefix], dtype=mx.int32), cache=cache)
+    kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+    mx.eval(kv)
+    return kv
+
+
+def shared_prefix_len(prompts: list[list[int]], min_len: int = 8) -> int:
+    """Longest common token prefix, leaving every prompt at least one token (0 if < min_len)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return n if n >= min_len else 0
+
+
+def _head(model):
+    """The output projection of an mlx-lm ``Model(model=..., lm_head|tied)``, else None."""
+    inner, args = getattr(model, "model", None), getattr(model, "args", None)
+    if inner is None or args is None:
+        return None
+    if hasattr(model, "lm_head"):
+        return model.lm_head
+    if getattr(args, "tie_word_embeddings", False) and hasattr(inner, "embed_tokens"):
+        return inner.embed_tokens.as_linear
+    return None
+
+
+def last_logits(model, inputs: mx.array, cache: list) -> mx.array:
+    """Logits ``(B, V)`` of the last position; skips the lm head on the other positions."""
+    head = _head(model)
+    if head is None:
+        return model(inputs, cache=cache)[:, -1, :]
+    hidden = model.model(inputs, cache=cache)
+    return head(hidden[:, -1:, :])[:, -1, :]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
+    """``(B, maxlen)`` left-padded token array and each row's padding."""
+    n = max(len(p) for p in prompts)
+    padding = [n - len(p) for p in prompts]
+    rows = [[pad_id] * k + list(p) for p, k in zip(prompts, padding)]
+    return mx.array(rows, dtype=mx.int32), padding
+
+
+def filter_cache(cache: list, keep: list[int]) -> None:
+    idx = mx.array(keep, dtype=mx.int32)
+    for c in cache:
+        c.filter(idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop
+# ---------------------------------------------------------------------------------------------
+
+
+class RowStopper:
+    """Per-row stop decisions from Python-side token ids."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop_after_answer: bool):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.letters = letter_tokens(tokenizer) if stop_after_answer else frozenset()
+        self.stop_after_answer = stop_after_answer
+
+    def push(self, out: list[int], tok: int) -> bool:
+        """Record ``tok`` into ``out`` unless it is a stop token; True when the row is done."""
+        if tok in self.stop_ids:
+            return True
+        out.append(tok)
+        if tok in self.letters and answer_end(self.tokenizer.decode(out)) is not None:
+            return True
+        return len(out) >= self.max_tokens
+
+
+def decode_batch(
+    model,
+    prompts: list[list[int]],
+    stopper: RowStopper,
+    sampler: Callable[[mx.array], mx.array],
+    on_done: Callable[[int, list[int]], None] | None = None,
+    prefix_kv: list | None = None,
+) -> list[list[int]]:
+    """Generate for one left-padded batch; returns each row's tokens (stop token excluded).
+
+    ``prefix_kv``: the cached keys/values of a token prefix that every prompt starts with.
+    """
+    inputs, padding = left_pad(prompts)
+    cache = make_cache(model, padding, prefix_kv)
+    P = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    outs: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # batch position -> original row
+    y = sampler(last_logits(model, inputs[:, P:], cache))
+    mx.async_eval(y)
+    step = 0
+    while rows:
+        step += 1
+        # dispatch the next step before reading this one back (pipelining), unless every row
+        # reaches max_tokens with this one (rows advance in lockstep)
+        y_next = None
+        if step < stopper.max_tokens:
+            y_next = sampler(last_logits(model, y[:, None], cache))
+            mx.async_eval(y_next)
+        keep = []
+        for j, tok in enumerate(y.tolist()):
+            if stopper.push(outs[rows[j]], tok):
+                if on_done is not None:
+                    on_done(rows[j], outs[rows[j]])
+            else:
+                keep.append(j)
+        if len(keep) < len(rows):
+            rows = [rows[j] for j in keep]
+            if not rows or y_next is None:
+                break
+            filter_cache(cache, keep)
+            y_next = y_next[mx.array(keep, dtype=mx.int32)]
+        y = y_next
+    return outs
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length (stable), cut into batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_tokens(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_tokens: int = 160,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    stop_after_answer: bool = True,
+) -> list[list[int]]:
+    """Completion token ids per prompt (original order); see :func:`generate`."""
+    progress = progress or NullProgress()
+    progress.start("generate", total=len(prompts))
+    if not prompts:
+        progress.stop()
+        return []
+    encoded = [encode_chat(tokenizer, p) for p in prompts]
+    stopper = RowStopper(tokenizer, max(1, max_tokens), stop_after_answer)
+    results: list[list[int] | None] = [None] * len(prompts)
+    batches = _batches([len(e) for e in encoded], max(1, batch_size))
+    keys = mx.random.split(mx.random.key(seed), len(batches))
+    t0, n_tok = time.perf_counter(), 0
+    P = shared_prefix_len(encoded) if len(model.layers) else 0
+    prefix_kv = prefix_cache(model, encoded[0][:P]) if P else None
+
+    for b, idx in enumerate(batches):
+        sampler = make_sampler(temperature, top_p, keys[b])
+
+        def done(row: int, toks: list[int], idx=idx) -> None:
+            nonlocal n_tok
+            n_tok += len(toks)
+            results[idx[row]] = toks
+            tok_s = n_tok / max(time.perf_counter() - t0, 1e-9)
+            progress.update(1, tok_s=round(tok_s, 1))
+
+        decode_batch(model, [encoded[i] for i in idx], stopper, sampler, done, prefix_kv)
+    progress.stop()
+    return [r if r is not None else [] for r in results]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_tokens: int = 160,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    stop_after_answer: bool = True,
+) -> list[str]:
+    """Completions (prompt and stop token excluded) for raw user ``prompts``, in input order.
+
+    Greedy when ``temperature == 0``, else temperature + top-p sampling seeded by ``seed``.
+    With ``stop_after_answer`` a completion ends right after ``ANSWER: X``.
+    """
+    toks = generate_tokens(
+        model, tokenizer, prompts, max_tokens, temperature, top_p, seed, batch_size, progress,
+        stop_after_answer,
+    )
+    return [finish_text(tokenizer, t, stop_after_answer) for t in toks]
+
+
+def sample_k(
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    max_tokens: int = 160,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    stop_after_answer: bool = True,
+) -> list[list[str]]:
+    """``k`` sampled completions per prompt (each prompt repeated ``k`` times within batches)."""
+    if k < 1:
+        raise ValueError(f"sample_k: k must be >= 1, got {k}")
+    flat = [p for p in prompts for _ in range(k)]
+    outs = generate(
+        model, tokenizer, flat, max_tokens, temperature, top_p, seed, batch_size, progress,
+        stop_after_answer,
+    )
+    return [outs[i * k : (i + 1) * k] for i in range(len(prompts))]

@@ -1,0 +1,462 @@
+"""The service layer: every CLI command is one function here that does the work and returns data.
+
+Heavy modules (MLX, the model, training) are imported inside the functions that need them, so
+``tracer data`` and ``tracer report`` start fast and never touch MLX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tracer import dataset, runs
+from tracer.config import Config, to_toml
+from tracer.errors import TracerError
+from tracer.kg import KG, load_kg
+from tracer.progress import NullProgress, Progress
+
+SPLIT_FILES = {"train": "train.jsonl", "rsft": "rsft.jsonl", "eval": "eval.jsonl", "eval_shuffled": "eval_shuffled.jsonl"}
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def split_path(cfg: Config, split: str) -> Path:
+    return Path(cfg.data.out_dir) / SPLIT_FILES[split]
+
+
+def make_data(cfg: Config) -> dict:
+    """Generate the question splits from the KG and write them; returns paths and the summary."""
+    kg = load_kg(cfg.data.kg)
+    splits = dataset.generate_splits(kg, cfg.data)
+    paths = dataset.write_splits(splits, cfg.data.out_dir)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "summary": dataset.summarize(splits, kg, cfg.data)}
+
+
+def ensure_data(cfg: Config) -> dict | None:
+    """Generate the splits if any of them is missing; returns the summary when it generated."""
+    needed = ["train", "rsft", "eval"] + (["eval_shuffled"] if cfg.data.shuffled_eval else [])
+    if all(split_path(cfg, s).exists() for s in needed):
+        return None
+    return make_data(cfg)
+
+
+def load_split(cfg: Config, split: str, path: str | None = None, kg: KG | None = None) -> list[dict]:
+    return dataset.load_examples(path or split_path(cfg, split), kg=kg, context=cfg.data.context)
+
+
+# ------------------------------------------------------------------------------ leakage guard
+
+
+def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
+    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split."""
+    eval_ids = {r["id"] for r in eval_rows}
+    eval_keys = {dataset.path_key(r) for r in eval_rows}
+    return [r["id"] for r in train_rows if r["id"] in eval_ids or dataset.path_key(r) in eval_keys]
+
+
+def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: KG | None = None) -> bool:
+    """Refuse training rows that overlap the eval split; returns True when the run is contaminated."""
+    eval_file = split_path(cfg, "eval")
+    if not eval_file.exists():
+        return False
+    overlap = eval_overlap(rows, load_split(cfg, "eval", kg=kg))
+    if not overlap:
+        return False
+    if not allow:
+        raise TracerError(
+            f"{source}: {len(overlap)} training examples overlap the eval split {eval_file} "
+            f"(first: {overlap[0]}); refusing to train on eval questions (--allow-eval-overlap overrides)"
+        )
+    return True
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def tiny_model_dir(cfg: Config) -> Path:
+    """Build (once) the tiny random model used by tests and configs/tiny.toml."""
+    from tracer import generate, tiny
+
+    kg_bytes = Path(cfg.data.kg).read_bytes()
+    key = hashlib.sha256(kg_bytes + str(cfg.data.seed).encode()).hexdigest()[:12]
+    out = Path(cfg.model.cache_dir).expanduser() / "models" / f"tiny-{key}"
+    if (out / "config.json").exists():
+        return out
+    ensure_data(cfg)
+    rows = load_split(cfg, "train") + load_split(cfg, "eval")
+    template = tiny.CHAT_TEMPLATE
+    texts = [
+        f"<|im_start|>system\n{dataset.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
+        f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
+        for r in rows
+    ]
+    del template, generate
+    tmp = out.with_name(out.name + ".tmp")
+    tiny.build_tiny_model(tmp, texts, seed=cfg.run.seed)
+    tmp.rename(out)
+    return out
+
+
+def model_spec(cfg: Config, model: str | None = None) -> str:
+    spec = model or cfg.model.path
+    return str(tiny_model_dir(cfg)) if spec == "tiny" else spec
+
+
+def load_model(cfg: Config, model: str | None = None, adapter: str | None = None):
+    from tracer import model as models
+
+    return models.load(model_spec(cfg, model), cfg.model.cache_dir, adapter=adapter, dtype=cfg.model.dtype)
+
+
+def base_model_id(cfg: Config, model: str | None = None) -> str:
+    from tracer import model as models
+
+    return models.model_id(model_spec(cfg, model))
+
+
+# -------------------------------------------------------------------------------------- eval
+
+
+def _score_rows(rows: list[dict], completions: list[str], kg: KG, cfg: Config, phase: str) -> list[dict]:
+    from tracer import reward
+
+    matcher = reward.EntityMatcher(kg.entities)
+    return [
+        reward.episode(row, text, phase, reward.score(text, row, matcher, kg, cfg.reward))
+        for row, text in zip(rows, completions)
+    ]
+
+
+def evaluate(
+    cfg: Config,
+    *,
+    examples: str | None = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    phase: str = "eval",
+    output: str | Path | None = None,
+    shuffled: bool | None = None,
+    progress: Progress | None = None,
+    contaminated: bool = False,
+) -> dict:
+    """Generate answers for the eval questions, score them with the KG and record the phase."""
+    from tracer import metrics
+    from tracer.generate import generate
+
+    progress = progress or NullProgress()
+    kg = load_kg(cfg.data.kg)
+    if examples is None:
+        ensure_data(cfg)
+    rows = load_split(cfg, "eval", examples, kg=kg)
+    if cfg.eval.max_examples:
+        rows = rows[: cfg.eval.max_examples]
+    run_dir = Path(output) if output else Path(cfg.run.runs_dir) / cfg.run.name
+    lm, tokenizer = load_model(cfg, model, adapter)
+
+    def answer(batch: list[dict]) -> list[str]:
+        return generate(
+            lm, tokenizer, [r["prompt"] for r in batch], max_tokens=cfg.eval.max_tokens,
+            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, progress=progress,
+        )
+
+    t0 = time.perf_counter()
+    episodes = _score_rows(rows, answer(rows), kg, cfg, phase)
+    entry = metrics.aggregate(episodes)
+    entry["shuffle_agreement"] = None
+    if cfg.eval.shuffled if shuffled is None else shuffled:
+        shuf_path = Path(examples).with_name("eval_shuffled.jsonl") if examples else split_path(cfg, "eval_shuffled")
+        wanted = {r["id"] + "-shuf" for r in rows}
+        shuf_rows = [r for r in load_split(cfg, "eval_shuffled", str(shuf_path), kg=kg) if r["id"] in wanted]
+        shuf_eps = _score_rows(shuf_rows, answer(shuf_rows), kg, cfg, phase + "_shuffled")
+        entry["shuffle_agreement"] = metrics.shuffle_agreement(episodes, shuf_eps, rows, shuf_rows)
+    entry["wall_s"] = round(time.perf_counter() - t0, 2)
+    entry["finished_at"] = runs.now()
+    entry["model"] = model_spec(cfg, model)
+    entry["adapter"] = adapter
+    entry["examples"] = str(examples or split_path(cfg, "eval"))
+
+    if not (run_dir / "meta.json").exists():
+        runs.prepare_run(run_dir, to_toml(cfg), [phase], cfg.run.seed, force=False, resume=False)
+    dataset.write_jsonl(runs.episodes_path(run_dir, phase), episodes)
+    runs.record_phase(run_dir, phase, entry, contaminated=contaminated)
+    return {"phase": phase, "entry": entry, "run_dir": str(run_dir), "episodes": str(runs.episodes_path(run_dir, phase))}
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def _pairs(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(r["prompt"], r["ref"]["trace"]) for r in rows]
+
+
+def _split_val(rows: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    if size <= 0 or len(rows) <= 2 * size:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val = set(order[:size])
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
+
+
+def _train(cfg: Config, tcfg, rows: list[dict], out_dir: Path, model: str | None, resume: bool,
+           progress: Progress, init_adapter: str | None = None) -> dict:
+    from tracer import train
+
+    lm, tokenizer = load_model(cfg, model)
+    train_rows, val_rows = _split_val(rows, tcfg.val_size, tcfg.seed)
+    stats = train.train(
+        lm, tokenizer, _pairs(train_rows), tcfg, cfg.lora, out_dir,
+        base_model=base_model_id(cfg, model), val_pairs=_pairs(val_rows) or None,
+        hop_lens=[r["hop_len"] for r in train_rows], resume=resume, progress=progress,
+        init_adapter=init_adapter,
+    )
+    stats["adapter"] = str(out_dir)
+    return stats
+
+
+def sft(
+    cfg: Config,
+    *,
+    train: str | None = None,
+    model: str | None = None,
+    output: str | Path | None = None,
+    resume: bool = False,
+    allow_eval_overlap: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """LoRA SFT on reference traces; returns training stats and the adapter directory."""
+    kg = load_kg(cfg.data.kg)
+    if train is None:
+        ensure_data(cfg)
+    source = train or str(split_path(cfg, "train"))
+    rows = load_split(cfg, "train", source, kg=kg)
+    contaminated = guard_leakage(cfg, rows, source, allow_eval_overlap, kg)
+    out_dir = Path(output) if output else runs.model_dir(Path(cfg.run.runs_dir) / cfg.run.name, "sft")
+    stats = _train(cfg, cfg.sft, rows, out_dir, model, resume, progress or NullProgress())
+    stats["contaminated"] = contaminated
+    return stats
+
+
+def check_adapter_base(cfg: Config, adapter: str, model: str | None = None) -> dict:
+    """Refuse an adapter trained for another base model."""
+    from tracer.train import read_adapter_config
+
+    acfg = read_adapter_config(adapter)
+    want = base_model_id(cfg, model)
+    have = acfg.get("base_model")
+    if have and have != want:
+        raise TracerError(f"{adapter}: adapter was trained for base model '{have}', not '{want}'")
+    return acfg
+
+
+def continue_(
+    cfg: Config,
+    *,
+    adapter: str,
+    train: str,
+    output: str | Path,
+    model: str | None = None,
+    allow_eval_overlap: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Continue training an existing adapter on new examples."""
+    check_adapter_base(cfg, adapter, model)
+    kg = load_kg(cfg.data.kg)
+    rows = load_split(cfg, "train", train, kg=kg)
+    contaminated = guard_leakage(cfg, rows, train, allow_eval_overlap, kg)
+    stats = _train(cfg, cfg.sft, rows, Path(output), model, resume, progress or NullProgress(), init_adapter=adapter)
+    stats["contaminated"] = contaminated
+    return stats
+
+
+def rsft_phase_name(round_index: int) -> str:
+    return "rsft" if round_index == 1 else f"rsft_r{round_index}"
+
+
+def select_winners(scored: list[dict], keep_top: int, min_reward: float, require_correct: bool = True) -> list[dict]:
+    """Per question, the best ``keep_top`` distinct samples with reward >= ``min_reward`` (and correct)."""
+    by_question: dict[str, list[dict]] = {}
+    for s in scored:
+        by_question.setdefault(s["ex_id"], []).append(s)
+    winners = []
+    for ex_id in sorted(by_question):
+        ok = [s for s in by_question[ex_id]
+              if (s["correct"] or not require_correct) and s["parsed"]["valid_format"]
+              and s["reward"]["total"] >= min_reward]
+        ok.sort(key=lambda s: (-s["reward"]["total"], s["sample"]))
+        seen: set[str] = set()
+        for s in ok:
+            if s["completion"] not in seen and len(seen) < keep_top:
+                seen.add(s["completion"])
+                winners.append(s)
+    return winners
+
+
+def _copy_adapter(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        shutil.copy2(src / name, dst / name)
+
+
+def _clean_completion(text: str) -> str:
+    """Keep a winning completion up to and including its ANSWER line."""
+    lines = text.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().upper().startswith("ANSWER:"):
+            return "\n".join(lines[: i + 1]).strip()
+    return text.strip()
+
+
+def rsft(
+    cfg: Config,
+    *,
+    adapter: str | None = None,
+    pool: str | None = None,
+    model: str | None = None,
+    output: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    allow_eval_overlap: bool = False,
+    evaluate_rounds: bool = True,
+    progress: Progress | None = None,
+) -> dict:
+    """Rejection-sampling fine-tuning: sample K per question, keep KG-rewarded winners, fine-tune."""
+    from tracer.generate import sample_k
+
+    progress = progress or NullProgress()
+    rc = cfg.rsft
+    kg = load_kg(cfg.data.kg)
+    if pool is None:
+        ensure_data(cfg)
+    run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
+    adapter = adapter or str(runs.model_dir(run_path, "sft"))
+    check_adapter_base(cfg, adapter, model)
+    source = pool or str(split_path(cfg, "rsft"))
+    questions = load_split(cfg, "rsft", source, kg=kg)
+    contaminated = guard_leakage(cfg, questions, source, allow_eval_overlap, kg)
+    if rc.max_questions:
+        questions = questions[: rc.max_questions]
+    replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
+    samples_file = run_path / "rsft_samples.jsonl"
+    all_samples: list[dict] = []
+    rounds = []
+    current = adapter
+    for r in range(1, rc.rounds + 1):
+        phase = rsft_phase_name(r)
+        lm, tokenizer = load_model(cfg, model, current)
+        t0 = time.perf_counter()
+        completions = sample_k(
+            lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
+            temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
+            progress=progress,
+        )
+        del lm
+        scored = []
+        for q, outs in zip(questions, completions):
+            eps = _score_rows([q] * len(outs), outs, kg, cfg, phase)
+            for i, e in enumerate(eps):
+                e["sample"], e["round"] = i, r
+            scored.extend(eps)
+        winners = select_winners(scored, rc.keep_top, rc.min_reward, rc.require_correct)
+        for w in winners:
+            w["kept"] = True
+        all_samples.extend(scored)
+        dataset.write_jsonl(samples_file, all_samples)
+        sample_s = time.perf_counter() - t0
+        stat = {
+            "round": r,
+            "phase": phase,
+            "questions": len(questions),
+            "samples": len(scored),
+            "questions_with_winner": len({w["ex_id"] for w in winners}),
+            "mean_sample_reward": sum(s["reward"]["total"] for s in scored) / max(len(scored), 1),
+            "sample_accuracy": sum(s["correct"] for s in scored) / max(len(scored), 1),
+            "winners": len(winners),
+            "sample_s": round(sample_s, 2),
+        }
+        progress.log(
+            f"RSFT round {r}: {stat['questions_with_winner']}/{len(questions)} questions with a winner, "
+            f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
+        )
+        out_dir = Path(output) if output and r == rc.rounds else runs.model_dir(run_path, phase)
+        if winners:
+            by_id = {q["id"]: q for q in questions}
+            rows = [dict(by_id[w["ex_id"]], ref={"trace": _clean_completion(w["completion"])}) for w in winners]
+            n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
+            rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
+            stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
+        else:
+            progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
+            _copy_adapter(Path(current), out_dir)
+            stat["skipped"] = True
+        current = str(out_dir)
+        if evaluate_rounds:
+            stat["eval"] = evaluate(
+                cfg, model=model, adapter=current, phase=phase, output=run_path, progress=progress,
+                contaminated=contaminated,
+            )["entry"]
+        rounds.append(stat)
+    return {"rounds": rounds, "adapter": current, "samples": str(samples_file), "contaminated": contaminated}
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_overlap: bool = False,
+        progress: Progress | None = None) -> dict:
+    """The whole pipeline into one run directory; ``resume`` skips finished phases."""
+    progress = progress or NullProgress()
+    run_dir = Path(cfg.run.runs_dir) / cfg.run.name
+    planned = _planned_phases(cfg)
+    runs.prepare_run(run_dir, to_toml(cfg), planned, cfg.run.seed, force=force, resume=resume)
+    data_summary = ensure_data(cfg)
+    done = runs.finished_phases(run_dir) if resume else set()
+    contaminated = guard_leakage(cfg, load_split(cfg, "train"), str(split_path(cfg, "train")), allow_eval_overlap)
+    if contaminated:
+        runs.update_meta(run_dir, contaminated=True)
+    results: dict[str, Any] = {"run_dir": str(run_dir), "data": data_summary, "phases": {}}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        runs.update_meta(run_dir, timings={name: round(time.perf_counter() - t0, 2)})
+        return out
+
+    if "base" in cfg.run.phases and "base" not in done:
+        results["phases"]["base"] = timed("base", lambda: evaluate(
+            cfg, phase="base", output=run_dir, progress=progress, contaminated=contaminated))
+    sft_dir = runs.model_dir(run_dir, "sft")
+    if "sft" in cfg.run.phases and "sft" not in done:
+        if not (sft_dir / "adapters.safetensors").exists() or not (sft_dir / "adapter_config.json").exists():
+            timed("sft_train", lambda: sft(
+                cfg, output=sft_dir, resume=resume and (sft_dir / "checkpoint").exists(),
+                allow_eval_overlap=allow_eval_overlap, progress=progress))
+        results["phases"]["sft"] = timed("sft", lambda: evaluate(
+            cfg, adapter=str(sft_dir), phase="sft", output=run_dir, progress=progress, contaminated=contaminated))
+    rsft_phases = [p for p in planned if p.startswith("rsft")]
+    if "rsft" in cfg.run.phases and not set(rsft_phases) <= done:
+        results["rsft"] = timed("rsft", lambda: rsft(
+            cfg, adapter=str(sft_dir), run_dir=run_dir, allow_eval_overlap=allow_eval_overlap, progress=progress))
+    runs.update_meta(run_dir, finished_at=runs.now())
+    results["metrics"] = runs.read_json(run_dir / "metrics.json", default={})
+    return results
+
+
+def _planned_phases(cfg: Config) -> list[str]:
+    phases = []
+    for p in cfg.run.phases:
+        if p == "rsft":
+            phases += [rsft_phase_name(r) for r in range(1, cfg.rsft.rounds + 1)]
+        else:
+            phases.append(p)
+    return phases
+
+
+def config_summary(cfg: Config) -> str:
+    return json.dumps(cfg.model_dump(), indent=2)

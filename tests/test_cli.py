@@ -1,0 +1,137 @@
+"""Bad input end to end through the CLI: one line on stderr, exit code 2, no traceback, nothing written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tracer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A scratch working directory holding a copy of the shipped KG."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "data" / "kg.json", tmp_path / "data" / "kg.json")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def run_bad(argv, capsys, work):
+    before = files_under(work)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert lines[0].startswith("error: ")
+    assert files_under(work) == before, "a failed command wrote files"
+    return lines[0]
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_config(capsys, work):
+    assert "nope.toml: no such config file" in run_bad(["data", "--config", "nope.toml"], capsys, work)
+
+
+def test_invalid_toml(capsys, work):
+    cfg = write(work / "bad.toml", "[data\n")
+    assert "bad.toml: invalid TOML" in run_bad(["data", "--config", cfg], capsys, work)
+
+
+def test_unknown_config_key(capsys, work):
+    cfg = write(work / "x.toml", "[sft]\nsteps = 3\n")
+    assert "x.toml: sft.steps: unknown key" in run_bad(["sft", "--config", cfg], capsys, work)
+
+
+def test_wrong_config_type(capsys, work):
+    cfg = write(work / "x.toml", '[sft]\niters = "abc"\n')
+    line = run_bad(["sft", "--config", cfg], capsys, work)
+    assert "x.toml: sft.iters:" in line and "'abc'" in line
+
+
+def test_bad_option_value(capsys, work):
+    assert "--iters" in run_bad(["sft", "--iters", "abc"], capsys, work)
+
+
+def test_option_out_of_range(capsys, work):
+    assert "rsft.k_samples" in run_bad(["rsft", "--k-samples", "0"], capsys, work)
+
+
+def test_unknown_context(capsys, work):
+    assert "data.context" in run_bad(["data", "--context", "open"], capsys, work)
+
+
+def test_missing_kg(capsys, work):
+    assert "missing.json: no such file" in run_bad(["data", "--kg", "missing.json"], capsys, work)
+
+
+def test_kg_invalid_json(capsys, work):
+    kg = write(work / "kg_bad.json", '{"entities": [\n')
+    assert "kg_bad.json: invalid JSON at line" in run_bad(["data", "--kg", kg], capsys, work)
+
+
+def test_kg_edge_to_unknown_entity(capsys, work):
+    data = json.loads((work / "data" / "kg.json").read_text())
+    data["edges"].append({"src": data["entities"][0]["id"], "rel": "caused_by", "dst": "NoSuchThing"})
+    kg = write(work / "kg_edge.json", json.dumps(data))
+    line = run_bad(["data", "--kg", kg], capsys, work)
+    assert "kg_edge.json" in line and "NoSuchThing" in line
+
+
+def test_missing_examples(capsys, work):
+    assert "nothing.jsonl: no such file" in run_bad(["eval", "--examples", "nothing.jsonl"], capsys, work)
+
+
+def test_malformed_jsonl_line(capsys, work):
+    ex = write(work / "train_bad.jsonl", '{"id": "a"}\n{not json\n')
+    line = run_bad(["sft", "--train", ex], capsys, work)
+    assert "train_bad.jsonl:" in line and ("line 1" in line or ":1:" in line or ":2:" in line)
+
+
+def test_empty_examples(capsys, work):
+    ex = write(work / "empty.jsonl", "")
+    assert "empty.jsonl: no examples" in run_bad(["eval", "--examples", ex], capsys, work)
+
+
+def test_continue_missing_adapter(capsys, work):
+    ex = write(work / "t.jsonl", "")
+    line = run_bad(["continue", "--adapter", "no_adapter", "--train", ex, "--output", "out"], capsys, work)
+    assert "no_adapter" in line
+
+
+def test_report_missing_run(capsys, work):
+    assert "no such run directory" in run_bad(["report", "runs/none"], capsys, work)
+
+
+def test_run_refuses_to_overwrite(capsys, work):
+    run_dir = work / "data" / "runs" / "quick"
+    run_dir.mkdir(parents=True)
+    (run_dir / "meta.json").write_text("{}")
+    shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
+    line = run_bad(["run", "quick.toml"], capsys, work)
+    assert "exists" in line and "--force" in line
+
+
+def test_unknown_model_alias(capsys, work):
+    cfg = write(work / "m.toml", '[model]\npath = "no-such-model"\ncache_dir = "cache"\n')
+    assert "no-such-model" in run_bad(["model", "pull", "no-such-model", "--config", cfg], capsys, work)
+
+
+def test_help_explains_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("data", "eval", "sft", "rsft", "continue", "run", "report", "model", "doctor"):
+        assert cmd in out

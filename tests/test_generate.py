@@ -1,0 +1,229 @@
+"""tracer.generate: chat format, batched left-padded decoding, seeding, stop rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracer import generate as G  # first: preloads OpenBLAS before mlx
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from tracer.tiny import build_tiny_model  # noqa: E402
+
+CHAT_EXAMPLE = (
+    "<|im_start|>system\nYou answer multi-hop questions about a software troubleshooting knowledge "
+    "graph.<|im_end|>\n<|im_start|>user\nQuestion: What fixes the crash caused by E1?\nA) E2\nB) E3\n"
+    "C) E4\nD) E5<|im_end|>\n<|im_start|>assistant\nTRACE: E0 -caused_by-> E1 -fixed_by-> E2\n"
+    "ANSWER: C<|im_end|>\n"
+)
+TEXTS = [CHAT_EXAMPLE] * 10 + ["the quick brown fox jumps over the lazy dog " * 5]
+
+PROMPTS = [
+    "Question: What fixes E1?",
+    "Answer in exactly this format:\nTRACE: <entity -relation-> entity ...>\nANSWER: <A|B|C|D>\n\n"
+    "Question: What fixes the crash caused by E1 and which component does it depend on?\n"
+    "A) E2\nB) E3\nC) E4\nD) E5",
+    "hi",
+    "Question: What caused E7?\nA) E1\nB) E2\nC) E3\nD) E4",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model with large random weights, so greedy outputs depend on the whole context."""
+    from mlx_lm import load
+
+    path = build_tiny_model(tmp_path_factory.mktemp("gen") / "m", TEXTS)
+    model, tok = load(str(path))
+    mx.random.seed(3)
+    params = [
+        (k, mx.ones(v.shape) if "norm" in k else mx.random.normal(v.shape) * 0.3)
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model, tok
+
+
+class Scripted(nn.Module):
+    """A fake model whose greedy continuation is ``script`` for every row, whatever the prompt."""
+
+    def __init__(self, script: list[int], vocab: int):
+        super().__init__()
+        self.layers = []
+        self.script = script
+        self.vocab = vocab
+        self.t = 0
+
+    def __call__(self, inputs, cache=None):
+        B, L = inputs.shape
+        if L > 1:  # prefill
+            self.t = 0
+        tok = self.script[min(self.t, len(self.script) - 1)]
+        self.t += 1
+        logits = mx.zeros((B, L, self.vocab))
+        return logits + 10.0 * (mx.arange(self.vocab) == tok)
+
+
+def scripted(tok, text: str, tail: list[int] | None = None) -> Scripted:
+    ids = list(tok.encode(text, add_special_tokens=False)) + (tail or [])
+    return Scripted(ids, len(tok.get_vocab()))
+
+
+# --- chat format -------------------------------------------------------------------------------
+
+
+def test_chat_prompt_and_encode_chat_single_bos(tiny):
+    _, tok = tiny
+    text = G.chat_prompt(tok, "Q?")
+    assert text.startswith("<|im_start|>system\n" + G.SYSTEM_PROMPT)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "Q?" in text
+    ids = G.encode_chat(tok, "Q?")
+    bos = tok.bos_token_id
+    assert ids[0] == bos and ids[1] != bos
+    assert tok.decode(ids) == text
+
+
+def test_encode_text_adds_bos_only_when_missing():
+    class Tok:
+        bos_token, bos_token_id = "<s>", 1
+
+        def encode(self, text, add_special_tokens=True):
+            body = [ord(c) for c in text.replace("<s>", "\x01")]
+            return ([1] if add_special_tokens else []) + body
+
+    assert G.encode_text(Tok(), "ab") == [1, 97, 98]
+    assert G.encode_text(Tok(), "<s>ab") == [1, 97, 98]
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def test_batched_greedy_equals_single_prompt_greedy(tiny):
+    model, tok = tiny
+    lengths = {len(G.encode_chat(tok, p)) for p in PROMPTS}
+    assert len(lengths) == len(PROMPTS)  # all different: left padding is exercised
+    batched = G.generate(model, tok, PROMPTS, max_tokens=24, stop_after_answer=False)
+    single = [G.generate(model, tok, [p], max_tokens=24, stop_after_answer=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) == len(batched)  # the outputs really depend on the prompt
+    small = G.generate(model, tok, PROMPTS, max_tokens=24, stop_after_answer=False, batch_size=3)
+    assert small == single
+
+
+def test_max_tokens_bound_and_order(tiny):
+    model, tok = tiny
+    toks = G.generate_tokens(model, tok, PROMPTS, max_tokens=7, stop_after_answer=False)
+    assert len(toks) == len(PROMPTS)
+    assert all(len(t) <= 7 for t in toks)
+    stops = G.stop_token_ids(tok)
+    assert not any(s in t for t in toks for s in stops)
+    assert G.generate(model, tok, [], max_tokens=5) == []
+
+
+def test_completions_exclude_prompt(tiny):
+    model, tok = tiny
+    outs = G.generate(model, tok, PROMPTS, max_tokens=10, stop_after_answer=False)
+    for p, o in zip(PROMPTS, outs):
+        assert not o.startswith(G.chat_prompt(tok, p))
+        assert not o.startswith(p)
+    model = scripted(tok, "TRACE: E0")
+    n = len(model.script)
+    assert G.generate(model, tok, PROMPTS, max_tokens=n, stop_after_answer=False) == ["TRACE: E0"] * 4
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok = tiny
+    kw = dict(max_tokens=16, temperature=1.0, top_p=0.95, stop_after_answer=False)
+    a = G.generate(model, tok, PROMPTS, seed=1, **kw)
+    b = G.generate(model, tok, PROMPTS, seed=1, **kw)
+    c = G.generate(model, tok, PROMPTS, seed=2, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_sample_k_shape_and_determinism(tiny):
+    model, tok = tiny
+    kw = dict(max_tokens=12, temperature=1.0, seed=5, stop_after_answer=False)
+    s1 = G.sample_k(model, tok, PROMPTS[:3], 4, **kw)
+    s2 = G.sample_k(model, tok, PROMPTS[:3], 4, **kw)
+    assert s1 == s2
+    assert [len(x) for x in s1] == [4, 4, 4]
+    assert len(set(s1[1])) > 1  # the k samples differ
+    with pytest.raises(ValueError):
+        G.sample_k(model, tok, PROMPTS, 0)
+
+
+def test_top_p_keeps_nucleus():
+    logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = G.apply_top_p(logits, 0.7)
+    assert mx.isinf(kept).tolist() == [[False, False, True, True]]
+    assert not mx.isinf(G.apply_top_p(logits, 1.0)).any().item()
+
+
+# --- stop rules (scripted model) ---------------------------------------------------------------
+
+
+def test_stop_after_answer_truncates_after_letter(tiny):
+    _, tok = tiny
+    model = scripted(tok, "TRACE: E0 -caused_by-> E1\nANSWER: C\nTRACE: more text after")
+    out = G.generate(model, tok, PROMPTS, max_tokens=80)
+    assert out == ["TRACE: E0 -caused_by-> E1\nANSWER: C"] * len(PROMPTS)
+    toks = G.generate_tokens(model, tok, PROMPTS[:1], max_tokens=80)[0]
+    full = list(tok.encode("TRACE: E0 -caused_by-> E1\nANSWER: C\nTRACE: more text after",
+                           add_special_tokens=False))
+    assert len(toks) < len(full)  # decoding stopped early, not just the text cut
+
+
+def test_no_answer_stop_runs_to_max_tokens(tiny):
+    _, tok = tiny
+    text = "TRACE: E0 -caused_by-> E1\nANSWER: C\nTRACE: more text after"
+    model = scripted(tok, text)
+    n = len(tok.encode(text, add_special_tokens=False))
+    out = G.generate(model, tok, PROMPTS[:2], max_tokens=n, stop_after_answer=False)
+    assert out == [text, text]
+    toks = G.generate_tokens(model, tok, PROMPTS[:2], max_tokens=5, stop_after_answer=False)
+    assert [len(t) for t in toks] == [5, 5]
+
+
+def test_stop_at_eos_excludes_stop_token(tiny):
+    _, tok = tiny
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos in G.stop_token_ids(tok)
+    model = scripted(tok, "TRACE: E0", tail=[eos] + list(tok.encode(" junk", add_special_tokens=False)))
+    assert G.generate(model, tok, PROMPTS, max_tokens=50) == ["TRACE: E0"] * len(PROMPTS)
+
+
+def test_answer_regex():
+    assert G.answer_end("TRACE: x\nANSWER: D and more") == len("TRACE: x\nANSWER: D")
+    assert G.answer_end("ANSWER:B") == len("ANSWER:B")
+    assert G.answer_end("ANSWER: E") is None
+
+
+def test_greedy_matches_mlx_lm_reference(tiny):
+    """Independent check of the batched/prefix-shared path against mlx-lm's own single stream."""
+    from mlx_lm import generate as mlx_generate
+
+    model, tok = tiny
+    ours = G.generate(model, tok, PROMPTS, max_tokens=20, stop_after_answer=False)
+    for p, o in zip(PROMPTS, ours):
+        ref = mlx_generate(model, tok, G.encode_chat(tok, p), max_tokens=20, verbose=False)
+        assert o == ref
+
+
+def test_shared_prefix_cache_matches_plain_prefill(tiny):
+    model, tok = tiny
+    enc = [G.encode_chat(tok, p) for p in PROMPTS]
+    P = G.shared_prefix_len(enc)
+    assert P > 8
+    stopper = G.RowStopper(tok, 16, False)
+    greedy = G.make_sampler(0.0, 1.0, mx.random.key(0))
+    plain = G.decode_batch(model, enc, stopper, greedy)
+    shared = G.decode_batch(model, enc, stopper, greedy, prefix_kv=G.prefix_cache(model, enc[0][:P]))
+    assert plain == shared
