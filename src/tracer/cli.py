@@ -331,7 +331,17 @@ def model_pull(
     from tracer import model as models
 
     cfg = _config(config)
-    path = models.pull(alias, cfg.model.cache_dir, progress=_progress())
+    bar = _progress()
+    stage: list[str] = []
+
+    def report(step: str, done: int, total: int) -> None:
+        if not stage or stage[-1] != step:
+            stage.append(step)
+            bar.start(step, total)
+        bar.bar.update(bar.task, completed=done)
+
+    path = models.pull(alias, cfg.model.cache_dir, progress=report)
+    bar.stop()
     console.print(f"{alias}: {path}")
 
 

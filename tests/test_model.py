@@ -1,0 +1,244 @@
+"""Model sources, q/k permutation, OpenBLAS preload and loading (no download needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tracer.errors import TracerError
+
+tm = pytest.importorskip("tracer.model")
+mx = pytest.importorskip("mlx.core")
+
+TEXTS = [
+    "The cause of the outage was a failed disk, fixed by replacing it.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "TRACE: E0 -caused_by-> E1 -fixed_by-> E2\nANSWER: C",
+    "Numbers like 12345 and 678 are split into single digits.",
+] * 4
+
+
+def _one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+# ---------------------------------------------------------------- resolve errors
+
+
+def test_resolve_unknown_name(tmp_path):
+    with pytest.raises(TracerError) as e:
+        tm.resolve("no-such-model", tmp_path)
+    msg = _one_line_error(e)
+    assert "unknown model 'no-such-model'" in msg and "smollm2-135m-instruct" in msg
+
+
+def test_resolve_missing_path(tmp_path):
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path / "missing" / "dir"), tmp_path)
+    assert "unknown model" in _one_line_error(e)
+
+
+def test_resolve_missing_gguf(tmp_path):
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path / "model.gguf"), tmp_path)
+    assert "no such .gguf file" in _one_line_error(e)
+
+
+def test_resolve_hub_id_offline(tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(mlx_lm.utils, "_download", offline)
+    with pytest.raises(TracerError) as e:
+        tm.resolve("SomeOrg/some-model", tmp_path)
+    msg = _one_line_error(e)
+    assert "cannot download 'SomeOrg/some-model' (offline?)" in msg
+
+
+def test_resolve_dir_without_config(tmp_path):
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path), tmp_path)
+    assert "config.json missing" in _one_line_error(e)
+
+
+def test_resolve_corrupt_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path), tmp_path)
+    msg = _one_line_error(e)
+    assert "corrupt config.json" in msg and str(tmp_path) in msg
+
+
+def test_resolve_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path), tmp_path)
+    msg = _one_line_error(e)
+    assert "no *.safetensors weights" in msg and str(tmp_path) in msg
+
+
+def test_resolve_dir_without_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TracerError) as e:
+        tm.resolve(str(tmp_path), tmp_path)
+    assert "no tokenizer" in _one_line_error(e)
+
+
+def test_model_id():
+    assert tm.model_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert tm.model_id("Org/name") == "Org/name"
+
+
+# ---------------------------------------------------------------- q/k permutation
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("n_heads,head_dim,cols", [(9, 64, 576), (3, 64, 576), (4, 8, 5), (1, 2, 3)])
+def test_unpermute_inverts_llama_cpp_permute(n_heads, head_dim, cols):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n_heads * head_dim, cols)).astype(np.float32)
+    permuted = _llama_cpp_permute(w, n_heads)
+    assert np.array_equal(np.array(tm.permute(mx.array(w), n_heads)), permuted)
+    assert np.array_equal(np.array(tm.unpermute(mx.array(permuted), n_heads)), w)
+    assert np.array_equal(np.array(tm.permute(tm.unpermute(mx.array(w), n_heads), n_heads)), w)
+    if head_dim > 2:
+        assert not np.array_equal(permuted, w)
+
+
+def test_unpermute_interleaved_to_half_split():
+    # one head, head_dim 4: GGUF rows are (x0, y0, x1, y1) → HF rows (x0, x1, y0, y1)
+    w = mx.array([[0.0], [1.0], [2.0], [3.0]])
+    assert np.array(tm.unpermute(w, 1)).ravel().tolist() == [0.0, 2.0, 1.0, 3.0]
+
+
+# ---------------------------------------------------------------- OpenBLAS preload
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenBLAS preload is Linux only")
+def test_preload_openblas_in_fresh_process():
+    code = (
+        "import sys, warnings; warnings.simplefilter('error');"
+        "from tracer.blas import preload_openblas, blas_info;"
+        "p = preload_openblas(); assert p == preload_openblas();"
+        "import mlx.core as mx; a = mx.ones((64, 64)); assert (a @ a)[0, 0].item() == 64;"
+        "print(p); print(blas_info()['status'])"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("TRACER_NO_OPENBLAS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path, status = r.stdout.split()
+    assert "libopenblas" in path and status == "loaded"
+
+
+def test_preload_openblas_too_late_warns():
+    code = (
+        "import mlx.core, warnings\n"
+        "from tracer.blas import preload_openblas, blas_info\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert preload_openblas() is None\n"
+        "assert sys.platform != 'linux' or any('imported before' in str(x.message) for x in w)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env.pop("TRACER_NO_OPENBLAS", None)
+    r = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_preload_openblas_disabled_by_env():
+    code = "from tracer.blas import preload_openblas, blas_info; assert preload_openblas() is None; print(blas_info()['status'])"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TRACER_NO_OPENBLAS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "TRACER_NO_OPENBLAS" in r.stdout
+
+
+# ---------------------------------------------------------------- loading a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tiny = pytest.importorskip("tracer.tiny")
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, vocab_size=300)
+
+
+def test_load_tiny_model(tiny_dir):
+    model, tokenizer = tm.load(str(tiny_dir), dtype="auto")
+    ids = tokenizer.encode("Paris is the capital")
+    logits = model(mx.array([ids]))
+    assert logits.shape[:2] == (1, len(ids))
+    expected = mx.float32 if tm._on_cpu() else mx.bfloat16
+    assert all(p.dtype == expected for _, p in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def _write_adapter(path: Path, tiny_dir: Path, rank: int, wrong: bool, base_model: str | None = None) -> Path:
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    path.mkdir(parents=True, exist_ok=True)
+    acfg = {
+        "fine_tune_type": "lora",
+        "num_layers": cfg["num_hidden_layers"],
+        "lora_parameters": {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
+    }
+    if base_model:
+        acfg["base_model"] = base_model
+    (path / "adapter_config.json").write_text(json.dumps(acfg))
+    hidden = cfg["hidden_size"] + (8 if wrong else 0)
+    weights = {}
+    for i in range(cfg["num_hidden_layers"]):
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.zeros((hidden, rank))
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.zeros((rank, cfg["hidden_size"]))
+    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+    return path
+
+
+def test_load_matching_adapter(tiny_dir, tmp_path):
+    adapter = _write_adapter(tmp_path / "ok", tiny_dir, rank=4, wrong=False, base_model=tm.model_id(str(tiny_dir)))
+    model, _ = tm.load(str(tiny_dir), adapter=str(adapter))
+    names = [k for k, _ in __import__("mlx.utils").utils.tree_flatten(model.parameters())]
+    assert any(k.endswith("q_proj.lora_a") for k in names)
+
+
+def test_load_adapter_wrong_shapes(tiny_dir, tmp_path):
+    adapter = _write_adapter(tmp_path / "bad", tiny_dir, rank=4, wrong=True)
+    with pytest.raises(TracerError) as e:
+        tm.load(str(tiny_dir), adapter=str(adapter))
+    msg = _one_line_error(e)
+    assert msg.startswith(f"{adapter}: adapter does not match model {tiny_dir}")
+    assert "shape" in msg
+
+
+def test_load_adapter_other_base_model(tiny_dir, tmp_path):
+    adapter = _write_adapter(tmp_path / "other", tiny_dir, rank=4, wrong=False, base_model="Org/other-model")
+    with pytest.raises(TracerError) as e:
+        tm.load(str(tiny_dir), adapter=str(adapter))
+    assert "trained on 'Org/other-model'" in _one_line_error(e)
+
+
+def test_load_adapter_missing_config(tiny_dir, tmp_path):
+    with pytest.raises(TracerError) as e:
+        tm.load(str(tiny_dir), adapter=str(tmp_path))
+    assert "adapter_config.json missing" in _one_line_error(e)
+
+
+def test_device_info():
+    info = tm.device_info()
+    assert info["backend"] in ("cpu", "gpu") and info["matmul_gflops_fp32"] > 0
+    assert "openblas" in info["blas"]

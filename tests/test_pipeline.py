@@ -1,0 +1,88 @@
+"""End to end through the CLI on the tiny config: a real (tiny) model, real training, real files."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tracer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_work(tmp_path, monkeypatch):
+    """A scratch directory with the tiny KG and a tiny config whose caches stay inside it."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "data" / "tiny_kg.json", tmp_path / "data" / "tiny_kg.json")
+    text = (ROOT / "configs" / "tiny.toml").read_text()
+    text = text.replace('path = "tiny"', f'path = "tiny"\ncache_dir = "{tmp_path / "cache"}"')
+    (tmp_path / "tiny.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_tiny_end_to_end(tiny_work, capsys):
+    assert main(["run", "tiny.toml"]) == 0, capsys.readouterr().err
+    run = tiny_work / "data" / "runs" / "tiny"
+    for name in ("config.toml", "meta.json", "metrics.json", "rsft_samples.jsonl",
+                 "episodes/base.jsonl", "episodes/sft.jsonl", "episodes/rsft.jsonl",
+                 "models/sft/adapters.safetensors", "models/sft/adapter_config.json",
+                 "models/rsft/adapters.safetensors", "models/rsft/adapter_config.json"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "meta.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert meta["phases"] == ["base", "sft", "rsft"] and meta["contaminated"] is False
+    assert set(meta["timings"]) >= {"base", "sft", "rsft"}
+    assert set(metrics["phases"]) == {"base", "sft", "rsft"} and metrics["contaminated"] is False
+    eval_ids = [r["id"] for r in read_jsonl(tiny_work / "data" / "tiny" / "eval.jsonl")]
+    for phase, entry in metrics["phases"].items():
+        episodes = read_jsonl(run / "episodes" / f"{phase}.jsonl")
+        assert [e["ex_id"] for e in episodes] == eval_ids
+        assert entry["n"] == len(eval_ids)
+        assert entry["accuracy"] == pytest.approx(sum(e["correct"] for e in episodes) / len(episodes))
+        assert 0 <= entry["shuffle_agreement"] <= 1
+    samples = read_jsonl(run / "rsft_samples.jsonl")
+    assert len(samples) == 12 * 2  # rsft_size questions x k_samples
+    # the resolved config is written as TOML and loads back
+    from tracer.config import load_config
+
+    assert load_config(run / "config.toml").run.name == "tiny"
+    # a second run refuses to overwrite; --resume finds every phase finished
+    assert main(["run", "tiny.toml"]) == 2
+    assert main(["run", "tiny.toml", "--resume"]) == 0
+    # the report renders the finished run
+    capsys.readouterr()
+    assert main(["report", str(run), "--per-hop"]) == 0
+    out = capsys.readouterr().out
+    assert "sft" in out and "rsft" in out and f"{100 * metrics['phases']['sft']['accuracy']:.1f}%" in out
+
+
+def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
+    assert main(["data", "--config", "tiny.toml"]) == 0
+    data = tiny_work / "data" / "tiny"
+    eval_rows = read_jsonl(data / "eval.jsonl")
+    leaky = data / "leaky.jsonl"
+    leaky.write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    capsys.readouterr()
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap the eval split" in err and eval_rows[0]["id"] in err
+    assert not (tiny_work / "data" / "runs").exists()
+    # a leaked path under a new id is caught as well
+    renamed = dict(eval_rows[1], id="innocent-looking-id")
+    leaky.write_text(json.dumps(renamed) + "\n")
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
+    # overriding trains and marks the run contaminated
+    (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft"]', 'phases = ["sft"]')
+    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 2"))
+    assert main(["run", "tiny.toml", "--allow-eval-overlap"]) == 0
+    run = tiny_work / "data" / "runs" / "tiny"
+    assert json.loads((run / "metrics.json").read_text())["contaminated"] is True
+    assert json.loads((run / "meta.json").read_text())["contaminated"] is True
