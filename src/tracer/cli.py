@@ -121,10 +121,8 @@ def data_table(summary: dict) -> Table:
 def print_phase(run_dir: str, per_hop: bool = True) -> None:
     from tracer import report
 
-    run = report.load_run(run_dir)
-    console.print(report.run_table(run))
-    if per_hop:
-        console.print(report.per_hop_table(run))
+    for item in report.report_renderables([report.load_run(run_dir)], per_hop=per_hop):
+        console.print(item)
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -288,7 +286,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables (for scripts)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of accuracy, coverage and reward per phase."),
     examples: bool = typer.Option(False, "--examples", help="Show wrong answers with their traces instead of tables."),
-    phase: str = typer.Option("rsft", "--phase", help="Phase whose episodes --examples shows."),
+    phase: Optional[str] = typer.Option(None, "--phase", help="Phase whose episodes --examples shows (default: latest)."),
     wrong: int = typer.Option(5, "--wrong", help="How many wrong answers --examples shows."),
 ) -> None:
     """Tables (one row per phase), run comparisons, per-hop breakdowns, markdown/JSON/plots, wrong answers."""
@@ -296,22 +294,20 @@ def report(
 
     from tracer import report as rep
 
-    loaded = [rep.load_run(d) for d in run_dirs]
+    loaded = rep.load_runs(run_dirs)
     if examples:
         for run in loaded:
-            for item in rep.examples_renderables(rep.wrong_examples(run, phase, wrong)):
+            chosen = phase or (rep.latest_done(run) or {}).get("phase")
+            if chosen is None:
+                raise TracerError(f"{run['dir']}: no finished phase to show examples from")
+            for item in rep.examples_renderables(rep.wrong_examples(run, chosen, wrong)):
                 console.print(item)
         return
     if as_json:
-        print(json.dumps(rep.to_json(loaded, per_hop=per_hop), indent=2))
+        print(json.dumps(rep.to_json(loaded), indent=2))
     else:
-        for run in loaded:
-            console.print(rep.run_table(run))
-            if per_hop:
-                console.print(rep.per_hop_table(run))
-        if len(loaded) > 1:
-            console.print(rep.comparison_table(loaded))
-            console.print(rep.config_diff_table(loaded))
+        for item in rep.report_renderables(loaded, per_hop=per_hop):
+            console.print(item)
     if markdown:
         from tracer.runs import write_text_atomic
 
