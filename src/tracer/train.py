@@ -1,0 +1,314 @@
+"""LoRA fine-tuning: completion-only loss, length-grouped batches, AdamW schedule, checkpoints.
+
+The batch sequence and the dropout randomness of step ``s`` are pure functions of (seed, s), and
+the optimizer state is checkpointed with the adapter, so ``resume`` reproduces an uninterrupted run.
+Adapters are saved in mlx-lm's format (``adapters.safetensors`` + ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+from tracer.blas import preload_openblas
+
+preload_openblas()
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from tracer import __version__  # noqa: E402
+from tracer.config import LoraConfig, TrainConfig  # noqa: E402
+from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402
+from tracer.generate import encode_chat  # noqa: E402
+from tracer.progress import NullProgress, Progress  # noqa: E402
+
+Example = tuple[list[int], int]  # token ids, index where the completion starts
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[Example]:
+    """Chat-formatted prompt + completion + end-of-turn; over-long prompts lose their start."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, completion in pairs:
+        p = encode_chat(tokenizer, prompt)
+        c = tokenizer.encode(completion, add_special_tokens=False) + [eos]
+        c = c[: max_seq_len - 1]
+        p = p[max(0, len(p) - (max_seq_len - len(c))):]
+        out.append((p + c, len(p)))
+    return out
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  hop_lens: list[int] | None = None, curriculum: bool = False) -> list[list[int]]:
+    """One epoch of length-grouped batches (indices), deterministic in (seed, epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if curriculum and hop_lens is not None:
+        order.sort(key=lambda i: hop_lens[i])  # stable: shuffled within each hop length
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start: start + window], key=lambda i: lengths[i])
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_for_step(step: int, lengths: list[int], batch_size: int, seed: int,
+                   hop_lens: list[int] | None, curriculum: bool) -> list[int]:
+    per_epoch = math.ceil(len(lengths) / batch_size)
+    epoch, index = divmod(step, per_epoch)
+    return epoch_batches(lengths, batch_size, seed, epoch, hop_lens, curriculum)[index]
+
+
+def collate(examples: list[Example]) -> tuple[mx.array, mx.array, mx.array, int]:
+    """Right-padded inputs, flat indices of loss positions, their targets, and token count."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    inputs = np.zeros((len(examples), width), dtype=np.int32)
+    positions, targets = [], []
+    for row, (ids, start) in enumerate(examples):
+        inputs[row, : len(ids) - 1] = ids[:-1]
+        for t in range(start - 1, len(ids) - 1):  # position t predicts token t + 1
+            positions.append(row * width + t)
+            targets.append(ids[t + 1])
+    tokens = sum(len(ids) for ids, _ in examples)
+    return mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32), tokens
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def add_lora(model: nn.Module, lora: dict) -> None:
+    """Freeze the model and put LoRA adapters on the configured projections."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    num_layers = len(model.layers) if lora["num_layers"] < 0 else lora["num_layers"]
+    linear_to_lora_layers(model, num_layers, lora["lora_parameters"])
+
+
+def lora_config(lora: LoraConfig, model: nn.Module) -> dict:
+    """mlx-lm's adapter_config fields for our LoRA settings."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": len(model.layers) if lora.num_layers < 0 else lora.num_layers,
+        "lora_parameters": {"rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout,
+                            "keys": list(lora.keys)},
+    }
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    p = Path(path) / "adapter_config.json"
+    if not p.is_file():
+        raise TracerError(f"{path}: not an adapter directory (adapter_config.json missing)")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TracerError(f"{p}: invalid JSON: {e.msg}") from None
+
+
+def _logits(model: nn.Module, h: mx.array) -> mx.array:
+    if getattr(model.args, "tie_word_embeddings", True):
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+def loss_fn(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array) -> mx.array:
+    """Mean cross-entropy over completion tokens; the vocabulary projection runs only there."""
+    h = model.model(inputs)
+    h = h.reshape(-1, h.shape[-1])[positions]
+    return nn.losses.cross_entropy(_logits(model, h), targets, reduction="mean")
+
+
+def full_loss(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array) -> mx.array:
+    """Reference: the same loss via full logits (tests compare the two)."""
+    logits = model(inputs)
+    logits = logits.reshape(-1, logits.shape[-1])[positions]
+    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+
+def schedule(cfg: TrainConfig):
+    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    decay_steps = max(cfg.iters - cfg.warmup, 1)
+    if cfg.schedule == "cosine":
+        main = optim.cosine_decay(peak, decay_steps, end)
+    elif cfg.schedule == "linear":
+        main = optim.linear_schedule(peak, end, decay_steps)
+    else:
+        main = lambda step: mx.array(peak, dtype=mx.float32)  # noqa: E731
+    if cfg.warmup == 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(peak / cfg.warmup, peak, max(cfg.warmup - 1, 1)), main],
+                                [cfg.warmup])
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, config: dict, base_model: str) -> Path:
+    """Write adapters.safetensors + adapter_config.json (mlx-lm format) atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".adapters.tmp.safetensors"
+    mx.save_safetensors(str(tmp), adapter_weights(model))
+    os.replace(tmp, out / "adapters.safetensors")
+    meta = dict(config, base_model=base_model, tracer_version=__version__)
+    tmp_cfg = out / ".adapter_config.tmp.json"
+    tmp_cfg.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_cfg, out / "adapter_config.json")
+    return out
+
+
+def save_checkpoint(model: nn.Module, optimizer, out_dir: Path, config: dict, base_model: str,
+                    state: dict) -> Path:
+    """``out_dir/checkpoint``: adapter, optimizer state and progress, swapped in atomically."""
+    final = out_dir / "checkpoint"
+    tmp = out_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, config, base_model)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    old = out_dir / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(model: nn.Module, optimizer, out_dir: Path) -> dict:
+    ckpt = out_dir / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise TracerError(f"{out_dir}: no checkpoint to resume from")
+    model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int) -> float:
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for start in range(0, len(order), batch_size):
+        inputs, positions, targets, _ = collate([examples[i] for i in order[start: start + batch_size]])
+        loss = loss_fn(model, inputs, positions, targets)
+        total += loss.item() * positions.size
+        count += positions.size
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    train_pairs: list[tuple[str, str]],
+    cfg: TrainConfig,
+    lora: LoraConfig,
+    out_dir: str | Path,
+    base_model: str,
+    val_pairs: list[tuple[str, str]] | None = None,
+    hop_lens: list[int] | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    init_adapter: str | None = None,
+) -> dict:
+    """LoRA-train ``model`` on (prompt, completion) pairs; writes the adapter to ``out_dir``."""
+    if not train_pairs:
+        raise TracerError("no training examples")
+    progress = progress or NullProgress()
+    out = Path(out_dir)
+    mx.random.seed(cfg.seed)
+    if init_adapter:
+        adapter_cfg = {k: v for k, v in read_adapter_config(init_adapter).items()
+                       if k in ("fine_tune_type", "num_layers", "lora_parameters")}
+        add_lora(model, adapter_cfg)
+        model.load_weights(str(Path(init_adapter) / "adapters.safetensors"), strict=False)
+    else:
+        adapter_cfg = lora_config(lora, model)
+        add_lora(model, adapter_cfg)
+    model.train()
+
+    examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len)
+    val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
+    lengths = [len(ids) for ids, _ in examples]
+    optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    start, losses, val_losses, tokens = 0, [], [], 0
+    if resume:
+        state = load_checkpoint(model, optimizer, out)
+        start, losses, val_losses, tokens = state["step"], state["losses"], state["val_losses"], state["tokens"]
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step_fn(inputs, positions, targets):
+        loss, grads = loss_and_grad(model, inputs, positions, targets)
+        if cfg.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(model, optimizer, out, adapter_cfg, base_model,
+                               {"step": step, "losses": losses, "val_losses": val_losses, "tokens": tokens})
+
+    progress.start("train", total=cfg.iters)
+    progress.update(start)
+    t0, step, run_tokens = time.perf_counter(), start, 0
+    try:
+        for step in range(start, cfg.iters):
+            idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
+            inputs, positions, targets, n_tok = collate([examples[i] for i in idx])
+            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
+            loss = step_fn(inputs, positions, targets)
+            mx.eval(loss, model.trainable_parameters(), optimizer.state)
+            losses.append(loss.item())
+            tokens += n_tok
+            run_tokens += n_tok
+            done = step + 1
+            tok_s = run_tokens / (time.perf_counter() - t0)
+            progress.update(1, loss=losses[-1], tok_s=round(tok_s), lr=optimizer.learning_rate.item())
+            if val_examples and cfg.val_every and done % cfg.val_every == 0:
+                model.eval()
+                val_losses.append([done, evaluate_loss(model, val_examples, cfg.batch_size)])
+                model.train()
+                progress.log(f"step {done}: train loss {losses[-1]:.4f}, val loss {val_losses[-1][1]:.4f}")
+            if done % cfg.save_every == 0 and done < cfg.iters:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        done = len(losses)
+        path = checkpoint(done)
+        progress.stop()
+        raise TrainingInterrupted(done, str(path)) from None
+    progress.stop()
+    checkpoint(cfg.iters)
+    model.eval()
+    save_adapter(model, out, adapter_cfg, base_model)
+    wall = time.perf_counter() - t0
+    return {
+        "steps": cfg.iters,
+        "final_loss": losses[-1] if losses else float("nan"),
+        "losses": losses,
+        "val_losses": val_losses,
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "tok_s": run_tokens / wall if wall > 0 else 0.0,
+    }
