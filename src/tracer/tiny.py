@@ -51,11 +51,11 @@ def build_tiny_model(
     out_dir: str | Path,
     texts: list[str],
     vocab_size: int = 512,
-    hidden: int = 64,
-    layers: int = 2,
+    hidden: int = 128,
+    layers: int = 4,
     heads: int = 4,
     kv_heads: int = 2,
-    intermediate: int = 128,
+    intermediate: int = 256,
     seed: int = 0,
 ) -> Path:
     """Build and save a tiny llama + tokenizer trained on ``texts``; returns the directory."""
