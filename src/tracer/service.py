@@ -80,8 +80,8 @@ def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: K
 
 
 def tiny_model_dir(cfg: Config) -> Path:
-    """Build (once) the tiny random model used by tests and configs/tiny.toml."""
-    from tracer import generate, tiny
+    """Build (once) the tiny random model of tests and configs/tiny.toml, its tokenizer fitted to the data."""
+    from tracer import tiny
 
     kg_bytes = Path(cfg.data.kg).read_bytes()
     key = hashlib.sha256(kg_bytes + str(cfg.data.seed).encode()).hexdigest()[:12]
@@ -90,14 +90,13 @@ def tiny_model_dir(cfg: Config) -> Path:
         return out
     ensure_data(cfg)
     rows = load_split(cfg, "train") + load_split(cfg, "eval")
-    template = tiny.CHAT_TEMPLATE
     texts = [
         f"<|im_start|>system\n{dataset.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
         f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
         for r in rows
     ]
-    del template, generate
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     tiny.build_tiny_model(tmp, texts, seed=cfg.run.seed)
     tmp.rename(out)
     return out
