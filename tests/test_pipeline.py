@@ -86,3 +86,16 @@ def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
     run = tiny_work / "data" / "runs" / "tiny"
     assert json.loads((run / "metrics.json").read_text())["contaminated"] is True
     assert json.loads((run / "meta.json").read_text())["contaminated"] is True
+
+
+def test_sft_through_cli_learns_training_questions(tiny_work):
+    """`tracer sft` on the tiny KG, then `tracer eval` on its training questions: far above chance (25%)."""
+    adapter = tiny_work / "learned"
+    assert main(["sft", "-c", "tiny.toml", "--iters", "200", "-o", str(adapter)]) == 0
+    losses = json.loads((adapter / "checkpoint" / "state.json").read_text())["losses"]
+    assert sum(losses[-10:]) / 10 < 0.25 * sum(losses[:5]) / 5
+    train_file = tiny_work / "data" / "tiny" / "train.jsonl"
+    assert main(["eval", "-c", "tiny.toml", "--examples", str(train_file), "--adapter", str(adapter),
+                 "--phase", "train_check", "-o", "check"]) == 0
+    entry = json.loads((tiny_work / "check" / "metrics.json").read_text())["phases"]["train_check"]
+    assert entry["format_rate"] > 0.9 and entry["accuracy"] > 0.6, entry

@@ -349,7 +349,8 @@ def doctor() -> None:
     info = models.device_info()
     table = Table(title=f"tracer {__version__}", show_header=False)
     for key, value in info.items():
-        table.add_row(key, _fmt(value))
+        for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            table.add_row(f"{key} {sub}".strip(), _fmt(v))
     console.print(table)
 
 
