@@ -1,10 +1,11 @@
-"""LoRA training on the tiny model: learning, exact resume, adapter format, masked loss."""
+"""LoRA training on tiny models: learning, exact resume, adapter format, masked loss."""
 
 import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -13,46 +14,104 @@ from tracer import service, train
 from tracer.cli import main
 from tracer.config import LoraConfig, TrainConfig, load_config, override
 from tracer.errors import TrainingInterrupted
+from tracer.generate import SYSTEM_PROMPT, generate
 from tracer.progress import NullProgress
+from tracer.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
+ENTS = ["DiskFull", "LogRotation", "CronJob", "OOMKill", "MemoryLimit", "CacheEviction", "TLSHandshake",
+        "CertExpiry", "DNSTimeout", "ResolverConfig", "PoolExhausted", "ConnLeak", "HighLatency",
+        "LockContention", "SlowQuery", "MissingIndex", "PacketLoss", "NetFlap", "GCPause", "HeapSize"]
+RELS = ["caused_by", "fixed_by", "depends_on", "mitigated_by"]
+# 20 facts "X -rel-> Y": the completion copies X and rel from the prompt and recalls Y
+FACTS = [(ENTS[i], RELS[i % 4], ENTS[(i * 7 + 3) % 20]) for i in range(20)]
+PAIRS = [(f"Follow {x} -{rel}-> ?", f"TRACE: {x} -{rel}-> {y}\nANSWER: {y}") for x, rel, y in FACTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """Tiny matmuls gain nothing from BLAS threads, and OpenBLAS's spinning threads slow these tests
+    ~10x when other processes share the 2 cores; restore the thread count afterwards."""
+    import ctypes
+
+    from tracer.blas import blas_info
+
+    path = blas_info()["openblas"]
+    lib = ctypes.CDLL(path) if path else None
+    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(1)
+    yield
+    lib.openblas_set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny KG splits + the tiny model, built once for this module."""
-    work = tmp_path_factory.mktemp("tiny")
-    (work / "data").mkdir()
-    shutil.copy(ROOT / "data" / "tiny_kg.json", work / "data" / "tiny_kg.json")
-    cfg = load_config(ROOT / "configs" / "tiny.toml")
-    cfg = override(cfg, data__kg=str(work / "data" / "tiny_kg.json"), data__out_dir=str(work / "data" / "tiny"),
-                   model__cache_dir=str(work / "cache"), run__runs_dir=str(work / "runs"))
-    service.make_data(cfg)
-    model_dir = service.tiny_model_dir(cfg)
-    pairs = [(r["prompt"], r["ref"]["trace"]) for r in service.load_split(cfg, "train")]
-    return {"work": work, "cfg": cfg, "model_dir": str(model_dir), "pairs": pairs}
+def facts_model(tmp_path_factory):
+    """A 2-layer random llama whose tokenizer is fitted to the synthetic facts."""
+    texts = [f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{p}<|im_end|>\n"
+             f"<|im_start|>assistant\n{c}<|im_end|>\n" for p, c in PAIRS]
+    out = tmp_path_factory.mktemp("facts") / "model"
+    build_tiny_model(out, texts, vocab_size=700, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    return str(out)
 
 
-def fresh(tiny):
+def fresh(model_dir):
     from tracer import model as models
 
-    return models.load(tiny["model_dir"])
+    return models.load(model_dir)
 
 
 def weights(path) -> dict:
     return dict(mx.load(str(Path(path) / "adapters.safetensors")))
 
 
-def test_masked_gather_loss_equals_full_logits_loss(tiny):
-    model, tok = fresh(tiny)
-    examples = train.encode_pairs(tok, tiny["pairs"][:6], 512)
-    batch = train.collate(examples)[:3]
-    assert train.loss_fn(model, *batch).item() == pytest.approx(train.full_loss(model, *batch).item(), rel=1e-5)
-    # only completion tokens (and the end-of-turn) are targets
-    inputs, positions, targets = batch
-    n_completion = sum(len(ids) - start for ids, start in examples)
-    assert positions.size == n_completion
+def test_learns_the_training_facts(facts_model, tmp_path):
+    model, tok = fresh(facts_model)
+    cfg = TrainConfig(iters=200, batch_size=20, learning_rate=2e-3, warmup=5, val_every=50, save_every=1000)
+    stats = train.train(model, tok, PAIRS, cfg, LoraConfig(rank=16, alpha=32.0), tmp_path / "ad", "tiny",
+                        val_pairs=PAIRS[:4])
+    losses = stats["losses"]
+    assert len(losses) == 200 and stats["steps"] == 200 and stats["tokens"] > 0 and stats["tok_s"] > 0
+    assert np.mean(losses[-5:]) < 0.1 * np.mean(losses[:3])
+    assert [s for s, _ in stats["val_losses"]] == [50, 100, 150, 200]
+    outs = generate(model, tok, [p for p, _ in PAIRS], max_tokens=24, batch_size=20)
+    exact = sum(o.strip() == c for o, (_, c) in zip(outs, PAIRS))
+    answers = sum(o.strip().endswith(f"ANSWER: {y}") for o, (_, _, y) in zip(outs, FACTS))
+    assert exact >= 10 and answers >= 10, outs  # chance is 1 in 20
+
+
+def test_masked_gather_loss_equals_full_logits_loss(facts_model):
+    model, tok = fresh(facts_model)
+    examples = train.encode_pairs(tok, PAIRS[:6], 512)
+    inputs, positions, targets, n_tok = train.collate(examples)
+    gathered = train.loss_fn(model, inputs, positions, targets).item()
+    assert gathered == pytest.approx(train.full_loss(model, inputs, positions, targets).item(), rel=1e-5)
+    # the same loss written as a masked mean over full logits of right-padded (input, target) rows
+    width = inputs.shape[1]
+    tgt = np.zeros((len(examples), width), np.int32)
+    mask = np.zeros((len(examples), width), np.float32)
+    for row, (ids, start) in enumerate(examples):
+        tgt[row, : len(ids) - 1] = ids[1:]
+        mask[row, start - 1: len(ids) - 1] = 1.0
+    ce = nn.losses.cross_entropy(model(inputs), mx.array(tgt), reduction="none")
+    masked = (ce * mx.array(mask)).sum() / mask.sum()
+    assert gathered == pytest.approx(masked.item(), rel=1e-5)
+    # only completion tokens and the end-of-turn are targets
+    assert positions.size == sum(len(ids) - start for ids, start in examples) == mask.sum()
     assert targets.tolist().count(tok.eos_token_id) == len(examples)
+    assert n_tok == sum(len(ids) for ids, _ in examples)
+
+
+def test_encode_pairs_keeps_the_completion_when_truncating(facts_model):
+    _, tok = fresh(facts_model)
+    full = train.encode_pairs(tok, PAIRS[:1], 512)[0]
+    ids, start = train.encode_pairs(tok, PAIRS[:1], 20)[0]
+    completion = full[0][full[1]:]
+    assert len(ids) == 20 and ids[start:] == completion and ids[:start] == full[0][full[1] - start: full[1]]
+    assert completion[-1] == tok.eos_token_id
 
 
 def test_batches_are_length_grouped_and_deterministic():
@@ -63,106 +122,134 @@ def test_batches_are_length_grouped_and_deterministic():
     assert sorted(i for b in a for i in b) == list(range(len(lengths)))
     waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in a)
     assert waste < 0.05 * sum(lengths)
+    examples = [([0] * n, 1) for n in lengths]
+    assert train.batches(examples, 4, seed=3, epoch=0) == a
+    # step s's batch is a pure function of (seed, s): epoch 1 step 3 == batches(epoch=1)[3]
+    per_epoch = len(a)
+    assert train.batch_for_step(per_epoch + 3, lengths, 4, 3, None, False) == train.epoch_batches(lengths, 4, 3, 1)[3]
     hops = [1, 3, 2, 1] * 16
-    cur = train.epoch_batches(lengths, 4, seed=3, epoch=0, hop_lens=hops, curriculum=True)
+    cur = train.batches(examples, 4, seed=3, epoch=0, curriculum=True, hop_lens=hops)
     flat = [hops[i] for b in cur for i in b]
     assert flat == sorted(flat)
 
 
-def test_sft_through_cli_learns_training_questions(tiny, monkeypatch):
-    """`tracer sft` then `tracer eval` on the training questions: well above chance (25%)."""
-    work = tiny["work"]
-    cfg_file = work / "learn.toml"
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    text = text.replace('path = "tiny"', f'path = "tiny"\ncache_dir = "{work / "cache"}"')
-    cfg_file.write_text(text.replace('out_dir = "data/tiny"', f'out_dir = "{work / "data" / "tiny"}"')
-                        .replace('kg = "data/tiny_kg.json"', f'kg = "{work / "data" / "tiny_kg.json"}"'))
-    monkeypatch.chdir(work)
-    adapter = work / "learned"
-    assert main(["sft", "-c", str(cfg_file), "--iters", "200", "-o", str(adapter)]) == 0
-    state = json.loads((adapter / "checkpoint" / "state.json").read_text())
-    losses = state["losses"]
-    assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
-    train_file = work / "data" / "tiny" / "train.jsonl"
-    assert main(["eval", "-c", str(cfg_file), "--examples", str(train_file), "--adapter", str(adapter),
-                 "--phase", "train_check", "-o", str(work / "check")]) == 0
-    entry = json.loads((work / "check" / "metrics.json").read_text())["phases"]["train_check"]
-    assert entry["format_rate"] > 0.9
-    assert entry["accuracy"] > 0.6, entry
+def test_resume_after_interrupt_matches_uninterrupted_run(facts_model, tmp_path):
+    cfg = TrainConfig(iters=10, batch_size=8, learning_rate=1e-3, warmup=2, save_every=5, val_every=0, seed=5)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.1)  # dropout: the per-step RNG must be reproduced too
 
-
-def test_resume_after_interrupt_matches_uninterrupted_run(tiny, tmp_path):
-    cfg = TrainConfig(iters=8, batch_size=8, learning_rate=1e-3, warmup=2, save_every=3, val_every=0, seed=5)
-    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.1)
-    pairs = tiny["pairs"][:40]
-
-    model, tok = fresh(tiny)
-    train.train(model, tok, pairs, cfg, lora, tmp_path / "full", "tiny")
+    model, tok = fresh(facts_model)
+    full = train.train(model, tok, PAIRS, cfg, lora, tmp_path / "full", "tiny")
 
     class StopAt(NullProgress):
         seen = 0
 
         def update(self, advance=1, **info):
             self.seen += advance
-            if self.seen == 5:
+            if self.seen == 7:
                 raise KeyboardInterrupt
 
-    model, tok = fresh(tiny)
+    model, tok = fresh(facts_model)
     with pytest.raises(TrainingInterrupted) as e:
-        train.train(model, tok, pairs, cfg, lora, tmp_path / "split", "tiny", progress=StopAt())
-    assert e.value.step == 5
-    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 5
+        train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny", progress=StopAt())
+    assert e.value.step == 7
+    ckpt = tmp_path / "split" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 7
+    assert (ckpt / "optimizer.safetensors").is_file() and not (tmp_path / "split" / "checkpoint.tmp").exists()
     assert not (tmp_path / "split" / "adapters.safetensors").exists()
-    model, tok = fresh(tiny)
-    stats = train.train(model, tok, pairs, cfg, lora, tmp_path / "split", "tiny", resume=True)
-    assert stats["steps"] == 8 and len(stats["losses"]) == 8
+    model, tok = fresh(facts_model)
+    stats = train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny", resume=True)
+    assert stats["steps"] == 10 and len(stats["losses"]) == 10
+    assert np.allclose(stats["losses"], full["losses"], atol=1e-5)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-5).item(), k
 
 
-def test_adapter_loads_in_stock_mlx_lm_and_is_small(tiny, tmp_path):
+def test_adapter_loads_in_stock_mlx_lm_and_is_small(facts_model, tmp_path):
     from mlx_lm import load as mlx_load
 
-    model, tok = fresh(tiny)
+    model, tok = fresh(facts_model)
     cfg = TrainConfig(iters=3, batch_size=8, warmup=0, val_every=0, save_every=100)
-    train.train(model, tok, tiny["pairs"][:16], cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "ad", "tiny")
-    acfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert acfg["fine_tune_type"] == "lora" and acfg["base_model"] == "tiny"
+    train.train(model, tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "ad", "tiny")
+    acfg = train.read_adapter_config(tmp_path / "ad")
+    assert acfg["fine_tune_type"] == "lora" and acfg["base_model"] == "tiny" and acfg["tracer_version"]
+    assert acfg["num_layers"] == 2
     assert acfg["lora_parameters"]["rank"] == 4 and acfg["lora_parameters"]["scale"] == 2.0
     saved = weights(tmp_path / "ad")
-    assert all(k.endswith(("lora_a", "lora_b")) for k in saved)
+    assert saved and all(k.endswith(("lora_a", "lora_b")) for k in saved)
+    assert len(saved) == 2 * 2 * 7  # lora_a + lora_b × 2 layers × 7 projections
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     assert sum(v.size for v in saved.values()) < 0.2 * n_params
+    size = (tmp_path / "ad" / "adapters.safetensors").stat().st_size
+    assert size < 4 * sum(v.size for v in saved.values()) + 16_384
 
-    stock, _ = mlx_load(tiny["model_dir"], adapter_path=str(tmp_path / "ad"))
-    ids = mx.array([tok.encode("TRACE: HighLatency -caused_by-> LockContention")])
+    stock, _ = mlx_load(facts_model, adapter_path=str(tmp_path / "ad"))
+    ids = mx.array([tok.encode("TRACE: DiskFull -caused_by-> OOMKill")])
     assert mx.allclose(stock(ids), model(ids), atol=1e-4).item()
 
 
-def test_continue_from_adapter_starts_from_its_weights(tiny, tmp_path):
-    model, tok = fresh(tiny)
+def test_init_adapter_continues_from_its_weights(facts_model, tmp_path):
+    model, tok = fresh(facts_model)
     cfg = TrainConfig(iters=4, batch_size=8, warmup=0, val_every=0, save_every=100)
-    train.train(model, tok, tiny["pairs"][:16], cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "a", "tiny")
-    model, tok = fresh(tiny)
-    train.train(model, tok, tiny["pairs"][:16], TrainConfig(iters=1, batch_size=8, learning_rate=1e-12, warmup=0,
-                val_every=0, save_every=100), LoraConfig(rank=16), tmp_path / "b", "tiny", init_adapter=str(tmp_path / "a"))
+    train.train(model, tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "a", "tiny")
+    model, tok = fresh(facts_model)
+    tiny_lr = TrainConfig(iters=1, batch_size=8, learning_rate=1e-12, warmup=0, val_every=0, save_every=100)
+    train.train(model, tok, PAIRS, tiny_lr, LoraConfig(rank=16), tmp_path / "b", "tiny", init_adapter=str(tmp_path / "a"))
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys()  # the adapter's own rank (4), not the config's (16)
     for k in a:
-        assert mx.allclose(a[k], b[k], atol=1e-6).item(), k
+        assert a[k].shape == b[k].shape and mx.allclose(a[k], b[k], atol=1e-6).item(), k
+    assert train.read_adapter_config(tmp_path / "b")["lora_parameters"]["rank"] == 4
 
 
-def test_continue_refuses_adapter_of_another_base_model(tiny, tmp_path, capsys):
+def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys):
+    work = tmp_path / "w"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "tiny_kg.json", work / "data" / "tiny_kg.json")
+    cfg = override(load_config(ROOT / "configs" / "tiny.toml"), data__kg=str(work / "data" / "tiny_kg.json"),
+                   data__out_dir=str(work / "data" / "tiny"), model__cache_dir=str(work / "cache"))
+    service.make_data(cfg)
     adapter = tmp_path / "other"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "base_model": "someone/else"}))
     (adapter / "adapters.safetensors").write_bytes(b"")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[model]\npath = "{tiny["model_dir"]}"\n[data]\nkg = "{tiny["work"] / "data" / "tiny_kg.json"}"\n')
-    code = main(["continue", "-c", str(cfg), "--adapter", str(adapter), "--train",
-                 str(tiny["work"] / "data" / "tiny" / "train.jsonl"), "--output", str(tmp_path / "out")])
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(f'[model]\npath = "tiny"\ncache_dir = "{work / "cache"}"\n'
+                        f'[data]\nkg = "{work / "data" / "tiny_kg.json"}"\nout_dir = "{work / "data" / "tiny"}"\n')
+    code = main(["continue", "-c", str(cfg_file), "--adapter", str(adapter), "--train",
+                 str(work / "data" / "tiny" / "train.jsonl"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and "someone/else" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "someone/else" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_inside_a_step_rolls_back_to_the_last_finished_step(facts_model, tmp_path, monkeypatch):
+    cfg = TrainConfig(iters=6, batch_size=8, learning_rate=1e-3, warmup=1, save_every=100, val_every=0, seed=2)
+    lora = LoraConfig(rank=4, alpha=8.0)
+    model, tok = fresh(facts_model)
+    train.train(model, tok, PAIRS, cfg, lora, tmp_path / "full", "tiny")
+
+    class Mx:  # mlx.core, except that the 4th mx.eval (step 4, after the update) is a Ctrl-C
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        def eval(self, *args):
+            Mx.calls += 1
+            if Mx.calls == 4:
+                raise KeyboardInterrupt
+            return mx.eval(*args)
+
+    model, tok = fresh(facts_model)
+    monkeypatch.setattr(train, "mx", Mx())
+    with pytest.raises(TrainingInterrupted) as e:
+        train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny")
+    monkeypatch.undo()
+    assert e.value.step == 3
+    model, tok = fresh(facts_model)
+    train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny", resume=True)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-5).item(), k

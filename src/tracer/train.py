@@ -23,11 +23,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from tracer import __version__  # noqa: E402
 from tracer.config import LoraConfig, TrainConfig  # noqa: E402
-from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402
+from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
 from tracer.generate import encode_chat  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
 
@@ -68,6 +68,12 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, curriculum: bool = False,
+            hop_lens: list[int] | None = None) -> list[list[int]]:
+    """One epoch of batches of example indices: length-grouped (or 1-hop first with ``curriculum``)."""
+    return epoch_batches([len(ids) for ids, _ in examples], batch_size, seed, epoch, hop_lens, curriculum)
+
+
 def batch_for_step(step: int, lengths: list[int], batch_size: int, seed: int,
                    hop_lens: list[int] | None, curriculum: bool) -> list[int]:
     per_epoch = math.ceil(len(lengths) / batch_size)
@@ -92,13 +98,18 @@ def collate(examples: list[Example]) -> tuple[mx.array, mx.array, mx.array, int]
 # ------------------------------------------------------------------------------------ model
 
 
-def add_lora(model: nn.Module, lora: dict) -> None:
-    """Freeze the model and put LoRA adapters on the configured projections."""
+def add_lora(model: nn.Module, lora: LoraConfig | dict) -> None:
+    """Freeze the model and put LoRA adapters on the configured projections.
+
+    ``lora`` is our :class:`LoraConfig` or an mlx-lm adapter config dict (``num_layers`` +
+    ``lora_parameters``, as read from an ``adapter_config.json``).
+    """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    cfg = lora_config(lora, model) if isinstance(lora, LoraConfig) else lora
     model.freeze()
-    num_layers = len(model.layers) if lora["num_layers"] < 0 else lora["num_layers"]
-    linear_to_lora_layers(model, num_layers, lora["lora_parameters"])
+    num_layers = len(model.layers) if cfg["num_layers"] < 0 else min(cfg["num_layers"], len(model.layers))
+    linear_to_lora_layers(model, num_layers, cfg["lora_parameters"])
 
 
 def lora_config(lora: LoraConfig, model: nn.Module) -> dict:
@@ -163,8 +174,10 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, config: dict, base_model: str) -> Path:
-    """Write adapters.safetensors + adapter_config.json (mlx-lm format) atomically."""
+def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig | dict, base_model: str) -> Path:
+    """Write adapters.safetensors (trainable LoRA weights only) + adapter_config.json (mlx-lm format)."""
+    if isinstance(config, LoraConfig):
+        config = lora_config(config, model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".adapters.tmp.safetensors"
@@ -197,6 +210,8 @@ def save_checkpoint(model: nn.Module, optimizer, out_dir: Path, config: dict, ba
 
 def load_checkpoint(model: nn.Module, optimizer, out_dir: Path) -> dict:
     ckpt = out_dir / "checkpoint"
+    if not ckpt.exists() and (out_dir / "checkpoint.old" / "state.json").is_file():
+        ckpt = out_dir / "checkpoint.old"  # killed between the two renames of save_checkpoint
     if not (ckpt / "state.json").is_file():
         raise TracerError(f"{out_dir}: no checkpoint to resume from")
     model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
@@ -272,20 +287,23 @@ def train(
 
     progress.start("train", total=cfg.iters)
     progress.update(start)
-    t0, step, run_tokens = time.perf_counter(), start, 0
+    t0, run_tokens = time.perf_counter(), 0
+    snapshot = None  # weights + optimizer state before the running step, for a clean Ctrl-C
     try:
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
             inputs, positions, targets, n_tok = collate([examples[i] for i in idx])
+            snapshot = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
             loss = step_fn(inputs, positions, targets)
             mx.eval(loss, model.trainable_parameters(), optimizer.state)
             losses.append(loss.item())
+            snapshot = None
             tokens += n_tok
             run_tokens += n_tok
             done = step + 1
             tok_s = run_tokens / (time.perf_counter() - t0)
-            progress.update(1, loss=losses[-1], tok_s=round(tok_s), lr=optimizer.learning_rate.item())
+            progress.update(1, loss=round(losses[-1], 4), tok_s=round(tok_s), lr=float(optimizer.learning_rate.item()))
             if val_examples and cfg.val_every and done % cfg.val_every == 0:
                 model.eval()
                 val_losses.append([done, evaluate_loss(model, val_examples, cfg.batch_size)])
@@ -294,6 +312,9 @@ def train(
             if done % cfg.save_every == 0 and done < cfg.iters:
                 checkpoint(done)
     except KeyboardInterrupt:
+        if snapshot is not None:  # stopped inside a step: roll back to the last finished one
+            model.update(snapshot[0])
+            optimizer.state = snapshot[1]
         done = len(losses)
         path = checkpoint(done)
         progress.stop()
