@@ -78,7 +78,14 @@ def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
     renamed = dict(eval_rows[1], id="innocent-looking-id")
     leaky.write_text(json.dumps(renamed) + "\n")
     assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
-    # overriding trains and marks the run contaminated
+    # overriding trains; the adapter carries the mark into every eval that uses it
+    leaky.write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2", "-o", "leaky_adapter",
+                 "--allow-eval-overlap"]) == 0
+    assert json.loads((tiny_work / "leaky_adapter" / "adapter_config.json").read_text())["contaminated"] is True
+    assert main(["eval", "--config", "tiny.toml", "--adapter", "leaky_adapter", "-o", "leaky_run"]) == 0
+    assert json.loads((tiny_work / "leaky_run" / "metrics.json").read_text())["contaminated"] is True
+    # ... and so does a whole run trained on a leaky train split
     (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
     text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft"]', 'phases = ["sft"]')
     (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 2"))

@@ -311,7 +311,7 @@ def report(
     if markdown:
         from tracer.runs import write_text_atomic
 
-        write_text_atomic(markdown, rep.to_markdown(loaded, per_hop=per_hop))
+        write_text_atomic(markdown, rep.to_markdown(loaded, per_hop=per_hop).rstrip("\n") + "\n")
         err_console.print(f"wrote {markdown}")
     if plot:
         rep.plot(loaded, plot)

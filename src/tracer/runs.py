@@ -70,6 +70,11 @@ def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, f
         if not force:
             raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
         shutil.rmtree(run_dir)
+    return init_run(run_dir, config_toml, phases, seed)
+
+
+def init_run(run_dir: Path, config_toml: str, phases: list[str], seed: int) -> Path:
+    """Write a run's config.toml and a fresh meta.json (no checks: see ``prepare_run``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", config_toml)
     write_json(

@@ -149,6 +149,7 @@ def evaluate(
     from tracer.generate import generate
 
     progress = progress or NullProgress()
+    contaminated = contaminated or adapter_contaminated(adapter)
     kg = load_kg(cfg.data.kg)
     if examples is None:
         ensure_data(cfg)
@@ -181,7 +182,7 @@ def evaluate(
     entry["examples"] = str(examples or split_path(cfg, "eval"))
 
     if not (run_dir / "meta.json").exists():
-        runs.prepare_run(run_dir, to_toml(cfg), [phase], cfg.run.seed, force=False, resume=False)
+        runs.init_run(run_dir, to_toml(cfg), [phase], cfg.run.seed)
     dataset.write_jsonl(runs.episodes_path(run_dir, phase), episodes)
     runs.record_phase(run_dir, phase, entry, contaminated=contaminated)
     return {"phase": phase, "entry": entry, "run_dir": str(run_dir), "episodes": str(runs.episodes_path(run_dir, phase))}
@@ -238,8 +239,23 @@ def sft(
     contaminated = guard_leakage(cfg, rows, source, allow_eval_overlap, kg)
     out_dir = Path(output) if output else runs.model_dir(Path(cfg.run.runs_dir) / cfg.run.name, "sft")
     stats = _train(cfg, cfg.sft, rows, out_dir, model, resume, progress or NullProgress())
+    _mark(out_dir, contaminated)
     stats["contaminated"] = contaminated
     return stats
+
+
+def adapter_contaminated(adapter: str | Path | None) -> bool:
+    """Whether an adapter (or one it was continued from) was trained with eval overlap."""
+    cfg_file = Path(adapter) / "adapter_config.json" if adapter else None
+    if cfg_file is None or not cfg_file.is_file():
+        return False
+    return bool(runs.read_json(cfg_file).get("contaminated"))
+
+
+def _mark(adapter: str | Path, contaminated: bool) -> None:
+    if contaminated:
+        cfg_file = Path(adapter) / "adapter_config.json"
+        runs.write_json(cfg_file, dict(runs.read_json(cfg_file), contaminated=True))
 
 
 def check_adapter_base(cfg: Config, adapter: str, model: str | None = None) -> dict:
@@ -269,8 +285,9 @@ def continue_(
     check_adapter_base(cfg, adapter, model)
     kg = load_kg(cfg.data.kg)
     rows = load_split(cfg, "train", train, kg=kg)
-    contaminated = guard_leakage(cfg, rows, train, allow_eval_overlap, kg)
+    contaminated = guard_leakage(cfg, rows, train, allow_eval_overlap, kg) or adapter_contaminated(adapter)
     stats = _train(cfg, cfg.sft, rows, Path(output), model, resume, progress or NullProgress(), init_adapter=adapter)
+    _mark(output, contaminated)
     stats["contaminated"] = contaminated
     return stats
 
@@ -338,10 +355,12 @@ def rsft(
     check_adapter_base(cfg, adapter, model)
     source = pool or str(split_path(cfg, "rsft"))
     questions = load_split(cfg, "rsft", source, kg=kg)
-    contaminated = guard_leakage(cfg, questions, source, allow_eval_overlap, kg)
+    contaminated = guard_leakage(cfg, questions, source, allow_eval_overlap, kg) or adapter_contaminated(adapter)
     if rc.max_questions:
         questions = questions[: rc.max_questions]
     replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
+    if replay_pool:
+        contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
     samples_file = run_path / "rsft_samples.jsonl"
     all_samples: list[dict] = []
     rounds = []
@@ -390,6 +409,7 @@ def rsft(
             n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
             rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
             stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
+            _mark(out_dir, contaminated)
         else:
             progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
             _copy_adapter(Path(current), out_dir)
