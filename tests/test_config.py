@@ -1,4 +1,5 @@
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +19,13 @@ def test_every_field_has_a_description_and_default():
     walk(Config)
 
 
-@pytest.mark.parametrize("name", ["default", "quick", "tiny"])
-def test_shipped_configs_load(name):
-    cfg = load_config(f"configs/{name}.toml")
-    assert cfg.eval.max_tokens > 0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.eval.max_tokens > 0 and (ROOT / cfg.data.kg).is_file()
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
