@@ -209,7 +209,7 @@ def _train(cfg: Config, tcfg, rows: list[dict], out_dir: Path, model: str | None
     from tracer import train
 
     lm, tokenizer = load_model(cfg, model)
-    train_rows, val_rows = _split_val(rows, tcfg.val_size, tcfg.seed)
+    train_rows, val_rows = _split_val(rows, tcfg.val_size if tcfg.val_every else 0, tcfg.seed)
     stats = train.train(
         lm, tokenizer, _pairs(train_rows), tcfg, cfg.lora, out_dir,
         base_model=base_model_id(cfg, model), val_pairs=_pairs(val_rows) or None,
