@@ -13,14 +13,13 @@ chain does not reach.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from tracer.errors import TracerError
+from tracer.runs import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.config import DataConfig
@@ -708,27 +707,10 @@ def _dumps_rows(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in rows)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write one JSON object per line, atomically (temp file in the same dir + os.replace)."""
     p = Path(path)
-    _atomic_write_text(p, _dumps_rows(rows))
+    write_text_atomic(p, _dumps_rows(rows))
     return p
 
 
@@ -739,7 +721,7 @@ def write_splits(splits: dict[str, list[dict[str, Any]]], out_dir: str | Path) -
     paths: dict[str, Path] = {}
     for name, text in texts.items():
         paths[name] = out / f"{name}.jsonl"
-        _atomic_write_text(paths[name], text)
+        write_text_atomic(paths[name], text)
     return paths
 
 

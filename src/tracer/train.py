@@ -30,6 +30,7 @@ from tracer.config import LoraConfig, TrainConfig  # noqa: E402
 from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
 from tracer.generate import encode_chat  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
+from tracer.runs import read_json  # noqa: E402
 
 Example = tuple[list[int], int]  # token ids, index where the completion starts
 
@@ -126,10 +127,7 @@ def read_adapter_config(path: str | Path) -> dict:
     p = Path(path) / "adapter_config.json"
     if not p.is_file():
         raise TracerError(f"{path}: not an adapter directory (adapter_config.json missing)")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TracerError(f"{p}: invalid JSON: {e.msg}") from None
+    return read_json(p)
 
 
 def _logits(model: nn.Module, h: mx.array) -> mx.array:
