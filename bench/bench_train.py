@@ -7,10 +7,12 @@ Variants, each in its own subprocess:
   (a) stock mlx-lm (``mlx_lm.tuner.trainer.train`` + ChatDataset(mask_prompt=True)), reference BLAS
       (``TRACER_NO_OPENBLAS=1``; the process never loads OpenBLAS, tracer.blas is not imported)
   (b) the same with ``tracer.blas.preload_openblas()`` called before mlx is imported
-  (c) tracer's loop: ``tracer.train.train`` (completion-only logits, length-grouped batches)
+  (c) tracer's loop: ``tracer.train.train`` (completion-only logits, length-grouped batches, the
+      batch's shared prompt prefix run once)
+  (d) the same with ``share_prefix = false`` (every row runs its whole prompt)
 All: SmolLM2-135M-Instruct fp32, LoRA rank 16 (scale 20) on all 30 layers × 7 projections,
 batch 16, AdamW lr 3e-4. Step times are wall-clock between consecutive steps, after warm-up.
-MFU of (c): 6·N_nonemb·tokens + 6·hidden·vocab·loss_positions FLOPs per step over the step time,
+MFU of (c)/(d): 6·N_nonemb·computed tokens + 6·hidden·vocab·loss_positions FLOPs per step over the step time,
 relative to the fp32 1024² GEMM GFLOP/s measured in the same process.
 """
 
@@ -131,7 +133,8 @@ def worker_tracer(args) -> dict:
     gflops = gemm_gflops(mx)
     model, tok = M.load("smollm2-135m-instruct")
     pairs = read_pairs(args.data, args.limit)
-    cfg = TrainConfig(iters=args.warmup + args.steps, batch_size=16, val_every=0, save_every=10**6)
+    cfg = TrainConfig(iters=args.warmup + args.steps, batch_size=16, val_every=0, save_every=10**6,
+                      share_prefix=not args.no_share)
     # replay the loop's batch sequence to count tokens / loss positions per step
     examples = TR.encode_pairs(tok, pairs, cfg.max_seq_len)
     lengths = [len(ids) for ids, _ in examples]
@@ -139,8 +142,11 @@ def worker_tracer(args) -> dict:
     for s in range(cfg.iters):
         idx = TR.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, cfg.curriculum)
         ex = [examples[i] for i in idx]
-        batches.append({"tokens": sum(len(i) for i, _ in ex), "padded": len(ex) * (max(len(i) for i, _ in ex) - 1),
-                        "loss_pos": sum(len(i) - st for i, st in ex)})
+        b = TR.collate(ex, cfg.share_prefix)
+        shared = 0 if b.prefix is None else (len(ex) - 1) * b.prefix.shape[1]  # prefix rows not computed
+        batches.append({"tokens": b.tokens, "computed": b.tokens - shared,
+                        "padded": b.inputs.size + (0 if b.prefix is None else b.prefix.size),
+                        "loss_pos": b.positions.size})
 
     stamps: list[float] = []
     losses: list[float] = []
@@ -166,7 +172,7 @@ def _summary(name, stamps, batches, losses, warmup, gflops, model, blas) -> dict
     t = sum(steps)
     tok = sum(b["tokens"] for b in meas)
     lp = sum(b["loss_pos"] for b in meas)
-    flops = sum(flops_per_step(model, b["tokens"], b["loss_pos"]) for b in meas)
+    flops = sum(flops_per_step(model, b.get("computed", b["tokens"]), b["loss_pos"]) for b in meas)
     return {
         "name": name, "blas": blas, "gemm_gflops_1024": gflops,
         "step_times": steps, "s_per_step": t / max(len(steps), 1),
@@ -178,14 +184,15 @@ def _summary(name, stamps, batches, losses, warmup, gflops, model, blas) -> dict
     }
 
 
-def run_variant(kind: str, openblas: bool, steps: int, warmup: int, args) -> dict | None:
+def run_variant(kind: str, openblas: bool, steps: int, warmup: int, args, share: bool = True) -> dict | None:
     env = dict(os.environ)
     if openblas:
         env.pop("TRACER_NO_OPENBLAS", None)
     else:
         env["TRACER_NO_OPENBLAS"] = "1"
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--warmup", str(warmup),
-           "--data", args.data, "--limit", str(args.limit)] + (["--openblas"] if openblas else [])
+           "--data", args.data, "--limit", str(args.limit)] + (["--openblas"] if openblas else []) \
+        + ([] if share else ["--no-share"])
     print(f"running {kind} openblas={openblas} warmup={warmup} steps={steps} ...", file=sys.stderr, flush=True)
     try:
         res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
@@ -202,6 +209,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=["stock", "tracer"], help=argparse.SUPPRESS)
     p.add_argument("--openblas", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-share", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", default="data/train.jsonl")
     p.add_argument("--limit", type=int, default=10**9, help="use the first N training pairs")
     p.add_argument("--steps", type=int, default=4, help="measured steps of (b) and (c)")
@@ -220,6 +228,7 @@ def main() -> None:
         "a_stock_ref": None if args.skip_ref else run_variant("stock", False, args.ref_steps, args.ref_warmup, args),
         "b_stock_openblas": run_variant("stock", True, args.steps, args.warmup, args),
         "c_tracer": run_variant("tracer", True, args.steps, args.warmup, args),
+        "d_tracer_no_share": run_variant("tracer", True, args.steps, args.warmup, args, share=False),
     }
     print(f"{'variant':24s}{'s/step':>9s}{'tok/s':>9s}{'tok/step':>10s}{'padded':>9s}{'loss pos':>9s}"
           f"{'GEMM GF/s':>10s}{'model GF/s':>11s}{'MFU%':>7s}")
@@ -231,7 +240,7 @@ def main() -> None:
               f"{r['loss_pos_per_step']:9.0f}{r['gemm_gflops_1024']:10.1f}{r['model_gflops']:11.1f}{r['mfu_pct']:7.1f}")
         print(f"{'':24s}step times {[round(x, 2) for x in r['step_times']]}, warm-up {[round(x, 2) for x in r['warmup_times']]}")
     c = res["c_tracer"]
-    for k in ("a_stock_ref", "b_stock_openblas"):
+    for k in ("a_stock_ref", "b_stock_openblas", "d_tracer_no_share"):
         r = res[k]
         if r and c:
             print(f"tracer speedup vs {k}: {r['s_per_step'] / c['s_per_step']:.2f}x per step, "

@@ -135,3 +135,21 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("data", "eval", "sft", "rsft", "continue", "run", "report", "model", "doctor"):
         assert cmd in out
+
+
+def test_progress_off_a_terminal_prints_plain_status_lines():
+    import io
+
+    from rich.console import Console
+
+    from tracer.cli import RichProgress
+
+    out = io.StringIO()
+    p = RichProgress(Console(file=out, width=200), every=3600.0)
+    p.start("train", 5)
+    p.update(1, loss=0.5, tok_s=250)
+    p.update(1, loss=0.25)  # within `every` of the last line: not printed
+    p.stop()
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("train 1/5") and "loss 0.5" in line and "tok_s 250" in line for line in lines), lines
+    assert not any(line.startswith("train 2/5") for line in lines), lines

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from tracer import service, train
 from tracer.cli import main
@@ -86,7 +86,8 @@ def test_learns_the_training_facts(facts_model, tmp_path):
 def test_masked_gather_loss_equals_full_logits_loss(facts_model):
     model, tok = fresh(facts_model)
     examples = train.encode_pairs(tok, PAIRS[:6], 512)
-    inputs, positions, targets, n_tok = train.collate(examples)
+    inputs, positions, targets, n_tok, prefix = train.collate(examples, share_prefix=False)
+    assert prefix is None
     gathered = train.loss_fn(model, inputs, positions, targets).item()
     assert gathered == pytest.approx(train.full_loss(model, inputs, positions, targets).item(), rel=1e-5)
     # the same loss written as a masked mean over full logits of right-padded (input, target) rows
@@ -103,6 +104,29 @@ def test_masked_gather_loss_equals_full_logits_loss(facts_model):
     assert positions.size == sum(len(ids) - start for ids, start in examples) == mask.sum()
     assert targets.tolist().count(tok.eos_token_id) == len(examples)
     assert n_tok == sum(len(ids) for ids, _ in examples)
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(facts_model):
+    model, tok = fresh(facts_model)
+    train.add_lora(model, LoraConfig(rank=4, alpha=8.0))
+    # LoRA's B starts at zero: give it values so the adapter changes the prefix's keys/values too
+    model.update(tree_map(lambda a: mx.random.normal(a.shape) * 0.05, model.trainable_parameters()))
+    examples = train.encode_pairs(tok, PAIRS[:7], 512)
+    shared, plain = train.collate(examples), train.collate(examples, share_prefix=False)
+    P = shared.prefix.shape[1]
+    assert P >= 8 and shared.inputs.shape[1] == plain.inputs.shape[1] - P
+    assert shared.tokens == plain.tokens and shared.targets.tolist() == plain.targets.tolist()
+    grad = nn.value_and_grad(model, train.loss_fn)
+    loss_s, g_s = grad(model, *shared[:3], shared.prefix)
+    loss_p, g_p = grad(model, *plain[:3], plain.prefix)
+    assert loss_s.item() == pytest.approx(loss_p.item(), rel=1e-5)
+    flat_s, flat_p = dict(tree_flatten(g_s)), dict(tree_flatten(g_p))
+    assert flat_s.keys() == flat_p.keys() and len(flat_s) > 0
+    for k in flat_s:
+        assert mx.allclose(flat_s[k], flat_p[k], rtol=1e-4, atol=1e-6).item(), k
+    # the prefix never swallows a loss position: an example whose completion starts early
+    short = [(examples[0][0], 3)] + examples[1:]
+    assert train.collate(short).prefix is None
 
 
 def test_encode_pairs_keeps_the_completion_when_truncating(facts_model):

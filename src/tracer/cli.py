@@ -6,6 +6,7 @@ Bad input is reported as one line on stderr with exit code 2 and no traceback.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,12 +51,17 @@ OverlapOpt = typer.Option(
 
 
 class RichProgress:
-    """Renders tracer.progress.Progress events as a rich progress bar."""
+    """Renders tracer.progress.Progress events as a rich progress bar.
 
-    def __init__(self, con: Console):
+    Off a terminal (a log file, CI) rich draws nothing until a bar stops, so a plain status line
+    is printed instead, at most every ``every`` seconds.
+    """
+
+    def __init__(self, con: Console, every: float = 60.0):
         self.console = con
         self.bar: Progress | None = None
         self.task = None
+        self.plain, self.every, self.last = not con.is_terminal, every, 0.0
 
     def start(self, description: str, total: int | None) -> None:
         self.stop()
@@ -66,12 +72,18 @@ class RichProgress:
         )
         self.bar.start()
         self.task = self.bar.add_task(description, total=total, info="")
+        self.last = 0.0
 
     def update(self, advance: int = 1, **info: Any) -> None:
         if self.bar is None:
             return
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in info.items())
         self.bar.update(self.task, advance=advance, info=text)
+        if self.plain and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            t = self.bar.tasks[0]
+            eta = f"  eta {t.time_remaining:.0f}s" if t.time_remaining is not None else ""
+            self.console.print(f"{t.description} {t.completed:.0f}/{t.total or '?'}{eta}  {text}", markup=False)
 
     def stop(self) -> None:
         if self.bar is not None:

@@ -74,6 +74,7 @@ class TrainConfig(Section):
     val_size: int = Field(64, ge=0, description="Held-back training examples used for validation loss.")
     save_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
     curriculum: bool = Field(False, description="Order training from 1-hop to 3-hop instead of shuffling.")
+    share_prefix: bool = Field(True, description="Run a batch's common prompt prefix once, not once per row.")
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
 
 

@@ -18,17 +18,19 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+from mlx_lm.models.base import create_causal_mask  # noqa: E402
 
 from tracer import __version__  # noqa: E402
 from tracer.config import LoraConfig, TrainConfig  # noqa: E402
 from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
-from tracer.generate import encode_chat  # noqa: E402
+from tracer.generate import encode_chat, shared_prefix_len  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
 from tracer.runs import read_json  # noqa: E402
 
@@ -82,18 +84,37 @@ def batch_for_step(step: int, lengths: list[int], batch_size: int, seed: int,
     return epoch_batches(lengths, batch_size, seed, epoch, hop_lens, curriculum)[index]
 
 
-def collate(examples: list[Example]) -> tuple[mx.array, mx.array, mx.array, int]:
-    """Right-padded inputs, flat indices of loss positions, their targets, and token count."""
-    width = max(len(ids) for ids, _ in examples) - 1
+class Batch(NamedTuple):
+    """One training batch: the rows after their shared prefix, right-padded."""
+    inputs: mx.array  # (B, T) token ids after the prefix
+    positions: mx.array  # flat indices into (B, T) whose next token is a loss target
+    targets: mx.array  # the target token at each of ``positions``
+    tokens: int  # real tokens in the batch, prefix counted once per row
+    prefix: mx.array | None  # (1, P) token ids every row starts with, or None
+
+
+def collate(examples: list[Example], share_prefix: bool = True) -> Batch:
+    """Right-padded rows and flat loss positions; the rows' common prompt prefix goes in ``prefix``.
+
+    The prefix (system message, instructions, ...) is the same for every row, so the model runs
+    it once with batch 1 and every row attends to its keys/values (see :func:`loss_fn`).
+    """
+    P = 0
+    if share_prefix and len(examples) > 1:
+        P = min(shared_prefix_len([ids for ids, _ in examples]), min(start for _, start in examples) - 1)
+        P = P if P >= 8 else 0  # a short prefix saves less than its extra pass costs
+    width = max(len(ids) for ids, _ in examples) - 1 - P
     inputs = np.zeros((len(examples), width), dtype=np.int32)
     positions, targets = [], []
     for row, (ids, start) in enumerate(examples):
-        inputs[row, : len(ids) - 1] = ids[:-1]
+        inputs[row, : len(ids) - 1 - P] = ids[P:-1]
         for t in range(start - 1, len(ids) - 1):  # position t predicts token t + 1
-            positions.append(row * width + t)
+            positions.append(row * width + t - P)
             targets.append(ids[t + 1])
     tokens = sum(len(ids) for ids, _ in examples)
-    return mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32), tokens
+    prefix = mx.array([examples[0][0][:P]], dtype=mx.int32) if P else None
+    return Batch(mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32),
+                 tokens, prefix)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -136,9 +157,42 @@ def _logits(model: nn.Module, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
-def loss_fn(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array) -> mx.array:
+class PrefixKV:
+    """A differentiable per-layer cache for training: the first call stores the shared prefix's
+    keys/values (batch 1); later calls prepend them, broadcast, to every row's own."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+            return keys, values
+        B = keys.shape[0]
+        k = mx.broadcast_to(self.keys, (B, *self.keys.shape[1:]))
+        v = mx.broadcast_to(self.values, (B, *self.values.shape[1:]))
+        return mx.concatenate([k, keys], axis=2), mx.concatenate([v, values], axis=2)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        if not self.offset:
+            return "causal" if N > 1 else None
+        return create_causal_mask(N, self.offset, window_size=window_size)
+
+
+def hidden(model: nn.Module, inputs: mx.array, prefix: mx.array | None = None) -> mx.array:
+    """Final hidden states of ``inputs``; with ``prefix``, each row continues the shared prefix."""
+    if prefix is None:
+        return model.model(inputs)
+    cache = [PrefixKV() for _ in model.layers]
+    model.model(prefix, cache=cache)
+    return model.model(inputs, cache=cache)
+
+
+def loss_fn(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
+            prefix: mx.array | None = None) -> mx.array:
     """Mean cross-entropy over completion tokens; the vocabulary projection runs only there."""
-    h = model.model(inputs)
+    h = hidden(model, inputs, prefix)
     h = h.reshape(-1, h.shape[-1])[positions]
     return nn.losses.cross_entropy(_logits(model, h), targets, reduction="mean")
 
@@ -224,10 +278,10 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int) ->
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     for start in range(0, len(order), batch_size):
-        inputs, positions, targets, _ = collate([examples[i] for i in order[start: start + batch_size]])
-        loss = loss_fn(model, inputs, positions, targets)
-        total += loss.item() * positions.size
-        count += positions.size
+        b = collate([examples[i] for i in order[start: start + batch_size]])
+        loss = loss_fn(model, b.inputs, b.positions, b.targets, b.prefix)
+        total += loss.item() * b.positions.size
+        count += b.positions.size
     return total / max(count, 1)
 
 
@@ -272,8 +326,8 @@ def train(
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def step_fn(inputs, positions, targets):
-        loss, grads = loss_and_grad(model, inputs, positions, targets)
+    def step_fn(b: Batch):
+        loss, grads = loss_and_grad(model, b.inputs, b.positions, b.targets, b.prefix)
         if cfg.grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
         optimizer.update(model, grads)
@@ -290,15 +344,15 @@ def train(
     try:
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
-            inputs, positions, targets, n_tok = collate([examples[i] for i in idx])
+            batch = collate([examples[i] for i in idx], cfg.share_prefix)
             snapshot = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
-            loss = step_fn(inputs, positions, targets)
+            loss = step_fn(batch)
             mx.eval(loss, model.trainable_parameters(), optimizer.state)
             losses.append(loss.item())
             snapshot = None
-            tokens += n_tok
-            run_tokens += n_tok
+            tokens += batch.tokens
+            run_tokens += batch.tokens
             done = step + 1
             tok_s = run_tokens / (time.perf_counter() - t0)
             progress.update(1, loss=round(losses[-1], 4), tok_s=round(tok_s), lr=float(optimizer.learning_rate.item()))
