@@ -56,6 +56,15 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     # a second run refuses to overwrite; --resume finds every phase finished
     assert main(["run", "tiny.toml"]) == 2
     assert main(["run", "tiny.toml", "--resume"]) == 0
+    # resuming under a changed config would mix two configs in one run: refused, nothing written
+    changed = tiny_work / "changed.toml"
+    changed.write_text((tiny_work / "tiny.toml").read_text().replace("min_reward = -10.0", "min_reward = -9.0"))
+    before = (run / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["run", str(changed), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "config differs" in err and len(err.strip().splitlines()) == 1
+    assert (run / "config.toml").read_text() == before
     # the report renders the finished run
     capsys.readouterr()
     assert main(["report", str(run), "--per-hop"]) == 0

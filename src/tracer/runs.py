@@ -68,6 +68,10 @@ def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, f
         if resume:
             if not (run_dir / "meta.json").exists():
                 raise TracerError(f"{run_dir}: cannot resume: not a tracer run (no meta.json)")
+            stored = run_dir / "config.toml"
+            if stored.exists() and stored.read_text() != config_toml:
+                raise TracerError(f"{run_dir}: cannot resume: the config differs from the run's config.toml "
+                                  "(use --force to start over)")
             return run_dir
         if not force:
             raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
