@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from common import gemm_gflops
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -28,16 +30,8 @@ def worker(args) -> dict:
 
     out = {"blas": blas_info()}
 
-    def gemm(n: int, reps: int) -> float:
-        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-        mx.eval(a, b, a @ b)
-        t = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(a @ b)
-        return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-    out["gflops_1024"] = gemm(1024, args.mm_reps)
-    out["gflops_2048"] = gemm(2048, max(1, args.mm_reps // 2))
+    out["gflops_1024"] = gemm_gflops(mx, 1024, args.mm_reps)
+    out["gflops_2048"] = gemm_gflops(mx, 2048, max(1, args.mm_reps // 2))
 
     from tracer import model as M
 

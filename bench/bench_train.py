@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import gemm_gflops
+
 MODEL_DIR = Path("~/.cache/tracer/models/smollm2-135m-instruct").expanduser()
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -35,15 +37,6 @@ KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 def read_pairs(path: str, limit: int) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [(r["prompt"], r["ref"]["trace"]) for r in rows][:limit]
-
-
-def gemm_gflops(mx, n: int = 1024, reps: int = 5) -> float:
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a, b, a @ b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(a @ b)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def flops_per_step(model, tokens: int, loss_positions: int) -> float:
