@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.metrics import aggregate, shuffle_agreement, wilson
+from tracer.metrics import aggregate, shuffle_agreement, trace_hops, wilson
 
 
 def test_wilson_known_values():
@@ -18,15 +18,16 @@ def test_wilson_known_values():
     assert wilson(0, 0) == (0.0, 0.0)
 
 
-def ep(ex_id, hop, correct, valid=True, answer="A", cov=0.0, total=0.0, ep_prec=0.0):
+def ep(ex_id, hop, correct, valid=True, answer="A", cov=0.0, total=0.0, ep_prec=0.0, hops=None):
+    trace = " ".join(f"E{i} -r->" for i in range(hop if hops is None else hops)) + " E9"
     return {"ex_id": ex_id, "hop_len": hop, "correct": correct,
-            "parsed": {"valid_format": valid, "answer": answer},
+            "parsed": {"valid_format": valid, "answer": answer, "trace_text": trace},
             "reward": {"path_coverage": cov, "total": total, "edge_precision": ep_prec}}
 
 
 EPS = [
     ep("a", 4, True, cov=1.0, total=1.5, ep_prec=1.0),
-    ep("b", 4, False, cov=0.5, total=-1.75, ep_prec=0.5),
+    ep("b", 4, False, cov=0.5, total=-1.75, ep_prec=0.5, hops=3),
     ep("c", 5, True, cov=0.0, total=1.0, ep_prec=0.0),
     ep("d", 5, False, valid=False, answer=None, cov=0.2, total=-2.0, ep_prec=0.9),
 ]
@@ -41,6 +42,7 @@ def test_aggregate_totals():
     assert m["reward"] == pytest.approx((1.5 - 1.75 + 1.0 - 2.0) / 4)
     assert m["format_rate"] == 0.75
     assert m["edge_precision"] == pytest.approx(1.5 / 3)  # invalid episode excluded
+    assert m["length_match"] == 0.5  # "b" stops a hop short; "d" has 5 arrows but no valid format
 
 
 def test_aggregate_per_hop():
@@ -56,6 +58,14 @@ def test_aggregate_per_hop():
     assert h5["format_rate"] == 0.5
     assert h5["edge_precision"] == 0.0
     assert h5["path_coverage"] == pytest.approx(0.1)
+    assert h4["length_match"] == 0.5 and h5["length_match"] == 0.5
+
+
+def test_trace_hops_counts_arrows_even_for_unknown_entities():
+    assert trace_hops("A -leads_to-> B -related_to-> NotInTheKG -fixed_by-> C") == 3
+    assert trace_hops("A") == 0 and trace_hops("") == 0
+    m = aggregate([ep("a", 4, True, hops=5), ep("b", 4, True, hops=4)])
+    assert m["length_match"] == 0.5  # one hop too many is a mismatch too
 
 
 def test_aggregate_empty_and_no_valid():

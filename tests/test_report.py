@@ -57,7 +57,8 @@ BASE = phase_entry(300, 75, 0.2041, 0.3009, 0.312, -0.874, 0.82, 0.611, None, 12
 })
 SFT = phase_entry(300, 183, 0.5538, 0.6636, 0.724, 0.452, 1.0, 0.934, 0.87, 81.2, {
     "2": {"n": 150, "accuracy": 0.7, "path_coverage": 0.8, "reward": 0.6, "format_rate": 1.0, "edge_precision": 0.95},
-    "4": {"n": 150, "accuracy": 0.52, "path_coverage": 0.648, "reward": 0.3, "format_rate": 1.0, "edge_precision": 0.918},
+    "4": {"n": 150, "accuracy": 0.52, "path_coverage": 0.648, "reward": 0.3, "format_rate": 1.0, "edge_precision": 0.918,
+          "length_match": 0.367},
 })
 SFT_B = phase_entry(300, 201, 0.6148, 0.7198, 0.698, 0.517, 0.99, 0.901, 0.9, 190.0, {
     "2": {"n": 150, "accuracy": 0.74, "path_coverage": 0.77, "reward": 0.7, "format_rate": 1.0, "edge_precision": 0.93},
@@ -237,13 +238,14 @@ def test_per_hop_table(run_a):
     run = report.load_run(run_a)
     out = render(report.run_table(run, per_hop=True))
     assert "per hop length" in out
-    for h in ("2-hop acc", "2-hop cov", "4-hop acc", "4-hop cov"):
+    for h in ("2-hop acc", "2-hop cov", "2-hop len", "4-hop acc", "4-hop cov", "4-hop len"):
         assert h in out
     sft_hop = [line for line in out.splitlines() if "│ sft" in line][-1]
-    for s in ("70.0% (n=150)", "80.0%", "52.0% (n=150)", "64.8%"):
-        assert s in sft_hop
+    cells = [c.strip() for c in sft_hop.split("│")[2:-1]]
+    assert cells == ["70.0% (n=150)", "80.0%", "—", "52.0% (n=150)", "64.8%", "36.7%"]  # old runs: no len
     rows = report.per_hop_rows(run)
     assert [(r["phase"], r["hop"]) for r in rows] == [("base", 2), ("base", 4), ("sft", 2), ("sft", 4)]
+    assert rows[3]["length_match"] == pytest.approx(0.367) and rows[2]["length_match"] is None
 
 
 def test_comparison_and_config_diff(run_a, run_b):
@@ -300,7 +302,7 @@ def test_to_markdown(run_a, run_b):
     assert "**67.0% [61.5–72.0]**" in md and "**72.4%**" in md
     assert "| sft.iters | 200 | 400 |" in md
     assert "| rsft.temperature | — | 0.8 |" in md
-    assert "70.0% (n=150)" in md
+    assert "| sft | 70.0% (n=150) | 80.0% | — | 52.0% (n=150) | 64.8% | 36.7% |" in md
     single = report.to_markdown([report.load_run(run_a)])
     assert "Comparison" not in single and "**" not in single
 

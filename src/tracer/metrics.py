@@ -22,6 +22,16 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def trace_hops(trace_text: str) -> int:
+    """Hops written in a trace: the ``-relation->`` arrows, whether or not the entities exist."""
+    return trace_text.count("->")
+
+
+def _full_length(e: dict[str, Any]) -> bool:
+    p = e["parsed"]
+    return p["valid_format"] and trace_hops(p.get("trace_text") or "") == int(e["hop_len"])
+
+
 def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(eps)
     correct = sum(1 for e in eps if e["correct"])
@@ -36,6 +46,7 @@ def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
         "reward": _mean([e["reward"]["total"] for e in eps]),
         "format_rate": len(valid) / n if n else 0.0,
         "edge_precision": _mean([e["reward"]["edge_precision"] for e in valid]),
+        "length_match": sum(map(_full_length, eps)) / n if n else 0.0,
     }
 
 
@@ -43,6 +54,7 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     """Phase entry for metrics.json (without wall_s, finished_at, shuffle_agreement).
 
     ``edge_precision`` is averaged over valid-format episodes only (0.0 if none).
+    ``length_match`` is the share of episodes whose valid trace has exactly ``hop_len`` hops.
     ``per_hop`` is keyed by ``str(hop_len)`` in ascending hop order; each entry has the same
     fields as the top level except ``correct``.
     """

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PLOT_HINT = "plotting needs matplotlib: pip install 'tracer[plot]'"
 
 ROW_KEYS = ("phase", "status", "n", "accuracy", "ci_lo", "ci_hi", "path_coverage", "reward",
-            "format_rate", "edge_precision", "shuffle_agreement", "wall_s", "contaminated")
+            "format_rate", "edge_precision", "length_match", "shuffle_agreement", "wall_s", "contaminated")
 
 # (label, row key, formatter name) for the numeric metric columns shared by the tables.
 _METRIC_COLS = (
@@ -152,7 +152,7 @@ def phase_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
             from tracer.metrics import wilson  # stdlib-only module
 
             row["ci_lo"], row["ci_hi"] = wilson(e["correct"], row["n"])
-        for key in ("path_coverage", "reward", "format_rate", "edge_precision", "shuffle_agreement"):
+        for key in ("path_coverage", "reward", "format_rate", "edge_precision", "length_match", "shuffle_agreement"):
             row[key] = _num(e.get(key))
         row["wall_s"] = _num(e.get("wall_s"))
         if row["wall_s"] is None:
@@ -182,6 +182,7 @@ def per_hop_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
                 "reward": _num(h.get("reward")),
                 "format_rate": _num(h.get("format_rate")),
                 "edge_precision": _num(h.get("edge_precision")),
+                "length_match": _num(h.get("length_match")),
             })
     return out
 
@@ -368,19 +369,23 @@ def _hops(run: dict[str, Any]) -> list[Any]:
 
 
 def per_hop_table(run: dict[str, Any]) -> Table:
-    """Phase × hop length: accuracy and path coverage per hop length (finished phases only)."""
+    """Phase × hop length: accuracy, path coverage and full-length traces per hop length (finished phases)."""
     title = f"{run['name']}: per hop length"
     hops = _hops(run)
     table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2,
                   caption=None if hops else "no per-hop metrics recorded")
     table.add_column("Phase", no_wrap=True)
-    for h in hops:
-        table.add_column(f"{h}-hop acc", justify="right", no_wrap=True)
-        table.add_column(f"{h}-hop cov", justify="right", no_wrap=True)
+    for header in _per_hop_headers(hops):
+        table.add_column(header, justify="right", no_wrap=True)
     cells = _per_hop_cells(run, hops)
     for phase, vals in cells:
         table.add_row(phase, *vals)
     return table
+
+
+def _per_hop_headers(hops: list[Any]) -> list[str]:
+    """acc = accuracy, cov = path coverage, len = traces with exactly the question's hop count."""
+    return [f"{h}-hop {x}" for h in hops for x in ("acc", "cov", "len")]
 
 
 def _per_hop_cells(run: dict[str, Any], hops: list[Any]) -> list[tuple[str, list[str]]]:
@@ -393,10 +398,10 @@ def _per_hop_cells(run: dict[str, Any], hops: list[Any]) -> list[tuple[str, list
         for h in hops:
             r = by.get((row["phase"], h))
             if r is None:
-                vals += ["—", "—"]
+                vals += ["—", "—", "—"]
             else:
                 n = f" (n={r['n']})" if r.get("n") is not None else ""
-                vals += [fmt_pct(r["accuracy"]) + n, fmt_pct(r["path_coverage"])]
+                vals += [fmt_pct(r["accuracy"]) + n, fmt_pct(r["path_coverage"]), fmt_pct(r["length_match"])]
         out.append((row["phase"], vals))
     return out
 
@@ -496,7 +501,7 @@ def to_markdown(runs: Sequence[dict[str, Any]], per_hop: bool = False) -> str:
         parts += [title, _md_table(_HEADERS, rows)]
         if per_hop and per_hop_rows(run):
             hops = _hops(run)
-            headers = ["Phase"] + [x for h in hops for x in (f"{h}-hop acc", f"{h}-hop cov")]
+            headers = ["Phase"] + _per_hop_headers(hops)
             hop_rows = [[p] + vals for p, vals in _per_hop_cells(run, hops)]
             parts += [f"### {run['name']}: per hop length", _md_table(headers, hop_rows)]
     if len(runs) > 1:
