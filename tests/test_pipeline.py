@@ -115,3 +115,38 @@ def test_sft_through_cli_learns_training_questions(tiny_work):
                  "--phase", "train_check", "-o", "check"]) == 0
     entry = json.loads((tiny_work / "check" / "metrics.json").read_text())["phases"]["train_check"]
     assert entry["format_rate"] > 0.9 and entry["accuracy"] > 0.6, entry
+
+
+def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
+    """Two rounds in one go == one round, then `--rounds 2 --resume` (round 1 is not redone)."""
+    import mlx.core as mx
+
+    assert main(["sft", "-c", "tiny.toml", "--iters", "6", "-o", "sft_adapter"]) == 0
+    (tiny_work / "full.toml").write_text((tiny_work / "tiny.toml").read_text().replace('name = "tiny"', 'name = "full"'))
+    assert main(["rsft", "-c", "full.toml", "--adapter", "sft_adapter", "--rounds", "2"]) == 0
+    assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "1"]) == 0
+    runs_dir = tiny_work / "data" / "runs"
+    part, full = runs_dir / "tiny", runs_dir / "full"
+    round1 = json.loads((part / "metrics.json").read_text())["phases"]["rsft"]
+    # anything but the round count changed: refused in one line, nothing written
+    (tiny_work / "changed.toml").write_text((tiny_work / "tiny.toml").read_text().replace("k_samples = 2", "k_samples = 3"))
+    capsys.readouterr()
+    assert main(["rsft", "-c", "changed.toml", "--adapter", "sft_adapter", "--rounds", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume RSFT" in err and len(err.strip().splitlines()) == 1
+    assert not (part / "models" / "rsft_r2").exists()
+
+    assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "2", "--resume",
+                 "-o", "final"]) == 0
+    assert "round 1: finished before, skipped" in capsys.readouterr().out
+    metrics = json.loads((part / "metrics.json").read_text())["phases"]
+    assert metrics["rsft"] == round1  # kept, not re-evaluated
+    assert read_jsonl(part / "rsft_samples.jsonl") == read_jsonl(full / "rsft_samples.jsonl")
+    assert metrics["rsft_r2"]["accuracy"] == json.loads((full / "metrics.json").read_text())["phases"]["rsft_r2"]["accuracy"]
+    want = mx.load(str(full / "models" / "rsft_r2" / "adapters.safetensors"))
+    for path in (part / "models" / "rsft_r2", tiny_work / "final"):
+        got = mx.load(str(path / "adapters.safetensors"))
+        assert set(got) == set(want)
+        for k in want:
+            assert mx.allclose(got[k], want[k], atol=1e-5).item(), k
+    assert "rounds = 2" in (part / "config.toml").read_text()

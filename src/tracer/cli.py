@@ -240,13 +240,15 @@ def rsft(
     train: Optional[str] = typer.Option(None, "--train", "-t", help="RSFT question pool (default: the rsft split)."),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Final adapter directory (default runs_dir/run.name/models/rsft)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Also copy the last round's adapter here (each round's is in runs_dir/run.name/models/rsft[_rN])."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps per round (overrides rsft.iters)."),
     k_samples: Optional[int] = typer.Option(None, "--k-samples", "-k", help="Completions sampled per question."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Sample → filter → fine-tune rounds."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Use at most N pool questions."),
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
+    resume: bool = typer.Option(False, "--resume", help="Skip rounds already finished in the run directory "
+                                "(after an interruption, or to add rounds by raising --rounds)."),
 ) -> None:
     """Rejection sampling: sample K answers per question, keep KG-rewarded winners, fine-tune, evaluate."""
     from tracer import service
@@ -254,7 +256,7 @@ def rsft(
     cfg = _config(config, data__kg=kg, rsft__iters=iters, rsft__k_samples=k_samples, rsft__rounds=rounds,
                   rsft__max_questions=max_examples, rsft__seed=seed)
     out = service.rsft(cfg, adapter=adapter, pool=train, model=model, output=output,
-                       allow_eval_overlap=allow_eval_overlap, progress=_progress())
+                       allow_eval_overlap=allow_eval_overlap, resume=resume, progress=_progress())
     table = Table(title="RSFT rounds")
     for col in ("round", "questions", "with winner", "mean sample reward", "sample acc.", "winners kept"):
         table.add_column(col, justify="right")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer import dataset, runs
-from tracer.config import Config, to_toml
+from tracer.config import Config, load_config, to_toml
 from tracer.errors import TracerError
 from tracer.kg import KG, load_kg
 from tracer.progress import NullProgress, Progress
@@ -330,6 +330,33 @@ def _clean_completion(text: str) -> str:
     return text.strip()
 
 
+def _round_stat(r: int, questions: list[dict], scored: list[dict], winners: list[dict]) -> dict:
+    return {
+        "round": r,
+        "phase": rsft_phase_name(r),
+        "questions": len(questions),
+        "samples": len(scored),
+        "questions_with_winner": len({w["ex_id"] for w in winners}),
+        "mean_sample_reward": sum(s["reward"]["total"] for s in scored) / max(len(scored), 1),
+        "sample_accuracy": sum(s["correct"] for s in scored) / max(len(scored), 1),
+        "winners": len(winners),
+    }
+
+
+def _check_rsft_resume(cfg: Config, run_path: Path) -> None:
+    """A resumed RSFT may add rounds, nothing else: the rest of the config must match the run's."""
+    stored = run_path / "config.toml"
+    if not stored.is_file():
+        return
+    old = load_config(stored).model_dump()
+    new = cfg.model_dump()
+    old["rsft"].pop("rounds"), new["rsft"].pop("rounds")
+    if old != new:
+        raise TracerError(f"{run_path}: cannot resume RSFT: the config differs from the run's config.toml "
+                          "in more than rsft.rounds")
+    runs.write_text_atomic(stored, to_toml(cfg))
+
+
 def rsft(
     cfg: Config,
     *,
@@ -340,9 +367,16 @@ def rsft(
     run_dir: str | Path | None = None,
     allow_eval_overlap: bool = False,
     evaluate_rounds: bool = True,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> dict:
-    """Rejection-sampling fine-tuning: sample K per question, keep KG-rewarded winners, fine-tune."""
+    """Rejection-sampling fine-tuning: sample K per question, keep KG-rewarded winners, fine-tune.
+
+    Round r trains into ``models/rsft`` (r = 1) or ``models/rsft_r<r>`` of the run directory; the
+    last round's adapter is also copied to ``output``. With ``resume``, rounds whose samples and
+    adapter are already in the run directory are skipped, so an interrupted run, or one given more
+    ``rsft.rounds``, continues where it stopped and ends as an uninterrupted run would.
+    """
     from tracer.generate import sample_k
 
     progress = progress or NullProgress()
@@ -351,6 +385,8 @@ def rsft(
     if pool is None:
         ensure_data(cfg)
     run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
+    if resume:
+        _check_rsft_resume(cfg, run_path)
     adapter = adapter or str(runs.model_dir(run_path, "sft"))
     check_adapter_base(cfg, adapter, model)
     source = pool or str(split_path(cfg, "rsft"))
@@ -362,65 +398,69 @@ def rsft(
     if replay_pool:
         contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
     samples_file = run_path / "rsft_samples.jsonl"
+    previous = dataset.read_jsonl(samples_file) if resume and samples_file.is_file() else []
     all_samples: list[dict] = []
     rounds = []
     current = adapter
     for r in range(1, rc.rounds + 1):
         phase = rsft_phase_name(r)
-        lm, tokenizer = load_model(cfg, model, current)
-        t0 = time.perf_counter()
-        completions = sample_k(
-            lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
-            temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
-            progress=progress,
-        )
-        del lm
-        scored = []
-        for q, outs in zip(questions, completions):
-            eps = _score_rows([q] * len(outs), outs, kg, cfg, phase)
-            for i, e in enumerate(eps):
-                e["sample"], e["round"] = i, r
-            scored.extend(eps)
-        winners = select_winners(scored, rc.keep_top, rc.min_reward, rc.require_correct)
-        for w in winners:
-            w["kept"] = True
-        all_samples.extend(scored)
-        dataset.write_jsonl(samples_file, all_samples)
-        sample_s = time.perf_counter() - t0
-        stat = {
-            "round": r,
-            "phase": phase,
-            "questions": len(questions),
-            "samples": len(scored),
-            "questions_with_winner": len({w["ex_id"] for w in winners}),
-            "mean_sample_reward": sum(s["reward"]["total"] for s in scored) / max(len(scored), 1),
-            "sample_accuracy": sum(s["correct"] for s in scored) / max(len(scored), 1),
-            "winners": len(winners),
-            "sample_s": round(sample_s, 2),
-        }
-        progress.log(
-            f"RSFT round {r}: {stat['questions_with_winner']}/{len(questions)} questions with a winner, "
-            f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
-        )
-        out_dir = Path(output) if output and r == rc.rounds else runs.model_dir(run_path, phase)
-        if winners:
-            by_id = {q["id"]: q for q in questions}
-            rows = [dict(by_id[w["ex_id"]], ref={"trace": _clean_completion(w["completion"])}) for w in winners]
-            n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
-            rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
-            stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
-            _mark(out_dir, contaminated)
+        out_dir = runs.model_dir(run_path, phase)
+        done = [s for s in previous if s.get("round") == r]
+        if done and (out_dir / "adapters.safetensors").is_file() and (out_dir / "adapter_config.json").is_file():
+            all_samples.extend(done)
+            stat = _round_stat(r, questions, done, [s for s in done if s.get("kept")])
+            stat["resumed"] = True
+            progress.log(f"RSFT round {r}: finished before, skipped")
         else:
-            progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
-            _copy_adapter(Path(current), out_dir)
-            stat["skipped"] = True
+            previous = []  # every later round depends on this one: redo them all
+            (out_dir / "adapters.safetensors").unlink(missing_ok=True)  # a stale one would pass for finished
+            lm, tokenizer = load_model(cfg, model, current)
+            t0 = time.perf_counter()
+            completions = sample_k(
+                lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
+                temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
+                progress=progress,
+            )
+            del lm
+            scored = []
+            for q, outs in zip(questions, completions):
+                eps = _score_rows([q] * len(outs), outs, kg, cfg, phase)
+                for i, e in enumerate(eps):
+                    e["sample"], e["round"] = i, r
+                scored.extend(eps)
+            winners = select_winners(scored, rc.keep_top, rc.min_reward, rc.require_correct)
+            for w in winners:
+                w["kept"] = True
+            all_samples.extend(scored)
+            dataset.write_jsonl(samples_file, all_samples)
+            stat = _round_stat(r, questions, scored, winners)
+            stat["sample_s"] = round(time.perf_counter() - t0, 2)
+            progress.log(
+                f"RSFT round {r}: {stat['questions_with_winner']}/{len(questions)} questions with a winner, "
+                f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
+            )
+            if winners:
+                by_id = {q["id"]: q for q in questions}
+                rows = [dict(by_id[w["ex_id"]], ref={"trace": _clean_completion(w["completion"])}) for w in winners]
+                n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
+                rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
+                stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
+                _mark(out_dir, contaminated)
+            else:
+                progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
+                _copy_adapter(Path(current), out_dir)
+                stat["skipped"] = True
         current = str(out_dir)
         if evaluate_rounds:
-            stat["eval"] = evaluate(
-                cfg, model=model, adapter=current, phase=phase, output=run_path, progress=progress,
-                contaminated=contaminated,
-            )["entry"]
+            entry = runs.read_json(run_path / "metrics.json", default={}).get("phases", {}).get(phase)
+            if not (stat.get("resumed") and entry):
+                entry = evaluate(cfg, model=model, adapter=current, phase=phase, output=run_path,
+                                 progress=progress, contaminated=contaminated)["entry"]
+            stat["eval"] = entry
         rounds.append(stat)
+    if output and Path(output) != Path(current):
+        _copy_adapter(Path(current), Path(output))
+        current = str(output)
     return {"rounds": rounds, "adapter": current, "samples": str(samples_file), "contaminated": contaminated}
 
 
@@ -461,7 +501,8 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     rsft_phases = [p for p in planned if p.startswith("rsft")]
     if "rsft" in cfg.run.phases and not set(rsft_phases) <= done:
         results["rsft"] = timed("rsft", lambda: rsft(
-            cfg, adapter=str(sft_dir), run_dir=run_dir, allow_eval_overlap=allow_eval_overlap, progress=progress))
+            cfg, adapter=str(sft_dir), run_dir=run_dir, allow_eval_overlap=allow_eval_overlap, resume=resume,
+            progress=progress))
     runs.update_meta(run_dir, finished_at=runs.now())
     results["metrics"] = runs.read_json(run_dir / "metrics.json", default={})
     return results
