@@ -150,3 +150,16 @@ def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
         for k in want:
             assert mx.allclose(got[k], want[k], atol=1e-5).item(), k
     assert "rounds = 2" in (part / "config.toml").read_text()
+
+
+def test_eval_max_tokens_caps_completions(tiny_work):
+    """Greedy answers under a 2-token budget are strict prefixes of the unbudgeted ones."""
+    args = ["eval", "-c", "tiny.toml", "-n", "4", "--no-shuffled"]
+    assert main(args + ["-o", "full"]) == 0
+    assert main(args + ["--max-tokens", "2", "-o", "short"]) == 0
+    full = read_jsonl(tiny_work / "full" / "episodes" / "eval.jsonl")
+    short = read_jsonl(tiny_work / "short" / "episodes" / "eval.jsonl")
+    assert len(full) == len(short) == 4
+    for f, s in zip(full, short):
+        assert f["completion"].startswith(s["completion"]) and len(s["completion"]) < len(f["completion"])
+    assert main(args + ["--max-tokens", "0"]) == 2

@@ -171,12 +171,13 @@ def eval_(
     max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Evaluate at most N questions."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory to record into (default runs_dir/run.name)."),
     shuffled: Optional[bool] = typer.Option(None, "--shuffled/--no-shuffled", help="Also evaluate option-permuted copies."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Token budget per completion (overrides eval.max_tokens)."),
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Evaluate a model (optionally with an adapter) on held-out questions, scored by the KG reward."""
     from tracer import service
 
-    cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__seed=seed)
+    cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__max_tokens=max_tokens, eval__seed=seed)
     out = service.evaluate(
         cfg, examples=examples, model=model, adapter=adapter, phase=phase, output=output, shuffled=shuffled,
         progress=_progress(),
