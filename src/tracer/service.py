@@ -357,6 +357,27 @@ def _check_rsft_resume(cfg: Config, run_path: Path) -> None:
     runs.write_text_atomic(stored, to_toml(cfg))
 
 
+def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[dict], kg: KG, r: int,
+                  progress: Progress) -> list[dict]:
+    """Round r's K scored samples per question, from ``adapter`` (seeded by rsft.seed + r)."""
+    from tracer.generate import sample_k
+
+    rc = cfg.rsft
+    lm, tokenizer = load_model(cfg, model, adapter)
+    completions = sample_k(
+        lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
+        temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
+        progress=progress,
+    )
+    scored = []
+    for q, outs in zip(questions, completions):
+        eps = _score_rows([q] * len(outs), outs, kg, cfg, rsft_phase_name(r))
+        for i, e in enumerate(eps):
+            e["sample"], e["round"] = i, r
+        scored.extend(eps)
+    return scored
+
+
 def rsft(
     cfg: Config,
     *,
@@ -377,8 +398,6 @@ def rsft(
     adapter are already in the run directory are skipped, so an interrupted run, or one given more
     ``rsft.rounds``, continues where it stopped and ends as an uninterrupted run would.
     """
-    from tracer.generate import sample_k
-
     progress = progress or NullProgress()
     rc = cfg.rsft
     kg = load_kg(cfg.data.kg)
@@ -414,20 +433,8 @@ def rsft(
         else:
             previous = []  # every later round depends on this one: redo them all
             (out_dir / "adapters.safetensors").unlink(missing_ok=True)  # a stale one would pass for finished
-            lm, tokenizer = load_model(cfg, model, current)
             t0 = time.perf_counter()
-            completions = sample_k(
-                lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
-                temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
-                progress=progress,
-            )
-            del lm
-            scored = []
-            for q, outs in zip(questions, completions):
-                eps = _score_rows([q] * len(outs), outs, kg, cfg, phase)
-                for i, e in enumerate(eps):
-                    e["sample"], e["round"] = i, r
-                scored.extend(eps)
+            scored = _sample_round(cfg, model, current, questions, kg, r, progress)
             winners = select_winners(scored, rc.keep_top, rc.min_reward, rc.require_correct)
             for w in winners:
                 w["kept"] = True
