@@ -459,11 +459,10 @@ def rsft(
                 stat["skipped"] = True
         current = str(out_dir)
         if evaluate_rounds:
-            entry = runs.read_json(run_path / "metrics.json", default={}).get("phases", {}).get(phase)
-            if not (stat.get("resumed") and entry):
-                entry = evaluate(cfg, model=model, adapter=current, phase=phase, output=run_path,
-                                 progress=progress, contaminated=contaminated)["entry"]
-            stat["eval"] = entry
+            recorded = runs.read_json(run_path / "metrics.json", default={}).get("phases", {}).get(phase) \
+                if stat.get("resumed") else None
+            stat["eval"] = recorded or evaluate(cfg, model=model, adapter=current, phase=phase, output=run_path,
+                                                progress=progress, contaminated=contaminated)["entry"]
         rounds.append(stat)
     if output and Path(output) != Path(current):
         _copy_adapter(Path(current), Path(output))
