@@ -120,13 +120,25 @@ def record_phase(run_dir: Path, phase: str, entry: dict, contaminated: bool = Fa
     return metrics
 
 
+def recorded_phases(run_dir: Path) -> dict[str, dict]:
+    """Phase name → its ``metrics.json`` entry (empty when nothing is recorded yet)."""
+    return read_json(run_dir / "metrics.json", default={}).get("phases", {})
+
+
 def finished_phases(run_dir: Path) -> set[str]:
-    metrics = read_json(run_dir / "metrics.json", default={"phases": {}})
-    return set(metrics.get("phases", {}))
+    return set(recorded_phases(run_dir))
 
 
 def episodes_path(run_dir: Path, phase: str) -> Path:
     return run_dir / "episodes" / f"{phase}.jsonl"
+
+
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+
+
+def has_adapter(path: Path) -> bool:
+    """Whether ``path`` holds a complete adapter (mlx-lm format)."""
+    return all((path / name).is_file() for name in ADAPTER_FILES)
 
 
 def model_dir(run_dir: Path, phase: str) -> Path:

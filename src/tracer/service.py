@@ -317,7 +317,7 @@ def select_winners(scored: list[dict], keep_top: int, min_reward: float, require
 
 def _copy_adapter(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("adapters.safetensors", "adapter_config.json"):
+    for name in runs.ADAPTER_FILES:
         shutil.copy2(src / name, dst / name)
 
 
@@ -425,7 +425,7 @@ def rsft(
         phase = rsft_phase_name(r)
         out_dir = runs.model_dir(run_path, phase)
         done = [s for s in previous if s.get("round") == r]
-        if done and (out_dir / "adapters.safetensors").is_file() and (out_dir / "adapter_config.json").is_file():
+        if done and runs.has_adapter(out_dir):
             all_samples.extend(done)
             stat = _round_stat(r, questions, done, [s for s in done if s.get("kept")])
             stat["resumed"] = True
@@ -459,8 +459,7 @@ def rsft(
                 stat["skipped"] = True
         current = str(out_dir)
         if evaluate_rounds:
-            recorded = runs.read_json(run_path / "metrics.json", default={}).get("phases", {}).get(phase) \
-                if stat.get("resumed") else None
+            recorded = runs.recorded_phases(run_path).get(phase) if stat.get("resumed") else None
             stat["eval"] = recorded or evaluate(cfg, model=model, adapter=current, phase=phase, output=run_path,
                                                 progress=progress, contaminated=contaminated)["entry"]
         rounds.append(stat)
@@ -498,7 +497,7 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
             cfg, phase="base", output=run_dir, progress=progress, contaminated=contaminated))
     sft_dir = runs.model_dir(run_dir, "sft")
     if "sft" in cfg.run.phases and "sft" not in done:
-        if not (sft_dir / "adapters.safetensors").exists() or not (sft_dir / "adapter_config.json").exists():
+        if not runs.has_adapter(sft_dir):
             timed("sft_train", lambda: sft(
                 cfg, output=sft_dir, resume=resume and (sft_dir / "checkpoint").exists(),
                 allow_eval_overlap=allow_eval_overlap, progress=progress))
