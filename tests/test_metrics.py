@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.metrics import aggregate, shuffle_agreement, trace_hops, wilson
+from tracer.metrics import aggregate, hop_recall, shuffle_agreement, trace_hops, wilson
 
 
 def test_wilson_known_values():
@@ -66,6 +66,26 @@ def test_trace_hops_counts_arrows_even_for_unknown_entities():
     assert trace_hops("A") == 0 and trace_hops("") == 0
     m = aggregate([ep("a", 4, True, hops=5), ep("b", 4, True, hops=4)])
     assert m["length_match"] == 0.5  # one hop too many is a mismatch too
+
+
+def chain(trace, gold, valid=True):
+    return {"parsed": {"valid_format": valid, "trace_entities": trace, "path_entities": gold}}
+
+
+def test_hop_recall_counts_each_position_given_a_correct_prefix():
+    gold = ["S", "A", "B", "C"]
+    r = hop_recall([
+        chain(["S", "A", "B", "C"], gold),       # all three hops right
+        chain(["S", "A", "X", "C"], gold),       # hop 2 wrong: hop 3 is never reached
+        chain(["S", "A"], gold),                 # stopped after hop 1
+        chain(["S", "A", "B", "C", "D"], gold, valid=False),  # right, then ran on: counts
+        chain(["T", "A", "B", "C"], gold),       # wrong start: reaches no hop
+    ])
+    assert list(r) == ["1", "2", "3"]
+    assert r["1"] == {"n": 4, "recall": 1.0, "stopped": 0.0}
+    assert r["2"] == {"n": 4, "recall": 0.5, "stopped": 0.25}
+    assert r["3"] == {"n": 2, "recall": 1.0, "stopped": 0.0}
+    assert hop_recall([]) == {} and aggregate([])["hop_recall"] == {}
 
 
 def test_aggregate_empty_and_no_valid():

@@ -60,6 +60,8 @@ SFT = phase_entry(300, 183, 0.5538, 0.6636, 0.724, 0.452, 1.0, 0.934, 0.87, 81.2
     "4": {"n": 150, "accuracy": 0.52, "path_coverage": 0.648, "reward": 0.3, "format_rate": 1.0, "edge_precision": 0.918,
           "length_match": 0.367},
 })
+SFT["hop_recall"] = {"1": {"n": 300, "recall": 0.98, "stopped": 0.0},
+                    "2": {"n": 294, "recall": 0.9, "stopped": 0.05}}
 SFT_B = phase_entry(300, 201, 0.6148, 0.7198, 0.698, 0.517, 0.99, 0.901, 0.9, 190.0, {
     "2": {"n": 150, "accuracy": 0.74, "path_coverage": 0.77, "reward": 0.7, "format_rate": 1.0, "edge_precision": 0.93},
     "4": {"n": 150, "accuracy": 0.6, "path_coverage": 0.626, "reward": 0.33, "format_rate": 0.98, "edge_precision": 0.87},
@@ -240,12 +242,18 @@ def test_per_hop_table(run_a):
     assert "per hop length" in out
     for h in ("2-hop acc", "2-hop cov", "2-hop len", "4-hop acc", "4-hop cov", "4-hop len"):
         assert h in out
-    sft_hop = [line for line in out.splitlines() if "│ sft" in line][-1]
+    by_length, by_position = out.split("hop recall given a correct prefix")
+    sft_hop = [line for line in by_length.splitlines() if "│ sft" in line][-1]
     cells = [c.strip() for c in sft_hop.split("│")[2:-1]]
     assert cells == ["70.0% (n=150)", "80.0%", "—", "52.0% (n=150)", "64.8%", "36.7%"]  # old runs: no len
     rows = report.per_hop_rows(run)
     assert [(r["phase"], r["hop"]) for r in rows] == [("base", 2), ("base", 4), ("sft", 2), ("sft", 4)]
     assert rows[3]["length_match"] == pytest.approx(0.367) and rows[2]["length_match"] is None
+    # hop recall: only phases that recorded it (base did not)
+    assert "hop 1" in by_position and "hop 2" in by_position and "│ base" not in by_position
+    sft_pos = [line for line in by_position.splitlines() if "│ sft" in line][0]
+    assert [c.strip() for c in sft_pos.split("│")[2:-1]] == ["98.0% (n=300)", "90.0% (n=294)"]
+    assert report.hop_recall_rows(run)[1] == {"phase": "sft", "hop": 2, "n": 294, "recall": 0.9, "stopped": 0.05}
 
 
 def test_comparison_and_config_diff(run_a, run_b):
@@ -303,6 +311,7 @@ def test_to_markdown(run_a, run_b):
     assert "| sft.iters | 200 | 400 |" in md
     assert "| rsft.temperature | — | 0.8 |" in md
     assert "| sft | 70.0% (n=150) | 80.0% | — | 52.0% (n=150) | 64.8% | 36.7% |" in md
+    assert "| sft | 98.0% (n=300) | 90.0% (n=294) |" in md
     single = report.to_markdown([report.load_run(run_a)])
     assert "Comparison" not in single and "**" not in single
 
@@ -313,7 +322,7 @@ def test_to_json_round_trips(run_a, run_b):
     a = data["runs"][0]
     assert a["name"] == "run-a" and a["phases"] == ["base", "sft", "rsft"]
     assert a["rows"][1]["accuracy"] == pytest.approx(0.61) and a["rows"][2]["status"] == "pending"
-    assert len(a["per_hop"]) == 4
+    assert len(a["per_hop"]) == 4 and [r["hop"] for r in a["hop_recall"]] == [1, 2]
     assert data["config_diff"] == [{"key": "rsft.temperature", "values": {"run-a": None, "run-b": 0.8}},
                                    {"key": "sft.iters", "values": {"run-a": 200, "run-b": 400}}]
     assert data["comparison"][1]["best"]

@@ -296,7 +296,10 @@ def run_(
 @app.command()
 def report(
     run_dirs: list[str] = typer.Argument(..., help="One or more run directories."),
-    per_hop: bool = typer.Option(False, "--per-hop", help="Also show accuracy and path coverage by hop length."),
+    per_hop: bool = typer.Option(
+        False, "--per-hop",
+        help="Also show accuracy, path coverage and full-length traces by hop length, and each hop "
+             "position's recall given a correct prefix."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the tables as markdown to FILE."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables (for scripts)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of accuracy, coverage and reward per phase."),

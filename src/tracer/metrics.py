@@ -50,13 +50,36 @@ def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Recall of each hop position given a correct prefix, read from the named entity sequence.
+
+    For hop i (1-based), ``n`` counts the episodes whose trace names gold path entities 0..i-1 in
+    order (the questions' start entity included); ``recall`` is the share of them whose next named
+    entity is gold entity i, ``stopped`` the share whose trace names nothing more. Episodes of every
+    format count (an invalid one's trace runs to the end of its text). Keyed by ``str(i)``.
+    """
+    reached: dict[int, list[int]] = {}  # hop -> [n, right, stopped]
+    for e in episodes:
+        p = e["parsed"]
+        trace, gold = p.get("trace_entities") or [], p.get("path_entities") or []
+        for i in range(1, len(gold)):
+            if trace[:i] != gold[:i]:
+                break
+            c = reached.setdefault(i, [0, 0, 0])
+            c[0] += 1
+            c[1] += len(trace) > i and trace[i] == gold[i]
+            c[2] += len(trace) == i
+    return {str(i): {"n": n, "recall": right / n, "stopped": stopped / n}
+            for i, (n, right, stopped) in sorted(reached.items())}
+
+
 def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     """Phase entry for metrics.json (without wall_s, finished_at, shuffle_agreement).
 
     ``edge_precision`` is averaged over valid-format episodes only (0.0 if none).
     ``length_match`` is the share of episodes whose valid trace has exactly ``hop_len`` hops.
     ``per_hop`` is keyed by ``str(hop_len)`` in ascending hop order; each entry has the same
-    fields as the top level except ``correct``.
+    fields as the top level except ``correct``. ``hop_recall`` is :func:`hop_recall`.
     """
     out = _summary(episodes)
     by_hop: dict[int, list[dict[str, Any]]] = {}
@@ -68,6 +91,7 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         s.pop("correct")
         per_hop[str(hop)] = s
     out["per_hop"] = per_hop
+    out["hop_recall"] = hop_recall(episodes)
     return out
 
 

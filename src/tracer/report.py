@@ -187,6 +187,20 @@ def per_hop_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def hop_recall_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (finished phase, hop position) with recorded ``hop_recall``, positions in order."""
+    out = []
+    phases = run["metrics"].get("phases", {})
+    for name in phase_order(run):
+        e = phases.get(name)
+        recall = e.get("hop_recall") if isinstance(e, dict) else None
+        for hop in sorted(recall or {}, key=_hop_key):
+            h = recall[hop] or {}
+            out.append({"phase": name, "hop": int(hop), "n": h.get("n"),
+                        "recall": _num(h.get("recall")), "stopped": _num(h.get("stopped"))})
+    return out
+
+
 def _hop_key(h: Any) -> tuple[int, Any]:
     s = str(h)
     return (0, int(s)) if s.isdigit() else (1, s)
@@ -356,7 +370,8 @@ def run_table(run: dict[str, Any], per_hop: bool = False) -> Table | Group:
         else:
             table.add_row(row["phase"], *_cells(row))
     if per_hop and per_hop_rows(run):
-        return Group(table, per_hop_table(run))
+        extra = [hop_recall_table(run)] if hop_recall_rows(run) else []
+        return Group(table, per_hop_table(run), *extra)
     return table
 
 
@@ -380,6 +395,29 @@ def per_hop_table(run: dict[str, Any]) -> Table:
     cells = _per_hop_cells(run, hops)
     for phase, vals in cells:
         table.add_row(phase, *vals)
+    return table
+
+
+def _hop_recall_cells(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (phase, then recall (n) per hop position) of the hop-recall table."""
+    rows = hop_recall_rows(run)
+    hops = sorted({r["hop"] for r in rows})
+    by = {(r["phase"], r["hop"]): r for r in rows}
+    phases = list(dict.fromkeys(r["phase"] for r in rows))
+    cells = [[p] + [fmt_pct(by[p, h]["recall"]) + f" (n={by[p, h]['n']})" if (p, h) in by else "—" for h in hops]
+             for p in phases]
+    return ["Phase"] + [f"hop {h}" for h in hops], cells
+
+
+def hop_recall_table(run: dict[str, Any]) -> Table:
+    """Phase × hop position: how often the next hop is right when every hop before it was."""
+    title = f"{run['name']}: hop recall given a correct prefix"
+    headers, rows = _hop_recall_cells(run)
+    table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -504,6 +542,8 @@ def to_markdown(runs: Sequence[dict[str, Any]], per_hop: bool = False) -> str:
             headers = ["Phase"] + _per_hop_headers(hops)
             hop_rows = [[p] + vals for p, vals in _per_hop_cells(run, hops)]
             parts += [f"### {run['name']}: per hop length", _md_table(headers, hop_rows)]
+            if hop_recall_rows(run):
+                parts += [f"### {run['name']}: hop recall given a correct prefix", _md_table(*_hop_recall_cells(run))]
     if len(runs) > 1:
         headers = ["Run", "Phase"] + [h for h, _, _ in _CMP_COLS]
         rows = []
@@ -545,7 +585,7 @@ def to_json(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "runs": [
             {"name": r["name"], "dir": r["dir"], "run_id": r["metrics"].get("run_id", r["meta"].get("run_id")),
              "contaminated": is_contaminated(r), "phases": phase_order(r),
-             "rows": phase_rows(r), "per_hop": per_hop_rows(r)}
+             "rows": phase_rows(r), "per_hop": per_hop_rows(r), "hop_recall": hop_recall_rows(r)}
             for r in runs
         ],
         "comparison": comparison_rows(runs),
