@@ -252,7 +252,7 @@ def test_per_hop_table(run_a):
     # hop recall: only phases that recorded it (base did not)
     assert "hop 1" in by_position and "hop 2" in by_position and "│ base" not in by_position
     sft_pos = [line for line in by_position.splitlines() if "│ sft" in line][0]
-    assert [c.strip() for c in sft_pos.split("│")[2:-1]] == ["98.0% (n=300)", "90.0% (n=294)"]
+    assert [c.strip() for c in sft_pos.split("│")[2:-1]] == ["98.0% (300)", "90.0% (294)"]
     assert report.hop_recall_rows(run)[1] == {"phase": "sft", "hop": 2, "n": 294, "recall": 0.9, "stopped": 0.05}
 
 
@@ -311,7 +311,7 @@ def test_to_markdown(run_a, run_b):
     assert "| sft.iters | 200 | 400 |" in md
     assert "| rsft.temperature | — | 0.8 |" in md
     assert "| sft | 70.0% (n=150) | 80.0% | — | 52.0% (n=150) | 64.8% | 36.7% |" in md
-    assert "| sft | 98.0% (n=300) | 90.0% (n=294) |" in md
+    assert "| sft | 98.0% (300) | 90.0% (294) |" in md
     single = report.to_markdown([report.load_run(run_a)])
     assert "Comparison" not in single and "**" not in single
 

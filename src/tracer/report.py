@@ -399,12 +399,12 @@ def per_hop_table(run: dict[str, Any]) -> Table:
 
 
 def _hop_recall_cells(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows (phase, then recall (n) per hop position) of the hop-recall table."""
+    """Headers and rows (phase, then "recall (episodes reaching it)" per hop position) of the hop-recall table."""
     rows = hop_recall_rows(run)
     hops = sorted({r["hop"] for r in rows})
     by = {(r["phase"], r["hop"]): r for r in rows}
     phases = list(dict.fromkeys(r["phase"] for r in rows))
-    cells = [[p] + [fmt_pct(by[p, h]["recall"]) + f" (n={by[p, h]['n']})" if (p, h) in by else "—" for h in hops]
+    cells = [[p] + [fmt_pct(by[p, h]["recall"]) + f" ({by[p, h]['n']})" if (p, h) in by else "—" for h in hops]
              for p in phases]
     return ["Phase"] + [f"hop {h}" for h in hops], cells
 
@@ -413,9 +413,10 @@ def hop_recall_table(run: dict[str, Any]) -> Table:
     """Phase × hop position: how often the next hop is right when every hop before it was."""
     title = f"{run['name']}: hop recall given a correct prefix"
     headers, rows = _hop_recall_cells(run)
-    table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2)
+    table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2,
+                  caption="recall (episodes whose trace reached the hop)")
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*row)
     return table
