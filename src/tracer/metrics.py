@@ -54,7 +54,7 @@ def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Recall of each hop position given a correct prefix, read from the named entity sequence.
 
     For hop i (1-based), ``n`` counts the episodes whose trace names gold path entities 0..i-1 in
-    order (the questions' start entity included); ``recall`` is the share of them whose next named
+    order (the question's start entity included); ``recall`` is the share of them whose next named
     entity is gold entity i, ``stopped`` the share whose trace names nothing more. Episodes of every
     format count (an invalid one's trace runs to the end of its text). Keyed by ``str(i)``.
     """

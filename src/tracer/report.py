@@ -399,7 +399,7 @@ def per_hop_table(run: dict[str, Any]) -> Table:
 
 
 def _hop_recall_cells(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows (phase, then "recall (episodes reaching it)" per hop position) of the hop-recall table."""
+    """Headers and rows of the hop-recall table: phase, then "recall (n reaching it)" per position."""
     rows = hop_recall_rows(run)
     hops = sorted({r["hop"] for r in rows})
     by = {(r["phase"], r["hop"]): r for r in rows}
