@@ -416,6 +416,7 @@ def rsft(
     replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
     if replay_pool:
         contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
+    by_id = {q["id"]: q for q in questions}
     samples_file = run_path / "rsft_samples.jsonl"
     previous = dataset.read_jsonl(samples_file) if resume and samples_file.is_file() else []
     all_samples: list[dict] = []
@@ -447,7 +448,6 @@ def rsft(
                 f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
             )
             if winners:
-                by_id = {q["id"]: q for q in questions}
                 rows = [dict(by_id[w["ex_id"]], ref={"trace": _clean_completion(w["completion"])}) for w in winners]
                 n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
                 rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
