@@ -162,14 +162,16 @@ def phase_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _phase_entries(run: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(phase, metrics.json entry) of every recorded phase, in phase order."""
+    phases = run["metrics"].get("phases", {})
+    return [(name, phases[name]) for name in phase_order(run) if isinstance(phases.get(name), dict)]
+
+
 def per_hop_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (finished phase, hop length), hops in numeric order."""
     out = []
-    phases = run["metrics"].get("phases", {})
-    for name in phase_order(run):
-        e = phases.get(name)
-        if not isinstance(e, dict):
-            continue
+    for name, e in _phase_entries(run):
         ph = e.get("per_hop") or {}
         for hop in sorted(ph, key=_hop_key):
             h = ph[hop] or {}
@@ -190,11 +192,9 @@ def per_hop_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
 def hop_recall_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (finished phase, hop position) with recorded ``hop_recall``, positions in order."""
     out = []
-    phases = run["metrics"].get("phases", {})
-    for name in phase_order(run):
-        e = phases.get(name)
-        recall = e.get("hop_recall") if isinstance(e, dict) else None
-        for hop in sorted(recall or {}, key=_hop_key):
+    for name, e in _phase_entries(run):
+        recall = e.get("hop_recall") or {}
+        for hop in sorted(recall, key=_hop_key):
             h = recall[hop] or {}
             out.append({"phase": name, "hop": int(hop), "n": h.get("n"),
                         "recall": _num(h.get("recall")), "stopped": _num(h.get("stopped"))})
