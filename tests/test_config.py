@@ -67,3 +67,13 @@ def test_override_and_toml_round_trip():
     assert again == cfg
     with pytest.raises(TracerError, match="command line: sft.iters"):
         override(cfg, sft__iters=0)
+
+
+def test_consolidate_phase_needs_rsft_before_it(tmp_path):
+    p = tmp_path / "x.toml"
+    for phases in ('["base", "sft", "consolidate"]', '["sft", "consolidate", "rsft"]'):
+        p.write_text(f"[run]\nphases = {phases}\n")
+        with pytest.raises(TracerError, match="'rsft' must come before it"):
+            load_config(p)
+    p.write_text('[run]\nphases = ["sft", "rsft", "consolidate"]\n')
+    assert load_config(p).run.phases[-1] == "consolidate"

@@ -33,13 +33,15 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     for name in ("config.toml", "meta.json", "metrics.json", "rsft_samples.jsonl",
                  "episodes/base.jsonl", "episodes/sft.jsonl", "episodes/rsft.jsonl",
                  "models/sft/adapters.safetensors", "models/sft/adapter_config.json",
-                 "models/rsft/adapters.safetensors", "models/rsft/adapter_config.json"):
+                 "models/rsft/adapters.safetensors", "models/rsft/adapter_config.json",
+                 "episodes/consolidate.jsonl", "models/consolidate/adapters.safetensors",
+                 "models/consolidate/adapter_config.json"):
         assert (run / name).is_file(), name
     meta = json.loads((run / "meta.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
-    assert meta["phases"] == ["base", "sft", "rsft"] and meta["contaminated"] is False
-    assert set(meta["timings"]) >= {"base", "sft", "rsft"}
-    assert set(metrics["phases"]) == {"base", "sft", "rsft"} and metrics["contaminated"] is False
+    assert meta["phases"] == ["base", "sft", "rsft", "consolidate"] and meta["contaminated"] is False
+    assert set(meta["timings"]) >= {"base", "sft", "rsft", "consolidate_train", "consolidate"}
+    assert set(metrics["phases"]) == {"base", "sft", "rsft", "consolidate"} and metrics["contaminated"] is False
     eval_ids = [r["id"] for r in read_jsonl(tiny_work / "data" / "tiny" / "eval.jsonl")]
     for phase, entry in metrics["phases"].items():
         episodes = read_jsonl(run / "episodes" / f"{phase}.jsonl")
@@ -65,6 +67,15 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     err = capsys.readouterr().err
     assert "config differs" in err and len(err.strip().splitlines()) == 1
     assert (run / "config.toml").read_text() == before
+    # `tracer consolidate` on its own: continues the last RSFT round's adapter, re-records the phase
+    assert main(["consolidate", "-c", "tiny.toml", "--iters", "2", "-o", "cons2"]) == 0
+    cons = json.loads((run / "metrics.json").read_text())["phases"]["consolidate"]
+    assert cons["adapter"] == "cons2" and (tiny_work / "cons2" / "adapters.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["consolidate", "-c", "tiny.toml", "--run-dir", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "no RSFT samples" in err and len(err.strip().splitlines()) == 1
+    assert not (tiny_work / "nowhere").exists()
     # the report renders the finished run
     capsys.readouterr()
     assert main(["report", str(run), "--per-hop"]) == 0
@@ -96,7 +107,7 @@ def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
     assert json.loads((tiny_work / "leaky_run" / "metrics.json").read_text())["contaminated"] is True
     # ... and so does a whole run trained on a leaky train split
     (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
-    text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft"]', 'phases = ["sft"]')
+    text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft", "consolidate"]', 'phases = ["sft"]')
     (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 2"))
     assert main(["run", "tiny.toml", "--allow-eval-overlap"]) == 0
     run = tiny_work / "data" / "runs" / "tiny"

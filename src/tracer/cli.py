@@ -270,6 +270,32 @@ def rsft(
         print_phase(str(Path(out["samples"]).parent))
 
 
+@app.command()
+def consolidate(
+    config: Optional[Path] = ConfigOpt,
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Run directory whose RSFT to consolidate (default runs_dir/run.name)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter to continue (default: the last RSFT round's)."),
+    samples: Optional[str] = typer.Option(None, "--samples", "-s", help="RSFT samples JSONL (default: the run's rsft_samples.jsonl)."),
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Adapter directory (default <run>/models/consolidate)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides consolidate.iters)."),
+    seed: Optional[int] = SeedOpt,
+    allow_eval_overlap: bool = OverlapOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
+) -> None:
+    """After RSFT: fine-tune on the last round's winners plus 1-hop questions (restores fact recall), evaluate."""
+    from tracer import service
+
+    cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
+    out = service.consolidate(cfg, run_dir=run_dir, adapter=adapter, samples=samples, model=model, output=output,
+                              allow_eval_overlap=allow_eval_overlap, resume=resume, progress=_progress())
+    console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
+                  "training questions")
+    _print_train(out["train"])
+    print_phase(out["run_dir"])
+
+
 @app.command("run")
 def run_(
     config: Path = typer.Argument(..., help="TOML config of the run (e.g. configs/quick.toml)."),
@@ -280,7 +306,7 @@ def run_(
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
-    """The whole pipeline: data → base eval → SFT → eval → RSFT → eval → report, in one run directory."""
+    """The whole pipeline: data → base eval → SFT → eval → RSFT → eval (→ consolidate → eval) → report."""
     from tracer import service
 
     if force and resume:

@@ -97,6 +97,15 @@ class RSFTConfig(TrainConfig):
     replay: float = Field(0.5, ge=0, description="SFT examples mixed in per winner, to keep earlier skills.")
 
 
+class ConsolidateConfig(TrainConfig):
+    iters: int = Field(150, ge=1, description="Optimizer steps of the consolidation pass.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup: int = Field(10, ge=0, description="Linear warmup steps.")
+    val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = off).")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    hops: list[int] = Field([1], description="Hop lengths of the training questions rehearsed beside the winners.")
+
+
 class EvalConfig(Section):
     max_examples: int = Field(0, ge=0, description="Evaluate at most this many questions (0 = all).")
     max_tokens: int = Field(160, ge=1, description="Token budget per completion.")
@@ -120,7 +129,7 @@ class RewardConfig(Section):
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("data/runs", description="Parent directory of run directories.")
-    phases: list[Literal["base", "sft", "rsft"]] = Field(
+    phases: list[Literal["base", "sft", "rsft", "consolidate"]] = Field(
         ["base", "sft", "rsft"], description="Pipeline phases `tracer run` executes, in order."
     )
     seed: int = Field(1234, description="Master seed recorded in meta.json.")
@@ -132,6 +141,10 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on reference traces.")
     rsft: RSFTConfig = Field(default_factory=RSFTConfig, description="Rejection-sampling fine-tuning.")
+    consolidate: ConsolidateConfig = Field(
+        default_factory=ConsolidateConfig,
+        description="One SFT pass after RSFT on the last round's winners plus short training questions.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="KG reward weights.")
     run: RunConfig = Field(default_factory=RunConfig, description="Pipeline run.")
@@ -142,6 +155,9 @@ class Config(Section):
             raise ValueError("data.train_hops: expected hop lengths >= 1")
         if not self.data.eval_hops or min(self.data.eval_hops) < 1:
             raise ValueError("data.eval_hops: expected hop lengths >= 1")
+        phases = self.run.phases
+        if "consolidate" in phases and ("rsft" not in phases or phases.index("rsft") > phases.index("consolidate")):
+            raise ValueError("run.phases: 'consolidate' trains on RSFT winners, so 'rsft' must come before it")
         return self
 
 

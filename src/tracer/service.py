@@ -330,6 +330,27 @@ def _clean_completion(text: str) -> str:
     return text.strip()
 
 
+def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
+    """Training rows from winning samples: the question's row with the winner as its reference trace.
+
+    A correct winner sampled under another prompt of the same question (closed-book winners reused
+    for facts prompts, whose options are drawn anew) gets the row's answer letter.
+    """
+    rows = []
+    for w in winners:
+        row = by_id.get(w["ex_id"])
+        if row is None:
+            raise TracerError(f"sample {w['ex_id']}: question is not in the RSFT pool")
+        trace = _clean_completion(w["completion"])
+        if w["prompt"] != row["prompt"]:
+            if not w["correct"]:
+                raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
+                                  "its answer letter cannot be carried over")
+            trace = trace.rsplit("\n", 1)[0] + f"\nANSWER: {row['answer_star']}"
+        rows.append(dict(row, ref={"trace": trace}))
+    return rows
+
+
 def _round_stat(r: int, questions: list[dict], scored: list[dict], winners: list[dict]) -> dict:
     return {
         "round": r,
@@ -448,7 +469,7 @@ def rsft(
                 f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
             )
             if winners:
-                rows = [dict(by_id[w["ex_id"]], ref={"trace": _clean_completion(w["completion"])}) for w in winners]
+                rows = winner_rows(winners, by_id)
                 n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
                 rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
                 stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
@@ -467,6 +488,68 @@ def rsft(
         _copy_adapter(Path(current), Path(output))
         current = str(output)
     return {"rounds": rounds, "adapter": current, "samples": str(samples_file), "contaminated": contaminated}
+
+
+def consolidation_rows(samples: list[dict], pool: list[dict], train_rows: list[dict], hops: list[int]) -> dict:
+    """The last RSFT round's winners (as training rows) plus the training questions of ``hops`` hops.
+
+    RSFT keeps chains long but wears down the recall of single facts; one pass over both restores
+    the facts without shortening the chains.
+    """
+    kept = [s for s in samples if s.get("kept")]
+    last = max((s["round"] for s in kept), default=None)
+    winners = [s for s in kept if s["round"] == last]
+    facts = [r for r in train_rows if r["hop_len"] in hops]
+    return {"round": last, "winners": winner_rows(winners, {q["id"]: q for q in pool}), "facts": facts}
+
+
+def consolidate(
+    cfg: Config,
+    *,
+    run_dir: str | Path | None = None,
+    adapter: str | None = None,
+    samples: str | None = None,
+    model: str | None = None,
+    output: str | Path | None = None,
+    allow_eval_overlap: bool = False,
+    resume: bool = False,
+    evaluate_after: bool = True,
+    progress: Progress | None = None,
+) -> dict:
+    """After RSFT: one SFT pass continuing the last round's adapter on its winners plus short questions.
+
+    Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``), continues the last round's
+    adapter (or ``adapter``) into ``models/consolidate`` (or ``output``), then evaluates it as the
+    phase ``consolidate``.
+    """
+    progress = progress or NullProgress()
+    run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
+    samples_file = Path(samples) if samples else run_path / "rsft_samples.jsonl"
+    if not samples_file.is_file():
+        raise TracerError(f"{samples_file}: no RSFT samples to consolidate; run `tracer rsft` first")
+    kg = load_kg(cfg.data.kg)
+    ensure_data(cfg)
+    train_source = str(split_path(cfg, "train"))
+    parts = consolidation_rows(dataset.read_jsonl(samples_file), load_split(cfg, "rsft", kg=kg),
+                               load_split(cfg, "train", kg=kg), cfg.consolidate.hops)
+    if parts["round"] is None:
+        raise TracerError(f"{samples_file}: no RSFT round kept a winner; nothing to consolidate")
+    adapter = adapter or str(runs.model_dir(run_path, rsft_phase_name(parts["round"])))
+    check_adapter_base(cfg, adapter, model)
+    rows = parts["winners"] + parts["facts"]
+    contaminated = guard_leakage(cfg, rows, f"{samples_file} + {train_source}", allow_eval_overlap, kg)
+    contaminated |= adapter_contaminated(adapter)
+    out_dir = Path(output) if output else runs.model_dir(run_path, "consolidate")
+    progress.log(f"consolidate: {len(parts['winners'])} winners of RSFT round {parts['round']} + "
+                 f"{len(parts['facts'])} training questions of {cfg.consolidate.hops} hops")
+    stats = _train(cfg, cfg.consolidate, rows, out_dir, model, resume, progress, init_adapter=adapter)
+    _mark(out_dir, contaminated)
+    out = {"train": stats, "adapter": str(out_dir), "winners": len(parts["winners"]), "facts": len(parts["facts"]),
+           "round": parts["round"], "contaminated": contaminated, "run_dir": str(run_path)}
+    if evaluate_after:
+        out["eval"] = evaluate(cfg, model=model, adapter=str(out_dir), phase="consolidate", output=run_path,
+                               progress=progress, contaminated=contaminated)["entry"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -508,6 +591,15 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
         results["rsft"] = timed("rsft", lambda: rsft(
             cfg, adapter=str(sft_dir), run_dir=run_dir, allow_eval_overlap=allow_eval_overlap, resume=resume,
             progress=progress))
+    cons_dir = runs.model_dir(run_dir, "consolidate")
+    if "consolidate" in cfg.run.phases and "consolidate" not in done:
+        if not runs.has_adapter(cons_dir):
+            timed("consolidate_train", lambda: consolidate(
+                cfg, run_dir=run_dir, output=cons_dir, resume=resume and (cons_dir / "checkpoint").exists(),
+                allow_eval_overlap=allow_eval_overlap, evaluate_after=False, progress=progress))
+        results["phases"]["consolidate"] = timed("consolidate", lambda: evaluate(
+            cfg, adapter=str(cons_dir), phase="consolidate", output=run_dir, progress=progress,
+            contaminated=contaminated))
     runs.update_meta(run_dir, finished_at=runs.now())
     results["metrics"] = runs.read_json(run_dir / "metrics.json", default={})
     return results

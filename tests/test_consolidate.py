@@ -1,0 +1,46 @@
+"""Consolidation after RSFT: which rows it trains on, and the guard rails around them."""
+
+import pytest
+
+from tracer.errors import TracerError
+from tracer.service import consolidation_rows, winner_rows
+
+
+def _row(qid: str, hop_len: int, prompt: str = "", answer: str = "A") -> dict:
+    return {"id": qid, "hop_len": hop_len, "prompt": prompt or f"q {qid}", "answer_star": answer,
+            "ref": {"trace": "TRACE: gold\nANSWER: " + answer}}
+
+
+def _sample(qid: str, rnd: int, kept: bool, completion: str, prompt: str = "", correct: bool = True) -> dict:
+    return {"ex_id": qid, "round": rnd, "kept": kept, "completion": completion, "prompt": prompt or f"q {qid}",
+            "correct": correct}
+
+
+def test_last_round_winners_plus_short_training_questions():
+    pool = [_row("p1", 4), _row("p2", 5), _row("p3", 4)]
+    train = [_row("t1", 1), _row("t2", 2), _row("t3", 1), _row("t4", 3)]
+    samples = [
+        _sample("p1", 1, True, "TRACE: r1\nANSWER: A"),
+        _sample("p2", 2, True, "TRACE: x -r-> y\nANSWER: A\nthen some rambling"),
+        _sample("p3", 2, False, "TRACE: lost\nANSWER: B"),
+        _sample("p1", 2, True, "TRACE: a -r-> b\nANSWER: A"),
+    ]
+    parts = consolidation_rows(samples, pool, train, hops=[1])
+    assert parts["round"] == 2
+    # round 2's kept samples only, cut at their ANSWER line, on the pool's rows
+    assert [(r["id"], r["ref"]["trace"]) for r in parts["winners"]] == [
+        ("p2", "TRACE: x -r-> y\nANSWER: A"), ("p1", "TRACE: a -r-> b\nANSWER: A")]
+    assert [r["id"] for r in parts["facts"]] == ["t1", "t3"]
+    assert [r["id"] for r in consolidation_rows(samples, pool, train, hops=[1, 3])["facts"]] == ["t1", "t3", "t4"]
+    assert consolidation_rows([s | {"kept": False} for s in samples], pool, train, [1])["round"] is None
+
+
+def test_winners_drawn_under_another_prompt_take_the_rows_letter():
+    # the same question with facts in the prompt: its options were drawn anew, the answer is now C
+    pool = [_row("p1", 4, prompt="Facts: ... q p1", answer="C")]
+    rows = winner_rows([_sample("p1", 1, True, "TRACE: a -r-> b\nANSWER: A")], {"p1": pool[0]})
+    assert rows[0]["ref"]["trace"] == "TRACE: a -r-> b\nANSWER: C" and rows[0]["prompt"] == "Facts: ... q p1"
+    with pytest.raises(TracerError, match="not correct"):
+        winner_rows([_sample("p1", 1, True, "TRACE: a\nANSWER: A", correct=False)], {"p1": pool[0]})
+    with pytest.raises(TracerError, match="not in the RSFT pool"):
+        winner_rows([_sample("zz", 1, True, "TRACE: a\nANSWER: A")], {"p1": pool[0]})
