@@ -297,7 +297,11 @@ def rsft_phase_name(round_index: int) -> str:
 
 
 def select_winners(scored: list[dict], keep_top: int, min_reward: float, require_correct: bool = True) -> list[dict]:
-    """Per question, the best ``keep_top`` distinct samples with reward >= ``min_reward`` (and correct)."""
+    """Per question, the best ``keep_top`` distinct samples with reward >= ``min_reward`` (and correct).
+
+    Ties in reward go to the sample whose hops are more often real KG edges (a detour through a
+    non-edge names every gold entity too), then to the earlier sample.
+    """
     by_question: dict[str, list[dict]] = {}
     for s in scored:
         by_question.setdefault(s["ex_id"], []).append(s)
@@ -306,7 +310,7 @@ def select_winners(scored: list[dict], keep_top: int, min_reward: float, require
         ok = [s for s in by_question[ex_id]
               if (s["correct"] or not require_correct) and s["parsed"]["valid_format"]
               and s["reward"]["total"] >= min_reward]
-        ok.sort(key=lambda s: (-s["reward"]["total"], s["sample"]))
+        ok.sort(key=lambda s: (-s["reward"]["total"], -s["reward"]["edge_precision"], s["sample"]))
         seen: set[str] = set()
         for s in ok:
             if s["completion"] not in seen and len(seen) < keep_top:

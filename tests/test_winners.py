@@ -1,4 +1,4 @@
-"""Consolidation after RSFT: which rows it trains on, and the guard rails around them."""
+"""RSFT winners: which samples win, and the rows that consolidation trains on."""
 
 import pytest
 
@@ -44,3 +44,19 @@ def test_winners_drawn_under_another_prompt_take_the_rows_letter():
         winner_rows([_sample("p1", 1, True, "TRACE: a\nANSWER: A", correct=False)], {"p1": pool[0]})
     with pytest.raises(TracerError, match="not in the RSFT pool"):
         winner_rows([_sample("zz", 1, True, "TRACE: a\nANSWER: A")], {"p1": pool[0]})
+
+
+def test_winner_ties_go_to_the_trace_with_real_edges():
+    from tracer.service import select_winners
+
+    def scored(sample, total, edge_precision, completion, correct=True):
+        return {"ex_id": "q", "sample": sample, "correct": correct, "completion": completion,
+                "parsed": {"valid_format": True}, "reward": {"total": total, "edge_precision": edge_precision}}
+
+    detour = scored(0, 1.5, 0.6, "TRACE: a -r-> x -r-> b\nANSWER: A")
+    clean = scored(1, 1.5, 1.0, "TRACE: a -r-> b\nANSWER: A")
+    assert select_winners([detour, clean], keep_top=1, min_reward=1.5) == [clean]
+    # reward still comes first, and a wrong answer never wins
+    better = scored(2, 1.6, 0.5, "TRACE: a -r-> y\nANSWER: A")
+    assert select_winners([detour, clean, better], keep_top=1, min_reward=1.5) == [better]
+    assert select_winners([scored(0, 2.0, 1.0, "x", correct=False)], keep_top=1, min_reward=0) == []
