@@ -284,7 +284,7 @@ def consolidate(
     allow_eval_overlap: bool = OverlapOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
 ) -> None:
-    """After RSFT: fine-tune on the last round's winners plus 1-hop questions (restores fact recall), evaluate."""
+    """After RSFT: fine-tune on the last round's winners plus short training questions (restores fact recall), evaluate."""
     from tracer import service
 
     cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
