@@ -58,6 +58,12 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     # a second run refuses to overwrite; --resume finds every phase finished
     assert main(["run", "tiny.toml"]) == 2
     assert main(["run", "tiny.toml", "--resume"]) == 0
+    # a config.toml written before a knob existed (here: without consolidate.hops) resumes: same settings
+    stored = (run / "config.toml").read_text()
+    assert stored.count("hops = [1]\n") == 1
+    (run / "config.toml").write_text(stored.replace("hops = [1]\n", ""))
+    assert main(["run", "tiny.toml", "--resume"]) == 0
+    assert (run / "config.toml").read_text() == stored
     # resuming under a changed config would mix two configs in one run: refused, nothing written
     changed = tiny_work / "changed.toml"
     changed.write_text((tiny_work / "tiny.toml").read_text().replace("min_reward = -10.0", "min_reward = -9.0"))

@@ -565,6 +565,10 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     progress = progress or NullProgress()
     run_dir = Path(cfg.run.runs_dir) / cfg.run.name
     planned = _planned_phases(cfg)
+    stored = run_dir / "config.toml"
+    if resume and stored.is_file() and load_config(stored) == cfg:
+        # the same settings, written by a tracer that had fewer knobs: not a config change
+        runs.write_text_atomic(stored, to_toml(cfg))
     runs.prepare_run(run_dir, to_toml(cfg), planned, cfg.run.seed, force=force, resume=resume)
     data_summary = ensure_data(cfg)
     done = runs.finished_phases(run_dir) if resume else set()
