@@ -468,3 +468,52 @@ def test_load_examples_roundtrip(tmp_path, kg, splits):
     paths = ds.write_splits(splits, tmp_path)
     for name, p in paths.items():
         assert ds.load_examples(p, kg) == splits[name]
+
+
+def _follow_facts(facts, start, rels):
+    """Entities reached from ``start`` along ``rels`` using only the listed facts."""
+    edges = [re.match(r"^(\S+) -(\S+)-> (\S+)$", f).groups() for f in facts]
+    now = {start}
+    for rel in rels:
+        now = {d for s, r, d in edges if s in now and r == rel}
+    return now
+
+
+def test_counterfactual_copies_contradict_the_kg_but_not_their_facts(kg):
+    base = dict(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
+    plain = ds.generate_splits(kg, DataConfig(**base))
+    sp = ds.generate_splits(kg, DataConfig(**base, counterfactual=0.25))
+    n = len(plain["train"])
+    # the ordinary splits are unchanged; the copies are added to train only
+    assert sp["train"][:n] == plain["train"] and sp["eval"] == plain["eval"] and sp["rsft"] == plain["rsft"]
+    cf = sp["train"][n:]
+    assert len(cf) == round(0.25 * n) and len({r["id"] for r in cf}) == len(cf)
+    held = {ds.path_key(r) for r in sp["eval"] + sp["rsft"]}
+    by_id = {r["id"]: r for r in plain["train"]}
+    for r in cf:
+        src = by_id[r["meta"]["renamed_from"]]
+        assert r["meta"]["counterfactual"] and r["hop_len"] == src["hop_len"]
+        assert r["answer_star"] == src["answer_star"] and r["options"][r["answer_star"]] == r["path_star"]["entities"][-1]
+        start, rels, answer = ds.path_key(r)
+        # the prompt's facts lead to the gold option and to no other option ...
+        reached = _follow_facts(r["meta"]["facts"], start, rels)
+        assert [L for L, e in r["options"].items() if e in reached] == [r["answer_star"]]
+        # ... while the KG (what a closed-book model remembers) does not lead to it
+        assert answer not in kg.follow(start, list(rels))
+        assert (start, rels, answer) not in held
+        assert "Facts:\n" + "\n".join(r["meta"]["facts"]) + "\n\n" in r["prompt"]
+        assert start in r["question"] and r["prompt"].endswith(
+            "\n".join(f"{L}) {r['options'][L]}" for L in "ABCD"))
+        assert r["ref"]["trace"] == ds.reference_trace(r["path_star"]["entities"], r["path_star"]["edges"],
+                                                       r["answer_star"])
+        for e in r["path_star"]["entities"]:  # renamed within type
+            assert e in kg.entities
+        assert [kg.entities[e].type for e in r["path_star"]["entities"]] == \
+            [kg.entities[e].type for e in src["path_star"]["entities"]]
+    # the copies do not count as coverage of real KG edges
+    assert ds.train_edge_coverage(sp["train"], kg) == ds.train_edge_coverage(plain["train"], kg)
+
+
+def test_counterfactual_needs_facts_mode():
+    with pytest.raises(ValueError, match="context = 'facts'"):
+        DataConfig(counterfactual=0.2)

@@ -33,8 +33,18 @@ class DataConfig(Section):
     min_edge_coverage: int = Field(3, ge=0, description="Each KG edge appears in at least this many training paths.")
     context: Literal["closed", "facts"] = Field("closed", description="'closed': question + options; 'facts': also list KG facts.")
     max_facts: int = Field(12, ge=1, description="Facts listed per prompt in 'facts' mode (gold edges + distractor edges).")
+    counterfactual: float = Field(
+        0.0, ge=0, le=1,
+        description="'facts' mode: add renamed copies of this share of training questions, whose facts contradict the KG.",
+    )
     shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
     letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
+
+    @model_validator(mode="after")
+    def _check_counterfactual(self) -> "DataConfig":
+        if self.counterfactual and self.context != "facts":
+            raise ValueError("counterfactual: renamed questions need the facts in the prompt (context = 'facts')")
+        return self
 
 
 class ModelConfig(Section):

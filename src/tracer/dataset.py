@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -387,6 +388,61 @@ def _make_row(ctx: _Ctx, p: Path_, letter: str, template: int, split: str) -> di
     }
 
 
+_FACT_RE = re.compile(r"^(\S+) -(\S+)-> (\S+)$")
+
+
+def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: str) -> dict[str, Any]:
+    """A copy of a facts-mode row with every entity renamed by ``mapping`` (question, options,
+    facts, path and reference trace alike): the same chain shape, stated by facts that contradict
+    the KG, so only reading the prompt's facts answers it."""
+    def m(e: str) -> str:
+        return mapping.get(e, e)
+
+    ps, meta = row["path_star"], row["meta"]
+    ents = [m(e) for e in ps["entities"]]
+    edges = [{"src": m(e["src"]), "rel": e["rel"], "dst": m(e["dst"])} for e in ps["edges"]]
+    facts = []
+    for f in meta["facts"]:
+        src, rel, dst = _FACT_RE.match(f).groups()
+        facts.append(format_fact((m(src), rel, m(dst))))
+    options = {L: m(v) for L, v in row["options"].items()}
+    question = render_question(kg, ents[0], meta["relations"], meta["template"])
+    return {
+        **row,
+        "id": new_id,
+        "question": question,
+        "options": options,
+        "path_star": {"entities": ents, "edges": edges},
+        "prompt": build_prompt(question, options, facts),
+        "ref": {"trace": reference_trace(ents, edges, row["answer_star"])},
+        "meta": dict(meta, facts=facts, counterfactual=True, renamed_from=row["id"]),
+    }
+
+
+def counterfactual_rows(kg: "KG", rows: list[dict[str, Any]], share: float, rng: random.Random,
+                        held: set[tuple[str, tuple[str, ...], str]]) -> list[dict[str, Any]]:
+    """Renamed copies of ``share`` of the facts-mode ``rows``: entities permuted within their type,
+    redrawn until the KG itself does not lead from the new start to the new answer (memory gives a
+    wrong answer) and the path is none of the ``held`` (eval, RSFT-pool) paths."""
+    by_type: dict[str, list[str]] = {}
+    for eid in sorted(kg.entities):
+        by_type.setdefault(kg.entities[eid].type, []).append(eid)
+    out = []
+    for i, row in enumerate(rng.sample(rows, round(share * len(rows))), 1):
+        for _ in range(100):
+            mapping = {}
+            for ids in by_type.values():
+                perm = list(ids)
+                rng.shuffle(perm)
+                mapping.update(zip(ids, perm))
+            new = rename_row(kg, row, mapping, f"{row['split']}-cf-{i:05d}")
+            start, rels, answer = path_key(new)
+            if answer not in kg.follow(start, list(rels)) and (start, rels, answer) not in held:
+                out.append(new)
+                break
+    return out
+
+
 def _letter_stream(rng: random.Random) -> Iterator[str]:
     """Gold letters in shuffled ABCD blocks: every letter within one of n/4 at any prefix."""
     while True:
@@ -557,6 +613,10 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
         counts: Counter = Counter()
         splits["eval_shuffled"] = [_shuffle_row(r, rng, counts) for r in splits["eval"]]
     verify_splits(kg, splits, cfg)
+    if cfg.counterfactual > 0:  # own generator: the splits above stay as they are without it
+        held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]}
+        splits["train"] += counterfactual_rows(kg, splits["train"], cfg.counterfactual,
+                                               random.Random(f"{cfg.seed}:counterfactual"), held_keys)
     return splits
 
 
@@ -569,6 +629,8 @@ def train_edge_coverage(rows: list[dict[str, Any]], kg: "KG") -> dict[tuple[str,
     """Times each (unique) KG edge appears in the paths of ``rows``."""
     cov = {e: 0 for e in _unique_edges(kg)}
     for row in rows:
+        if (row.get("meta") or {}).get("counterfactual"):
+            continue
         for e in row["path_star"].get("edges") or []:
             t = _edge_tuple(e)
             if t in cov:
