@@ -18,7 +18,9 @@ def _sample(qid: str, rnd: int, kept: bool, completion: str, prompt: str = "", c
 
 def test_last_round_winners_plus_short_training_questions():
     pool = [_row("p1", 4), _row("p2", 5), _row("p3", 4)]
-    train = [_row("t1", 1), _row("t2", 2), _row("t3", 1), _row("t4", 3)]
+    train = [_row("t1", 1), _row("t2", 2), _row("t3", 1), _row("t4", 3), _row("cf1", 3)]
+    for r in train:
+        r["meta"] = {"counterfactual": r["id"].startswith("cf")}
     samples = [
         _sample("p1", 1, True, "TRACE: r1\nANSWER: A"),
         _sample("p2", 2, True, "TRACE: x -r-> y\nANSWER: A\nthen some rambling"),
@@ -30,8 +32,9 @@ def test_last_round_winners_plus_short_training_questions():
     # round 2's kept samples only, cut at their ANSWER line, on the pool's rows
     assert [(r["id"], r["ref"]["trace"]) for r in parts["winners"]] == [
         ("p2", "TRACE: x -r-> y\nANSWER: A"), ("p1", "TRACE: a -r-> b\nANSWER: A")]
-    assert [r["id"] for r in parts["facts"]] == ["t1", "t3"]
-    assert [r["id"] for r in consolidation_rows(samples, pool, train, hops=[1, 3])["facts"]] == ["t1", "t3", "t4"]
+    # short questions, and renamed ones of any length
+    assert [r["id"] for r in parts["facts"]] == ["t1", "t3", "cf1"]
+    assert [r["id"] for r in consolidation_rows(samples, pool, train, hops=[1, 3])["facts"]] == ["t1", "t3", "t4", "cf1"]
     assert consolidation_rows([s | {"kept": False} for s in samples], pool, train, [1])["round"] is None
 
 

@@ -495,15 +495,17 @@ def rsft(
 
 
 def consolidation_rows(samples: list[dict], pool: list[dict], train_rows: list[dict], hops: list[int]) -> dict:
-    """The last RSFT round's winners (as training rows) plus the training questions of ``hops`` hops.
+    """The last RSFT round's winners (as training rows) plus the training questions of ``hops`` hops
+    and every renamed (counterfactual) training question.
 
     RSFT keeps chains long but wears down the recall of single facts; one pass over both restores
-    the facts without shortening the chains.
+    the facts without shortening the chains. Renamed questions can only be answered by reading the
+    prompt's facts.
     """
     kept = [s for s in samples if s.get("kept")]
     last = max((s["round"] for s in kept), default=None)
     winners = [s for s in kept if s["round"] == last]
-    facts = [r for r in train_rows if r["hop_len"] in hops]
+    facts = [r for r in train_rows if r["hop_len"] in hops or r["meta"].get("counterfactual")]
     return {"round": last, "winners": winner_rows(winners, {q["id"]: q for q in pool}), "facts": facts}
 
 
@@ -544,8 +546,10 @@ def consolidate(
     contaminated = guard_leakage(cfg, rows, f"{samples_file} + {train_source}", allow_eval_overlap, kg)
     contaminated |= adapter_contaminated(adapter)
     out_dir = Path(output) if output else runs.model_dir(run_path, "consolidate")
+    renamed = sum(bool(r["meta"].get("counterfactual")) for r in parts["facts"])
     progress.log(f"consolidate: {len(parts['winners'])} winners of RSFT round {parts['round']} + "
-                 f"{len(parts['facts'])} training questions of {cfg.consolidate.hops} hops")
+                 f"{len(parts['facts']) - renamed} training questions of {cfg.consolidate.hops} hops + "
+                 f"{renamed} renamed ones")
     stats = _train(cfg, cfg.consolidate, rows, out_dir, model, resume, progress, init_adapter=adapter)
     _mark(out_dir, contaminated)
     out = {"train": stats, "adapter": str(out_dir), "winners": len(parts["winners"]), "facts": len(parts["facts"]),
