@@ -228,3 +228,30 @@ def test_shared_prefix_cache_matches_plain_prefill(tiny):
     plain = G.decode_batch(model, enc, stopper, greedy)
     shared = G.decode_batch(model, enc, stopper, greedy, prefix_kv=G.prefix_cache(model, enc[0][:P]))
     assert plain == shared
+
+
+def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
+    """K copies of a prompt share one prefill; each copy still decodes (and samples) on its own."""
+    model, tok = tiny
+    greedy = G.sample_k(model, tok, PROMPTS, 3, max_tokens=12, temperature=0.0, stop_after_answer=False)
+    single = G.generate(model, tok, PROMPTS, max_tokens=12, stop_after_answer=False)
+    assert greedy == [[s] * 3 for s in single]
+
+    enc = [G.encode_chat(tok, p) for p in PROMPTS[:2]]
+    batch = [enc[0]] * 3 + [enc[1]] * 2
+    stopper = G.RowStopper(tok, 12, False)
+    calls = []
+
+    class Spy:  # records the batch size of the prefill
+        def __init__(self, m):
+            self.m, self.layers, self.args = m, m.layers, m.args
+
+        def __call__(self, x, cache=None):
+            calls.append(x.shape)
+            return self.m(x, cache=cache)
+
+    spy = Spy(model)
+    sampled = G.decode_batch(spy, batch, stopper, G.make_sampler(1.0, 1.0, mx.random.key(7)))
+    assert calls[0][0] == 2  # prefilled the 2 distinct prompts, not 5 rows
+    assert calls[1][0] == 5  # then every row decodes
+    assert len({tuple(s) for s in sampled[:3]}) > 1  # copies draw their own samples

@@ -189,7 +189,8 @@ def test_load_tiny_model(tiny_dir):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
-def _write_adapter(path: Path, tiny_dir: Path, rank: int, wrong: bool, base_model: str | None = None) -> Path:
+def _write_adapter(path: Path, tiny_dir: Path, rank: int, wrong: bool, base_model: str | None = None,
+                   random: bool = False) -> Path:
     cfg = json.loads((tiny_dir / "config.json").read_text())
     path.mkdir(parents=True, exist_ok=True)
     acfg = {
@@ -203,8 +204,9 @@ def _write_adapter(path: Path, tiny_dir: Path, rank: int, wrong: bool, base_mode
     hidden = cfg["hidden_size"] + (8 if wrong else 0)
     weights = {}
     for i in range(cfg["num_hidden_layers"]):
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = mx.zeros((hidden, rank))
-        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = mx.zeros((rank, cfg["hidden_size"]))
+        init = (lambda shape: mx.random.normal(shape) * 0.2) if random else mx.zeros
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_a"] = init((hidden, rank))
+        weights[f"model.layers.{i}.self_attn.q_proj.lora_b"] = init((rank, cfg["hidden_size"]))
     mx.save_safetensors(str(path / "adapters.safetensors"), weights)
     return path
 
@@ -214,6 +216,22 @@ def test_load_matching_adapter(tiny_dir, tmp_path):
     model, _ = tm.load(str(tiny_dir), adapter=str(adapter))
     names = [k for k, _ in __import__("mlx.utils").utils.tree_flatten(model.parameters())]
     assert any(k.endswith("q_proj.lora_a") for k in names)
+
+
+def test_fused_adapter_gives_the_same_logits(tiny_dir, tmp_path):
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(0)
+    adapter = _write_adapter(tmp_path / "a", tiny_dir, rank=4, wrong=False, random=True)
+    ids = mx.array([[1, 5, 9, 13, 17, 21]])
+    base, _ = tm.load(str(tiny_dir))
+    lora, _ = tm.load(str(tiny_dir), adapter=str(adapter))
+    fused, _ = tm.load(str(tiny_dir), adapter=str(adapter), fuse=True)
+    assert not any("lora" in k for k, _ in tree_flatten(fused.parameters()))
+    assert any("lora" in k for k, _ in tree_flatten(lora.parameters()))
+    want = lora(ids)
+    assert mx.abs(want - base(ids)).max().item() > 1e-2  # the adapter changes the output
+    assert mx.allclose(fused(ids), want, atol=1e-4, rtol=1e-4).item()
 
 
 def test_load_adapter_wrong_shapes(tiny_dir, tmp_path):

@@ -3,7 +3,9 @@
 Prompts are raw user messages; :func:`chat_prompt` wraps them in the tokenizer's chat template
 (the same function training uses). Prompts are sorted by token length into batches, left-padded,
 prefilled once with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so
-every row sees exactly the positions it would see alone) and decoded step by step. A row stops at
+every row sees exactly the positions it would see alone) and decoded step by step. The token
+prefix every prompt shares (system prompt) is prefilled once per call, and a prompt repeated
+within a batch (K samples of one question) once per batch. A row stops at
 an end-of-turn / eos token, as soon as its text matches ``ANSWER:\\s*[A-D]`` (when
 ``stop_after_answer``) or at ``max_tokens``; finished rows are dropped from the batch and cache.
 Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
@@ -141,11 +143,10 @@ def make_sampler(temperature: float, top_p: float, key: mx.array) -> Callable[[m
 
     def sample(logits: mx.array) -> mx.array:
         state["key"], sub = mx.random.split(state["key"])
-        logprobs = logits.astype(mx.float32) / temperature
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs, axis=-1, key=sub)
+        scaled = logits.astype(mx.float32) / temperature
+        if top_p < 1.0:  # categorical takes unnormalised logits; only top-p needs log-probs
+            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
+        return mx.random.categorical(scaled, axis=-1, key=sub)
 
     return sample
 
@@ -273,12 +274,20 @@ def decode_batch(
 
     ``prefix_kv``: the cached keys/values of a token prefix that every prompt starts with.
     """
-    inputs, padding = left_pad(prompts)
+    # a prompt repeated in the batch (K samples of one question) is prefilled once, then its
+    # cache rows and logits are copied
+    unique: dict[tuple[int, ...], int] = {}
+    copy_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    inputs, padding = left_pad([list(p) for p in unique])
     cache = make_cache(model, padding, prefix_kv)
     P = prefix_kv[0][0].shape[2] if prefix_kv else 0
     outs: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # batch position -> original row
-    y = sampler(last_logits(model, inputs[:, P:], cache))
+    logits = last_logits(model, inputs[:, P:], cache)
+    if len(unique) < len(prompts):
+        filter_cache(cache, copy_of)
+        logits = logits[mx.array(copy_of, dtype=mx.int32)]
+    y = sampler(logits)
     mx.async_eval(y)
     step = 0
     while rows:
