@@ -180,3 +180,34 @@ def test_eval_max_tokens_caps_completions(tiny_work):
     for f, s in zip(full, short):
         assert f["completion"].startswith(s["completion"]) and len(s["completion"]) < len(f["completion"])
     assert main(args + ["--max-tokens", "0"]) == 2
+
+
+def test_splits_of_other_data_settings_are_refused_not_reused(tiny_work, capsys):
+    from tracer import service
+    from tracer.config import load_config
+    from tracer.errors import TracerError
+
+    assert main(["data", "-c", "tiny.toml"]) == 0
+    cfg = load_config(tiny_work / "tiny.toml")
+    assert service.ensure_data(cfg) is None  # same settings: the files are reused
+    split = tiny_work / "data" / "tiny" / "eval.jsonl"
+    before = split.read_text()
+
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "other.toml").write_text(text.replace("seed = 7", "seed = 8", 1))
+    code = main(["eval", "-c", "other.toml"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.seed" in err and len(err.strip().splitlines()) == 1, err
+    assert split.read_text() == before
+
+    kg_file = tiny_work / "data" / "tiny_kg.json"
+    kg = json.loads(kg_file.read_text())
+    kg_file.write_text(json.dumps(kg))  # reformatted only: still the same KG
+    assert service.ensure_data(cfg) is None
+    kg["edges"] = kg["edges"][1:]
+    kg_file.write_text(json.dumps(kg))
+    with pytest.raises(TracerError, match=r"\(the KG differ\)"):
+        service.ensure_data(cfg)
+
+    (tiny_work / "data" / "tiny" / "splits.json").unlink()  # splits from before splits.json existed
+    assert service.ensure_data(cfg) is None

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from tracer import service, train
 from tracer.cli import main
-from tracer.config import LoraConfig, TrainConfig, load_config, override
+from tracer.config import LoraConfig, TrainConfig, load_config, override, to_toml
 from tracer.errors import TrainingInterrupted
 from tracer.generate import SYSTEM_PROMPT, generate
 from tracer.progress import NullProgress
@@ -239,8 +239,7 @@ def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "base_model": "someone/else"}))
     (adapter / "adapters.safetensors").write_bytes(b"")
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text(f'[model]\npath = "tiny"\ncache_dir = "{work / "cache"}"\n'
-                        f'[data]\nkg = "{work / "data" / "tiny_kg.json"}"\nout_dir = "{work / "data" / "tiny"}"\n')
+    cfg_file.write_text(to_toml(cfg))
     code = main(["continue", "-c", str(cfg_file), "--adapter", str(adapter), "--train",
                  str(work / "data" / "tiny" / "train.jsonl"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err

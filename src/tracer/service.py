@@ -21,6 +21,7 @@ from tracer.kg import KG, load_kg
 from tracer.progress import NullProgress, Progress
 
 SPLIT_FILES = {"train": "train.jsonl", "rsft": "rsft.jsonl", "eval": "eval.jsonl", "eval_shuffled": "eval_shuffled.jsonl"}
+SETTINGS_FILE = "splits.json"
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -30,20 +31,51 @@ def split_path(cfg: Config, split: str) -> Path:
     return Path(cfg.data.out_dir) / SPLIT_FILES[split]
 
 
+def data_settings(cfg: Config) -> dict:
+    """What the splits are a function of: the KG's content and every [data] knob that shapes them."""
+    kg = Path(cfg.data.kg)
+    digest = None
+    if kg.is_file():
+        raw = kg.read_bytes()
+        try:  # the content, not its formatting
+            raw = json.dumps(json.loads(raw), sort_keys=True).encode()
+        except ValueError:
+            pass
+        digest = hashlib.sha256(raw).hexdigest()
+    return {"kg_sha256": digest, **cfg.data.model_dump(exclude={"kg", "out_dir", "shuffled_eval"})}
+
+
 def make_data(cfg: Config) -> dict:
-    """Generate the question splits from the KG and write them; returns paths and the summary."""
+    """Generate the question splits from the KG and write them; returns paths and the summary.
+
+    ``splits.json`` beside them records :func:`data_settings`, so later commands can tell
+    whether the files still match their config.
+    """
     kg = load_kg(cfg.data.kg)
     splits = dataset.generate_splits(kg, cfg.data)
     paths = dataset.write_splits(splits, cfg.data.out_dir)
+    runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, data_settings(cfg))
     return {"paths": {k: str(v) for k, v in paths.items()}, "summary": dataset.summarize(splits, kg, cfg.data)}
 
 
 def ensure_data(cfg: Config) -> dict | None:
-    """Generate the splits if any of them is missing; returns the summary when it generated."""
+    """Generate the splits if any of them is missing; returns the summary when it generated.
+
+    Splits made under other [data] settings (or another KG) are refused, not silently reused.
+    Splits without ``splits.json`` (written before it existed) are taken as they are.
+    """
     needed = ["train", "rsft", "eval"] + (["eval_shuffled"] if cfg.data.shuffled_eval else [])
-    if all(split_path(cfg, s).exists() for s in needed):
-        return None
-    return make_data(cfg)
+    if not all(split_path(cfg, s).exists() for s in needed):
+        return make_data(cfg)
+    stored_file = Path(cfg.data.out_dir) / SETTINGS_FILE
+    if stored_file.is_file():
+        stored, now = json.loads(stored_file.read_text()), data_settings(cfg)
+        changed = [k for k in now if stored.get(k) != now[k]]
+        if changed:
+            what = ", ".join("the KG" if k == "kg_sha256" else f"data.{k}" for k in changed)
+            raise TracerError(f"{cfg.data.out_dir}: the splits there were made under other settings ({what} differ); "
+                              "remake them with `tracer data -c CONFIG` or set data.out_dir to a new directory")
+    return None
 
 
 def load_split(cfg: Config, split: str, path: str | None = None, kg: KG | None = None) -> list[dict]:
@@ -108,9 +140,11 @@ def model_spec(cfg: Config, model: str | None = None) -> str:
 
 
 def load_model(cfg: Config, model: str | None = None, adapter: str | None = None):
+    """The base model; an ``adapter`` is merged into its weights (generation only needs that)."""
     from tracer import model as models
 
-    return models.load(model_spec(cfg, model), cfg.model.cache_dir, adapter=adapter, dtype=cfg.model.dtype)
+    return models.load(model_spec(cfg, model), cfg.model.cache_dir, adapter=adapter, dtype=cfg.model.dtype,
+                       fuse=True)
 
 
 def base_model_id(cfg: Config, model: str | None = None) -> str:
