@@ -40,7 +40,7 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     meta = json.loads((run / "meta.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert meta["phases"] == ["base", "sft", "rsft", "consolidate"] and meta["contaminated"] is False
-    assert set(meta["timings"]) >= {"base", "sft", "rsft", "consolidate_train", "consolidate"}
+    assert set(meta["timings"]) >= {"base", "sft_train", "sft", "rsft", "consolidate_train", "consolidate"}
     assert set(metrics["phases"]) == {"base", "sft", "rsft", "consolidate"} and metrics["contaminated"] is False
     eval_ids = [r["id"] for r in read_jsonl(tiny_work / "data" / "tiny" / "eval.jsonl")]
     for phase, entry in metrics["phases"].items():

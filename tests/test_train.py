@@ -177,12 +177,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(facts_model, tmp_path)
         train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny", progress=StopAt())
     assert e.value.step == 7
     ckpt = tmp_path / "split" / "checkpoint"
-    assert json.loads((ckpt / "state.json").read_text())["step"] == 7
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 7 and state["wall_s"] > 0
     assert (ckpt / "optimizer.safetensors").is_file() and not (tmp_path / "split" / "checkpoint.tmp").exists()
     assert not (tmp_path / "split" / "adapters.safetensors").exists()
     model, tok = fresh(facts_model)
     stats = train.train(model, tok, PAIRS, cfg, lora, tmp_path / "split", "tiny", resume=True)
     assert stats["steps"] == 10 and len(stats["losses"]) == 10
+    assert stats["wall_s"] > state["wall_s"]  # training time counts the interrupted part too
     assert np.allclose(stats["losses"], full["losses"], atol=1e-5)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert a.keys() == b.keys() and len(a) > 0

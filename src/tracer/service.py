@@ -627,9 +627,9 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     sft_dir = runs.model_dir(run_dir, "sft")
     if "sft" in cfg.run.phases and "sft" not in done:
         if not runs.has_adapter(sft_dir):
-            timed("sft_train", lambda: sft(
-                cfg, output=sft_dir, resume=resume and (sft_dir / "checkpoint").exists(),
-                allow_eval_overlap=allow_eval_overlap, progress=progress))
+            stats = sft(cfg, output=sft_dir, resume=resume and (sft_dir / "checkpoint").exists(),
+                        allow_eval_overlap=allow_eval_overlap, progress=progress)
+            runs.update_meta(run_dir, timings={"sft_train": stats["wall_s"]})  # across interruptions
         results["phases"]["sft"] = timed("sft", lambda: evaluate(
             cfg, adapter=str(sft_dir), phase="sft", output=run_dir, progress=progress, contaminated=contaminated))
     rsft_phases = [p for p in planned if p.startswith("rsft")]
@@ -640,9 +640,9 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     cons_dir = runs.model_dir(run_dir, "consolidate")
     if "consolidate" in cfg.run.phases and "consolidate" not in done:
         if not runs.has_adapter(cons_dir):
-            timed("consolidate_train", lambda: consolidate(
-                cfg, run_dir=run_dir, output=cons_dir, resume=resume and (cons_dir / "checkpoint").exists(),
-                allow_eval_overlap=allow_eval_overlap, evaluate_after=False, progress=progress))
+            out = consolidate(cfg, run_dir=run_dir, output=cons_dir, resume=resume and (cons_dir / "checkpoint").exists(),
+                              allow_eval_overlap=allow_eval_overlap, evaluate_after=False, progress=progress)
+            runs.update_meta(run_dir, timings={"consolidate_train": out["train"]["wall_s"]})
         results["phases"]["consolidate"] = timed("consolidate", lambda: evaluate(
             cfg, adapter=str(cons_dir), phase="consolidate", output=run_dir, progress=progress,
             contaminated=contaminated))

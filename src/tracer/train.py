@@ -319,10 +319,11 @@ def train(
     val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
     lengths = [len(ids) for ids, _ in examples]
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
-    start, losses, val_losses, tokens = 0, [], [], 0
+    start, losses, val_losses, tokens, earlier_s = 0, [], [], 0, 0.0
     if resume:
         state = load_checkpoint(model, optimizer, out)
         start, losses, val_losses, tokens = state["step"], state["losses"], state["val_losses"], state["tokens"]
+        earlier_s = state.get("wall_s", 0.0)  # training time before the interruption(s)
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
@@ -334,8 +335,10 @@ def train(
         return loss
 
     def checkpoint(step: int) -> Path:
+        wall_s = round(earlier_s + time.perf_counter() - t0, 2)
         return save_checkpoint(model, optimizer, out, adapter_cfg, base_model,
-                               {"step": step, "losses": losses, "val_losses": val_losses, "tokens": tokens})
+                               {"step": step, "losses": losses, "val_losses": val_losses, "tokens": tokens,
+                                "wall_s": wall_s})
 
     progress.start("train", total=cfg.iters)
     progress.update(start)
@@ -382,6 +385,6 @@ def train(
         "losses": losses,
         "val_losses": val_losses,
         "tokens": tokens,
-        "wall_s": round(wall, 2),
+        "wall_s": round(earlier_s + wall, 2),  # across interruptions
         "tok_s": run_tokens / wall if wall > 0 else 0.0,
     }
