@@ -211,3 +211,29 @@ def test_splits_of_other_data_settings_are_refused_not_reused(tiny_work, capsys)
 
     (tiny_work / "data" / "tiny" / "splits.json").unlink()  # splits from before splits.json existed
     assert service.ensure_data(cfg) is None
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
+    """`kill` (SIGTERM) of a training command stops it cleanly: checkpoint, message, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tiny_work / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
+         "--iters", "100000", "-o", str(out)],
+        cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err
+    step = json.loads(state.read_text())["step"]
+    assert step >= 6  # tiny.toml saves every 6 steps; SIGTERM saved the step it stopped at
+    assert not (out / "adapters.safetensors").exists()

@@ -5,6 +5,7 @@ Bad input is reported as one line on stderr with exit code 2 and no traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -437,7 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill`, a CI cancel or a job scheduler stop like Ctrl-C: checkpoint, then exit
+
+
 def entry() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
 
 
