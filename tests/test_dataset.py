@@ -514,6 +514,26 @@ def test_counterfactual_copies_contradict_the_kg_but_not_their_facts(kg):
     assert ds.train_edge_coverage(sp["train"], kg) == ds.train_edge_coverage(plain["train"], kg)
 
 
+def test_counterfactual_pool_copies_follow_their_originals(kg):
+    base = dict(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
+    plain = ds.generate_splits(kg, DataConfig(**base))
+    sp = ds.generate_splits(kg, DataConfig(**base, counterfactual_pool=0.5))
+    assert sp["train"] == plain["train"] and sp["eval"] == plain["eval"]
+    originals = [r for r in sp["rsft"] if not r["meta"].get("counterfactual")]
+    assert originals == plain["rsft"]
+    copies = [r for r in sp["rsft"] if r["meta"].get("counterfactual")]
+    assert len(copies) == 30 and len({r["id"] for r in sp["rsft"]}) == len(sp["rsft"])
+    held = {ds.path_key(r) for r in plain["eval"] + plain["rsft"]}
+    for prev, r in zip(sp["rsft"], sp["rsft"][1:]):
+        if r["meta"].get("counterfactual"):
+            assert r["meta"]["renamed_from"] == prev["id"] and r["hop_len"] == prev["hop_len"]
+            start, rels, answer = ds.path_key(r)
+            assert answer not in kg.follow(start, list(rels)) and (start, rels, answer) not in held
+            assert _follow_facts(r["meta"]["facts"], start, rels) & set(r["options"].values()) == {answer}
+
+
 def test_counterfactual_needs_facts_mode():
     with pytest.raises(ValueError, match="context = 'facts'"):
         DataConfig(counterfactual=0.2)
+    with pytest.raises(ValueError, match="counterfactual_pool"):
+        DataConfig(counterfactual_pool=0.2)

@@ -153,6 +153,16 @@ def test_edge_precision_direction_and_no_pairs():
     assert run("TRACE: E0\nANSWER: A")["edge_precision"] == 0.0
 
 
+def test_renamed_question_hops_are_checked_against_its_facts():
+    # the prompt states E2 -> E0 -> E1 (contradicting the KG); the KG's own E0 -> E1 is stated too
+    renamed = dict(EX, path_star={"entities": ["E2", "E0", "E1"], "edges": []},
+                   meta={"counterfactual": True, "facts": ["E2 -a-> E0", "E0 -b-> E1", "Noise -c-> E3"]})
+    r = score("TRACE: E2 -a-> E0 -b-> E1 -c-> E2\nANSWER: A", renamed, M, KG_, CFG)
+    assert r["hallucinated_hops"] == [["E1", "E2"]]  # a KG edge, but not a stated fact
+    assert r["edge_precision"] == pytest.approx(2 / 3)
+    assert run("TRACE: E2 -a-> E0 -b-> E1\nANSWER: A")["edge_precision"] == pytest.approx(0.5)  # vs the KG
+
+
 def test_custom_weights_change_total():
     cfg = RewardConfig(correct=2.0, w_correct=0.5, w_path=2.0, min_hits=1, max_path_reward=0.6,
                        spam_penalty=1.0, repeat_max=1)

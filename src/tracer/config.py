@@ -37,13 +37,18 @@ class DataConfig(Section):
         0.0, ge=0, le=1,
         description="'facts' mode: add renamed copies of this share of training questions, whose facts contradict the KG.",
     )
+    counterfactual_pool: float = Field(
+        0.0, ge=0, le=1,
+        description="'facts' mode: follow this share of RSFT-pool questions by a renamed copy (sampled and rewarded like them).",
+    )
     shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
     letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
 
     @model_validator(mode="after")
     def _check_counterfactual(self) -> "DataConfig":
-        if self.counterfactual and self.context != "facts":
-            raise ValueError("counterfactual: renamed questions need the facts in the prompt (context = 'facts')")
+        for name in ("counterfactual", "counterfactual_pool"):
+            if getattr(self, name) and self.context != "facts":
+                raise ValueError(f"{name}: renamed questions need the facts in the prompt (context = 'facts')")
         return self
 
 

@@ -67,6 +67,14 @@ def format_fact(e: Any) -> str:
     return f"{s} -{r}-> {d}"
 
 
+_FACT_RE = re.compile(r"^(\S+) -(\S+)-> (\S+)$")
+
+
+def parse_fact(text: str) -> tuple[str, str, str]:
+    """``(src, rel, dst)`` of a :func:`format_fact` line."""
+    return _FACT_RE.match(text).groups()
+
+
 def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
     """``TRACE: E0 -caused_by-> E1 -fixed_by-> E2\\nANSWER: C``."""
     if not entities:
@@ -388,9 +396,6 @@ def _make_row(ctx: _Ctx, p: Path_, letter: str, template: int, split: str) -> di
     }
 
 
-_FACT_RE = re.compile(r"^(\S+) -(\S+)-> (\S+)$")
-
-
 def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: str) -> dict[str, Any]:
     """A copy of a facts-mode row with every entity renamed by ``mapping`` (question, options,
     facts, path and reference trace alike): the same chain shape, stated by facts that contradict
@@ -403,7 +408,7 @@ def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: s
     edges = [{"src": m(e["src"]), "rel": e["rel"], "dst": m(e["dst"])} for e in ps["edges"]]
     facts = []
     for f in meta["facts"]:
-        src, rel, dst = _FACT_RE.match(f).groups()
+        src, rel, dst = parse_fact(f)
         facts.append(format_fact((m(src), rel, m(dst))))
     options = {L: m(v) for L, v in row["options"].items()}
     question = render_question(kg, ents[0], meta["relations"], meta["template"])
@@ -613,10 +618,16 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
         counts: Counter = Counter()
         splits["eval_shuffled"] = [_shuffle_row(r, rng, counts) for r in splits["eval"]]
     verify_splits(kg, splits, cfg)
-    if cfg.counterfactual > 0:  # own generator: the splits above stay as they are without it
-        held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]}
+    # renamed copies draw from their own generators: without them the splits above stay as they are
+    held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]}
+    if cfg.counterfactual > 0:
         splits["train"] += counterfactual_rows(kg, splits["train"], cfg.counterfactual,
                                                random.Random(f"{cfg.seed}:counterfactual"), held_keys)
+    if cfg.counterfactual_pool > 0:
+        # each copy right after its original, so rsft.max_questions takes both kinds in proportion
+        copies = {r["meta"]["renamed_from"]: r for r in counterfactual_rows(
+            kg, splits["rsft"], cfg.counterfactual_pool, random.Random(f"{cfg.seed}:counterfactual-pool"), held_keys)}
+        splits["rsft"] = [x for r in splits["rsft"] for x in (r, copies.get(r["id"])) if x is not None]
     return splits
 
 

@@ -1,7 +1,8 @@
 """KG reward: parse ``TRACE:``/``ANSWER:`` completions, match entities, score, build episode rows.
 
-Pure Python (stdlib only). The knowledge graph is the reward model: the trace is checked
-against the gold path (coverage) and against the graph's edges (edge precision).
+Pure Python (no MLX). The knowledge graph is the reward model: the trace is checked against
+the gold path (coverage) and against the graph's edges (edge precision); a renamed
+(counterfactual) question's trace against the facts its prompt states.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
+
+from tracer.dataset import parse_fact
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tracer.config import RewardConfig
@@ -78,15 +81,21 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     return Parsed(valid, answer, trace_text, matcher.find(trace_text))
 
 
-def edge_check(trace_entities: list[str], kg: KG) -> tuple[float, list[list[str]]]:
+def edge_check(trace_entities: list[str], kg: KG, example: dict[str, Any] | None = None) -> tuple[float, list[list[str]]]:
     """Edge precision over consecutive distinct pairs, and the pairs that are not KG edges.
 
-    No pairs → precision 0.0.
+    A renamed (counterfactual) ``example`` is checked against its own facts instead: its world
+    is the prompt, which contradicts the KG. No pairs → precision 0.0.
     """
     pairs = [(a, b) for a, b in zip(trace_entities, trace_entities[1:]) if a != b]
     if not pairs:
         return 0.0, []
-    bad = [[a, b] for a, b in pairs if not kg.has_edge(a, b)]
+    meta = (example or {}).get("meta") or {}
+    if meta.get("counterfactual"):
+        stated = {(s, d) for s, _, d in map(parse_fact, meta.get("facts") or [])}
+        bad = [[a, b] for a, b in pairs if (a, b) not in stated]
+    else:
+        bad = [[a, b] for a, b in pairs if not kg.has_edge(a, b)]
     return (len(pairs) - len(bad)) / len(pairs), bad
 
 
@@ -102,7 +111,7 @@ def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: 
     named = set(p.trace_entities)
     hits = len(path & named)
     coverage = hits / len(path) if path else 0.0
-    edge_precision, hallucinated = edge_check(p.trace_entities, kg)
+    edge_precision, hallucinated = edge_check(p.trace_entities, kg, example)
     correct = p.valid_format and p.answer == example["answer_star"]
     if p.valid_format:
         correctness = cfg.correct if correct else cfg.incorrect
