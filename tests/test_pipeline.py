@@ -201,7 +201,8 @@ def test_splits_of_other_data_settings_are_refused_not_reused(tiny_work, capsys)
     assert split.read_text() == before
 
     kg_file = tiny_work / "data" / "tiny_kg.json"
-    kg = json.loads(kg_file.read_text())
+    original = kg_file.read_text()
+    kg = json.loads(original)
     kg_file.write_text(json.dumps(kg))  # reformatted only: still the same KG
     assert service.ensure_data(cfg) is None
     kg["edges"] = kg["edges"][1:]
@@ -209,7 +210,15 @@ def test_splits_of_other_data_settings_are_refused_not_reused(tiny_work, capsys)
     with pytest.raises(TracerError, match=r"\(the KG differ\)"):
         service.ensure_data(cfg)
 
-    (tiny_work / "data" / "tiny" / "splits.json").unlink()  # splits from before splits.json existed
+    settings = tiny_work / "data" / "tiny" / "splits.json"
+    kg_file.write_text(original)  # the KG as before
+    record = json.loads(settings.read_text())
+    del record["counterfactual_pool"]  # a record older than a knob left at its default
+    settings.write_text(json.dumps(record))
+    assert service.ensure_data(cfg) is None
+
+    kg_file.write_text(json.dumps(kg))  # the changed KG again, but ...
+    settings.unlink()  # ... splits from before splits.json existed are taken as they are
     assert service.ensure_data(cfg) is None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer import dataset, runs
-from tracer.config import Config, load_config, to_toml
+from tracer.config import Config, DataConfig, load_config, to_toml
 from tracer.errors import TracerError
 from tracer.kg import KG, load_kg
 from tracer.progress import NullProgress, Progress
@@ -70,7 +70,8 @@ def ensure_data(cfg: Config) -> dict | None:
     stored_file = Path(cfg.data.out_dir) / SETTINGS_FILE
     if stored_file.is_file():
         stored, now = json.loads(stored_file.read_text()), data_settings(cfg)
-        changed = [k for k in now if stored.get(k) != now[k]]
+        default = DataConfig().model_dump()  # a knob newer than the record: its default was in force
+        changed = [k for k in now if stored.get(k, default.get(k)) != now[k]]
         if changed:
             what = ", ".join("the KG" if k == "kg_sha256" else f"data.{k}" for k in changed)
             raise TracerError(f"{cfg.data.out_dir}: the splits there were made under other settings ({what} differ); "
