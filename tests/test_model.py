@@ -146,6 +146,18 @@ def test_preload_openblas_in_fresh_process():
     assert "libopenblas" in path and status == "loaded"
 
 
+def test_fixed_target_openblas_needs_its_instructions():
+    from tracer.blas import missing_instructions
+
+    avx2 = {"sse4_2", "avx", "avx2", "fma"}
+    # cmeel-openblas 0.3.31 is built for SKYLAKEX only: SIGILL on an AVX2-only CPU, so refused.
+    assert "avx512f" in missing_instructions("OpenBLAS 0.3.31 NO_AFFINITY SKYLAKEX MAX_THREADS=4", avx2)
+    assert missing_instructions("OpenBLAS 0.3.29 NO_AFFINITY ZEN MAX_THREADS=4", avx2) == []
+    assert missing_instructions("OpenBLAS 0.3.29 NO_AFFINITY ZEN MAX_THREADS=4", {"avx"}) == ["avx2", "fma"]
+    assert missing_instructions("OpenBLAS 0.3.33 DYNAMIC_ARCH NO_AFFINITY Zen MAX_THREADS=128", set()) == []
+    assert missing_instructions("OpenBLAS 0.3.33 NO_AFFINITY NEWCHIP", avx2) == ["?"]
+
+
 def test_preload_openblas_too_late_warns():
     code = (
         "import mlx.core, warnings\n"

@@ -1,9 +1,15 @@
 """Preload OpenBLAS before the first ``import mlx`` (Linux CPU).
 
-The mlx-cpu wheel links a generic reference BLAS (fp32 matmul ~8 GFLOP/s). Loading the
-OpenBLAS shipped by the ``cmeel-openblas`` wheel with ``RTLD_GLOBAL`` first makes MLX's
-``sgemm`` calls resolve to it (~50x faster). No mlx import here: this must run before it.
-Set ``TRACER_NO_OPENBLAS=1`` to skip (for benchmarks).
+The mlx-cpu wheel links a generic reference BLAS (fp32 matmul ~3-8 GFLOP/s). Loading an
+OpenBLAS with ``RTLD_GLOBAL`` first makes MLX's ``cblas_sgemm`` calls resolve to it (~50x
+faster). No mlx import here: this must run before it. Set ``TRACER_NO_OPENBLAS=1`` to skip (for
+benchmarks).
+
+Candidates, in order: the ``ngsolve-openblas`` wheel (a ``DYNAMIC_ARCH`` build: it picks its
+kernels for the CPU it runs on), then ``cmeel-openblas`` and any other ``libopenblas`` beside
+Python. cmeel's wheels are built for one CPU each (0.3.29: ZEN, 0.3.31: SKYLAKEX, which needs
+AVX-512) and die with SIGILL at the first matmul elsewhere, so a fixed-target build is first
+loaded privately, asked for its target, and made global only if this CPU has the instructions.
 """
 
 from __future__ import annotations
@@ -18,13 +24,66 @@ import tempfile
 import warnings
 from pathlib import Path
 
-_STATE: dict = {"attempted": False, "path": None, "reason": None, "gfortran": None}
+_STATE: dict = {"attempted": False, "path": None, "reason": None, "gfortran": None, "config": None}
+
+
+_PATTERNS = (
+    "ngsolve_openblas/libopenblas*.so*",
+    "cmeel.prefix/lib/libopenblas*.so*",
+    "lib/libopenblas*.so*",
+)
+
+# CPU flags (/proc/cpuinfo) each fixed OpenBLAS target needs; a target not listed is refused.
+_TARGET_FLAGS: dict[str, tuple[str, ...]] = {
+    "SAPPHIRERAPIDS": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile"),
+    "COOPERLAKE": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+    "SKYLAKEX": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"),
+    "ZEN": ("avx2", "fma"),
+    "HASWELL": ("avx2", "fma"),
+    "SANDYBRIDGE": ("avx",),
+    "NEHALEM": ("sse4_2",),
+    "PRESCOTT": ("sse3",),
+}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of the first CPU in ``/proc/cpuinfo`` (empty if unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def missing_instructions(config: str, flags: set[str]) -> list[str]:
+    """CPU flags an OpenBLAS build (its ``openblas_get_config()`` string) needs and ``flags`` lacks.
+
+    A ``DYNAMIC_ARCH`` build needs nothing; a fixed target not in the table is refused (``["?"]``).
+    """
+    words = config.upper().split()
+    if "DYNAMIC_ARCH" in words:
+        return []
+    target = next((w for w in words if w in _TARGET_FLAGS), None)
+    if target is None:
+        return ["?"]
+    return [f for f in _TARGET_FLAGS[target] if f not in flags]
+
+
+def _config_of(lib: ctypes.CDLL) -> str:
+    fn = getattr(lib, "openblas_get_config", None)
+    if fn is None:
+        return ""
+    fn.restype = ctypes.c_char_p
+    return (fn() or b"").decode(errors="replace")
 
 
 def _candidates() -> list[str]:
     seen: list[str] = []
     for root in [*_site_dirs(), sys.prefix]:
-        for pattern in ("cmeel.prefix/lib/libopenblas*.so*", "lib/libopenblas*.so*"):
+        for pattern in _PATTERNS:
             for path in sorted(glob.glob(os.path.join(root, pattern)), key=len):
                 if path not in seen:
                     seen.append(path)
@@ -75,19 +134,33 @@ def _gfortran_shim() -> str | None:
     return None
 
 
-def _load(path: str) -> None:
+def _open(path: str, mode: int) -> ctypes.CDLL:
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(path, mode=mode)
     except OSError as e:
         shim = _gfortran_shim() if "libgfortran" in str(e) else None
         if shim is None:
             raise
         _STATE["gfortran"] = shim
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(path, mode=mode)
+
+
+def _load(path: str) -> str:
+    """Load ``path`` privately, check its target against this CPU, then make it global.
+
+    Returns the build's config string; raises OSError when it cannot load or would not run here.
+    """
+    config = _config_of(_open(path, ctypes.RTLD_LOCAL))
+    missing = missing_instructions(config, cpu_flags())
+    if missing:
+        target = config or "unknown target"
+        raise OSError(f"built for {target}, this CPU lacks {', '.join(missing)}")
+    _open(path, ctypes.RTLD_GLOBAL)
+    return config
 
 
 def preload_openblas() -> str | None:
-    """Load cmeel-openblas globally before mlx; return the library path or None (idempotent)."""
+    """Load an OpenBLAS that runs on this CPU globally before mlx; return the library path or None (idempotent)."""
     if _STATE["attempted"]:
         return _STATE["path"]
     _STATE["attempted"] = True
@@ -109,14 +182,14 @@ def preload_openblas() -> str | None:
     errors: list[str] = []
     for path in _candidates():
         try:
-            _load(path)
+            _STATE["config"] = _load(path)
         except OSError as e:
             errors.append(f"{os.path.basename(path)}: {e}")
             continue
         _STATE["path"] = str(Path(path))
         _STATE["reason"] = "loaded"
         return _STATE["path"]
-    _STATE["reason"] = "; ".join(errors) if errors else "libopenblas not found (pip install cmeel-openblas)"
+    _STATE["reason"] = "; ".join(errors) if errors else "libopenblas not found (pip install ngsolve-openblas)"
     warnings.warn(
         f"tracer: OpenBLAS not preloaded ({_STATE['reason']}); CPU matmuls will be slow",
         RuntimeWarning,
@@ -126,9 +199,10 @@ def preload_openblas() -> str | None:
 
 
 def blas_info() -> dict:
-    """What :func:`preload_openblas` did: ``{"openblas": path|None, "gfortran_shim": path|None, "status": str}``."""
+    """What :func:`preload_openblas` did: ``{"openblas", "config", "gfortran_shim", "status"}``."""
     return {
         "openblas": _STATE["path"],
+        "config": _STATE["config"],
         "gfortran_shim": _STATE["gfortran"],
         "status": _STATE["reason"] if _STATE["attempted"] else "not attempted",
     }
