@@ -62,7 +62,7 @@ class RichProgress:
         self.console = con
         self.bar: Progress | None = None
         self.task = None
-        self.plain, self.every, self.last = not con.is_terminal, every, 0.0
+        self.plain, self.every, self.last = not con.is_terminal, every, float("-inf")
 
     def start(self, description: str, total: int | None) -> None:
         self.stop()
@@ -73,7 +73,7 @@ class RichProgress:
         )
         self.bar.start()
         self.task = self.bar.add_task(description, total=total, info="")
-        self.last = 0.0
+        self.last = float("-inf")  # the first update always prints (monotonic() starts near 0 at boot)
 
     def update(self, advance: int = 1, **info: Any) -> None:
         if self.bar is None:
