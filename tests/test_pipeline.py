@@ -169,6 +169,15 @@ def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
     assert "rounds = 2" in (part / "config.toml").read_text()
 
 
+def test_rsft_rounds_sample_the_next_pool_questions(tiny_work):
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "-o", "sft_adapter"]) == 0
+    assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "2", "-n", "5"]) == 0
+    pool = [r["id"] for r in read_jsonl(tiny_work / "data" / "tiny" / "rsft.jsonl")]
+    samples = read_jsonl(tiny_work / "data" / "runs" / "tiny" / "rsft_samples.jsonl")
+    for r, want in ((1, pool[:5]), (2, pool[5:10])):
+        assert sorted({s["ex_id"] for s in samples if s["round"] == r}) == sorted(want)
+
+
 def test_eval_max_tokens_caps_completions(tiny_work):
     """Greedy answers under a 2-token budget are strict prefixes of the unbudgeted ones."""
     args = ["eval", "-c", "tiny.toml", "-n", "4", "--no-shuffled"]

@@ -3,7 +3,7 @@
 import pytest
 
 from tracer.errors import TracerError
-from tracer.service import consolidation_rows, winner_rows
+from tracer.service import consolidation_rows, round_questions, winner_rows
 
 
 def _row(qid: str, hop_len: int, prompt: str = "", answer: str = "A") -> dict:
@@ -63,3 +63,14 @@ def test_winner_ties_go_to_the_trace_with_real_edges():
     better = scored(2, 1.6, 0.5, "TRACE: a -r-> y\nANSWER: A")
     assert select_winners([detour, clean, better], keep_top=1, min_reward=1.5) == [better]
     assert select_winners([scored(0, 2.0, 1.0, "x", correct=False)], keep_top=1, min_reward=0) == []
+
+
+def test_rounds_rotate_through_the_pool():
+    pool = [{"id": f"p{i}"} for i in range(10)]
+    ids = lambda rows: [q["id"] for q in rows]  # noqa: E731
+    assert ids(round_questions(pool, 4, 1, rotate=True)) == ["p0", "p1", "p2", "p3"]
+    assert ids(round_questions(pool, 4, 2, rotate=True)) == ["p4", "p5", "p6", "p7"]
+    assert ids(round_questions(pool, 4, 3, rotate=True)) == ["p8", "p9", "p0", "p1"]  # wraps
+    assert ids(round_questions(pool, 4, 3, rotate=False)) == ["p0", "p1", "p2", "p3"]
+    assert round_questions(pool, 0, 2, rotate=True) == pool
+    assert round_questions(pool, 12, 2, rotate=True) == pool

@@ -246,7 +246,7 @@ def rsft(
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps per round (overrides rsft.iters)."),
     k_samples: Optional[int] = typer.Option(None, "--k-samples", "-k", help="Completions sampled per question."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Sample → filter → fine-tune rounds."),
-    max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Use at most N pool questions."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Sample at most N pool questions per round (each round the next N: rsft.rotate)."),
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
     resume: bool = typer.Option(False, "--resume", help="Skip rounds already finished in the run directory "

@@ -107,7 +107,10 @@ class RSFTConfig(TrainConfig):
     keep_top: int = Field(1, ge=1, description="Winners kept per question.")
     min_reward: float = Field(1.0, description="A sample must reach this reward to be kept.")
     require_correct: bool = Field(True, description="Keep only samples whose answer is correct.")
-    max_questions: int = Field(0, ge=0, description="Use at most this many RSFT-pool questions (0 = all).")
+    max_questions: int = Field(0, ge=0, description="Sample at most this many RSFT-pool questions per round (0 = all).")
+    rotate: bool = Field(
+        True, description="With max_questions: each round takes the next questions of the pool (wrapping), not the first ones again."
+    )
     max_tokens: int = Field(160, ge=1, description="Token budget per sampled completion.")
     replay: float = Field(0.5, ge=0, description="SFT examples mixed in per winner, to keep earlier skills.")
 

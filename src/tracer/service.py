@@ -354,6 +354,18 @@ def select_winners(scored: list[dict], keep_top: int, min_reward: float, require
     return winners
 
 
+def round_questions(pool: list[dict], n: int, r: int, rotate: bool) -> list[dict]:
+    """The pool questions round ``r`` (1-based) samples: all of them when ``n`` is 0 or covers the
+    pool; else the first ``n``, or with ``rotate`` the ``n`` after those of round r - 1 (wrapping).
+    """
+    if not n or n >= len(pool):
+        return pool
+    if not rotate:
+        return pool[:n]
+    start = (r - 1) * n % len(pool)
+    return (pool[start:] + pool[:start])[:n]
+
+
 def _copy_adapter(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in runs.ADAPTER_FILES:
@@ -469,14 +481,12 @@ def rsft(
     adapter = adapter or str(runs.model_dir(run_path, "sft"))
     check_adapter_base(cfg, adapter, model)
     source = pool or str(split_path(cfg, "rsft"))
-    questions = load_split(cfg, "rsft", source, kg=kg)
-    contaminated = guard_leakage(cfg, questions, source, allow_eval_overlap, kg) or adapter_contaminated(adapter)
-    if rc.max_questions:
-        questions = questions[: rc.max_questions]
+    pool_rows = load_split(cfg, "rsft", source, kg=kg)
+    contaminated = guard_leakage(cfg, pool_rows, source, allow_eval_overlap, kg) or adapter_contaminated(adapter)
     replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
     if replay_pool:
         contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
-    by_id = {q["id"]: q for q in questions}
+    by_id = {q["id"]: q for q in pool_rows}
     samples_file = run_path / "rsft_samples.jsonl"
     previous = dataset.read_jsonl(samples_file) if resume and samples_file.is_file() else []
     all_samples: list[dict] = []
@@ -485,6 +495,7 @@ def rsft(
     for r in range(1, rc.rounds + 1):
         phase = rsft_phase_name(r)
         out_dir = runs.model_dir(run_path, phase)
+        questions = round_questions(pool_rows, rc.max_questions, r, rc.rotate)
         done = [s for s in previous if s.get("round") == r]
         if done and runs.has_adapter(out_dir):
             all_samples.extend(done)
