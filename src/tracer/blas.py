@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import platform
 import site
 import sys
 import sysconfig
@@ -33,7 +34,8 @@ _PATTERNS = (
     "lib/libopenblas*.so*",
 )
 
-# CPU flags (/proc/cpuinfo) each fixed OpenBLAS target needs; a target not listed is refused.
+# CPU flags (/proc/cpuinfo) each fixed x86-64 OpenBLAS target needs; a target not listed is refused
+# (on x86-64: other architectures are loaded as they come).
 _TARGET_FLAGS: dict[str, tuple[str, ...]] = {
     "SAPPHIRERAPIDS": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_tile"),
     "COOPERLAKE": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
@@ -151,7 +153,7 @@ def _load(path: str) -> str:
     Returns the build's config string; raises OSError when it cannot load or would not run here.
     """
     config = _config_of(_open(path, ctypes.RTLD_LOCAL))
-    missing = missing_instructions(config, cpu_flags())
+    missing = missing_instructions(config, cpu_flags()) if platform.machine() == "x86_64" else []
     if missing:
         target = config or "unknown target"
         raise OSError(f"built for {target}, this CPU lacks {', '.join(missing)}")
