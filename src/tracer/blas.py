@@ -154,9 +154,10 @@ def _load(path: str) -> str:
     """
     config = _config_of(_open(path, ctypes.RTLD_LOCAL))
     missing = missing_instructions(config, cpu_flags()) if platform.machine() == "x86_64" else []
+    if missing == ["?"]:
+        raise OSError(f"built for a CPU target tracer does not know ({config or 'no config string'})")
     if missing:
-        target = config or "unknown target"
-        raise OSError(f"built for {target}, this CPU lacks {', '.join(missing)}")
+        raise OSError(f"built for {config}, this CPU lacks {', '.join(missing)}")
     _open(path, ctypes.RTLD_GLOBAL)
     return config
 
