@@ -572,7 +572,7 @@ def consolidate(
 
     Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``), continues the last round's
     adapter (or ``adapter``) into ``models/consolidate`` (or ``output``), then evaluates it as the
-    phase ``consolidate``.
+    phase ``consolidate``. When no round kept a winner, it trains on the short questions alone.
     """
     progress = progress or NullProgress()
     run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
@@ -582,18 +582,25 @@ def consolidate(
     kg = load_kg(cfg.data.kg)
     ensure_data(cfg)
     train_source = str(split_path(cfg, "train"))
-    parts = consolidation_rows(dataset.read_jsonl(samples_file), load_split(cfg, "rsft", kg=kg),
-                               load_split(cfg, "train", kg=kg), cfg.consolidate.hops)
-    if parts["round"] is None:
-        raise TracerError(f"{samples_file}: no RSFT round kept a winner; nothing to consolidate")
-    adapter = adapter or str(runs.model_dir(run_path, rsft_phase_name(parts["round"])))
+    scored = dataset.read_jsonl(samples_file)
+    parts = consolidation_rows(scored, load_split(cfg, "rsft", kg=kg), load_split(cfg, "train", kg=kg),
+                               cfg.consolidate.hops)
+    last = parts["round"]
+    if last is None:  # every round carried its adapter over unchanged: rehearse the facts alone
+        if not parts["facts"] or not scored:
+            raise TracerError(f"{samples_file}: no RSFT round kept a winner and there are no training "
+                              f"questions of {cfg.consolidate.hops} hops; nothing to consolidate")
+        last = max(int(s.get("round", 1)) for s in scored)
+        progress.log(f"[yellow]consolidate: no RSFT round kept a winner; training on the facts alone, "
+                     f"from round {last}'s adapter[/yellow]")
+    adapter = adapter or str(runs.model_dir(run_path, rsft_phase_name(last)))
     check_adapter_base(cfg, adapter, model)
     rows = parts["winners"] + parts["facts"]
     contaminated = guard_leakage(cfg, rows, f"{samples_file} + {train_source}", allow_eval_overlap, kg)
     contaminated |= adapter_contaminated(adapter)
     out_dir = Path(output) if output else runs.model_dir(run_path, "consolidate")
     renamed = sum(bool(r["meta"].get("counterfactual")) for r in parts["facts"])
-    progress.log(f"consolidate: {len(parts['winners'])} winners of RSFT round {parts['round']} + "
+    progress.log(f"consolidate: {len(parts['winners'])} winners of RSFT round {last} + "
                  f"{len(parts['facts']) - renamed} training questions of {cfg.consolidate.hops} hops + "
                  f"{renamed} renamed ones")
     stats = _train(cfg, cfg.consolidate, rows, out_dir, model, resume, progress, init_adapter=adapter)
