@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_sampling.py --adapter data/runs/cpu_consolidate/models/consolidate
 
 The old side is ``src/tracer/generate.py`` as of ``--old-rev`` (``git show``) on the adapter
-loaded unmerged; the new side is this checkout's ``tracer.generate`` on the adapter merged into
+loaded unmerged (merged too with ``--old-fused``); the new side is this checkout's ``tracer.generate`` on the adapter merged into
 the weights (``tracer.model.load(fuse=True)``, what the service does). Same questions, seeds,
-batch size and stop rules; both sides run twice, interleaved, and the faster run counts.
+batch size and stop rules; both sides run ``--reps`` times, interleaved, and the fastest run counts.
 """
 
 from __future__ import annotations
@@ -57,21 +57,25 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--old-rev", default="b690824", help="git revision of the old generate.py")
+    ap.add_argument("--old-fused", action="store_true", help="merge the adapter on the old side too")
+    ap.add_argument("--reps", type=int, default=2, help="runs per side and task; the fastest counts")
+    ap.add_argument("--tasks", default="sample,greedy", help="comma-separated: sample, greedy")
     args = ap.parse_args()
 
     rows = [json.loads(line) for line in open(args.pool)][: args.n]
     prompts = [r["prompt"] for r in rows]
     old = old_generate(args.old_rev)
-    old_model, tok = tm.load(args.model, adapter=args.adapter)
-    new_model, _ = tm.load(args.model, adapter=args.adapter, fuse=True)
+    new_model, tok = tm.load(args.model, adapter=args.adapter, fuse=True)
+    old_model = new_model if args.old_fused else tm.load(args.model, adapter=args.adapter)[0]
     sides = {"old": (old, old_model), "new": (new_generate, new_model)}
     kw = dict(max_tokens=args.max_tokens, batch_size=args.batch_size)
 
-    result = {"blas": blas_info()["openblas"], "old_rev": args.old_rev, "n": args.n, "k": args.k, **kw}
+    result = {"blas": blas_info()["openblas"], "old_rev": args.old_rev, "old_fused": args.old_fused,
+              "n": args.n, "k": args.k, **kw}
     outputs: dict = {}
-    for task in ("sample", "greedy"):
+    for task in args.tasks.split(","):
         best: dict = {}
-        for _ in range(2):
+        for _ in range(args.reps):
             for name, (G, model) in sides.items():
                 if task == "sample":
                     out, wall = timed(lambda: G.sample_k(model, tok, prompts, args.k, seed=0,

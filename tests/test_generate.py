@@ -210,9 +210,14 @@ def test_greedy_matches_mlx_lm_reference(tiny):
     """Independent check of the batched/prefix-shared path against mlx-lm's own single stream."""
     from mlx_lm import stream_generate
 
+    from mlx_lm.models import llama
+
     model, tok = tiny
     stops = G.stop_token_ids(tok)
     ours = G.generate_tokens(model, tok, PROMPTS, max_tokens=20, stop_after_answer=False)
+    assert all(type(layer.self_attn) is G.GroupedDecodeAttention for layer in model.layers)
+    for layer in model.layers:  # the reference runs mlx-lm's own attention
+        layer.self_attn.__class__ = llama.Attention
     for p, o in zip(PROMPTS, ours):  # token ids: random weights emit bytes that decode differently
         ref = [r.token for r in stream_generate(model, tok, G.encode_chat(tok, p), max_tokens=20)]
         assert o == [t for t in ref if t not in stops]
@@ -236,6 +241,9 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
     greedy = G.sample_k(model, tok, PROMPTS, 3, max_tokens=12, temperature=0.0, stop_after_answer=False)
     single = G.generate(model, tok, PROMPTS, max_tokens=12, stop_after_answer=False)
     assert greedy == [[s] * 3 for s in single]
+    few_slots = G.sample_k(model, tok, PROMPTS, 3, max_tokens=12, temperature=0.0, stop_after_answer=False,
+                           batch_size=4)
+    assert few_slots == greedy  # copies split across refills decode alike
 
     enc = [G.encode_chat(tok, p) for p in PROMPTS[:2]]
     batch = [enc[0]] * 3 + [enc[1]] * 2
@@ -255,3 +263,55 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
     assert calls[0][0] == 2  # prefilled the 2 distinct prompts, not 5 rows
     assert calls[1][0] == 5  # then every row decodes
     assert len({tuple(s) for s in sampled[:3]}) > 1  # copies draw their own samples
+
+
+
+def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
+    """With fewer slots than prompts, finished rows are replaced by waiting prompts mid-decode;
+    every prompt still decodes exactly as it would alone, and no step exceeds the batch size."""
+    model, tok = tiny
+    enc = [G.encode_chat(tok, p) for p in PROMPTS + [p + " Why?" for p in PROMPTS]]
+
+    class Varying(G.RowStopper):  # rows end at different steps: after 3 + (first token % 7) tokens
+        def push(self, out, tok_id):
+            out.append(tok_id)
+            return len(out) >= 3 + out[0] % 7
+
+    shapes = []
+
+    class Spy:
+        def __init__(self, m):
+            self.m, self.layers, self.args = m, m.layers, m.args
+
+        def __call__(self, x, cache=None):
+            shapes.append(x.shape)
+            return self.m(x, cache=cache)
+
+    stopper = Varying(tok, 10, False)
+    greedy = G.make_sampler(0.0, 1.0, mx.random.key(0))
+    batched = G.decode_batch(Spy(model), enc, stopper, greedy, batch_size=3)
+    single = [G.decode_batch(model, [e], stopper, greedy)[0] for e in enc]
+    assert batched == single
+    assert len({len(o) for o in batched}) > 2  # rows really finish at different steps
+    assert max(b for b, n in shapes if n == 1) <= 3
+    prefills = [i for i, (b, n) in enumerate(shapes) if n > 1]
+    assert sum(shapes[i][0] for i in prefills) == len(enc)  # every prompt prefilled once
+    # some refill joined rows still decoding: the step after it is wider than the refill itself
+    assert any(shapes[i + 1][0] > shapes[i][0] for i in prefills[1:] if i + 1 < len(shapes))
+
+
+def test_decode_attention_matches_fast_sdpa():
+    mx.random.seed(0)
+    B, H, Hk, T, D = 3, 6, 2, 9, 8
+    q = mx.random.normal((B, H, 1, D))
+    k, v = mx.random.normal((B, Hk, T, D)), mx.random.normal((B, Hk, T, D))
+    left = mx.array([0, 2, 5])[:, None, None, None]
+    bool_mask = mx.arange(T)[None, None, None, :] >= left  # (B, 1, 1, T): left padding
+    additive = mx.where(bool_mask, 0.0, -1e9)
+    per_head = mx.broadcast_to(bool_mask, (B, H, 1, T))
+    for mask in (None, bool_mask, additive, per_head):
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+        assert mx.allclose(G.decode_attention(q, k, v, 0.3, mask), ref, atol=1e-5).item()
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=bool_mask)
+    other = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert not mx.allclose(ref, other, atol=1e-3).item()  # the mask matters in this test

@@ -1,13 +1,13 @@
 """Batched greedy / sampled generation with a KV cache and stop rules (MLX).
 
 Prompts are raw user messages; :func:`chat_prompt` wraps them in the tokenizer's chat template
-(the same function training uses). Prompts are sorted by token length into batches, left-padded,
-prefilled once with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so
-every row sees exactly the positions it would see alone) and decoded step by step. The token
-prefix every prompt shares (system prompt) is prefilled once per call, and a prompt repeated
-within a batch (K samples of one question) once per batch. A row stops at
-an end-of-turn / eos token, as soon as its text matches ``ANSWER:\\s*[A-D]`` (when
-``stop_after_answer``) or at ``max_tokens``; finished rows are dropped from the batch and cache.
+(the same function training uses). Prompts are sorted by token length, left-padded, prefilled
+with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so every row sees
+exactly the positions it would see alone) and decoded step by step. The token prefix every prompt
+shares (system prompt) is prefilled once per call, and a prompt repeated within a prefill (K
+samples of one question) once. A row stops at an end-of-turn / eos token, as soon as its text
+matches ``ANSWER:\\s*[A-D]`` (when ``stop_after_answer``) or at ``max_tokens``; finished rows are
+dropped from the batch and cache, and waiting prompts take their places (continuous batching).
 Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
 so Python bookkeeping overlaps the model's compute.
 """
@@ -23,6 +23,7 @@ from tracer.blas import preload_openblas
 preload_openblas()
 
 import mlx.core as mx  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
 
 from tracer.progress import NullProgress, Progress  # noqa: E402
 
@@ -223,6 +224,57 @@ def last_logits(model, inputs: mx.array, cache: list) -> mx.array:
     return head(hidden[:, -1:, :])[:, -1, :]
 
 
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """Attention of one new token per row, ``q (B, H, 1, D)`` over ``k, v (B, Hk, T, D)``.
+
+    The same result as ``mx.fast.scaled_dot_product_attention``, whose CPU fallback broadcasts
+    each KV head to its ``H / Hk`` query heads (copies); here each KV head's query group is one
+    ``(H / Hk, D) @ (D, T)`` product instead. ``mask``: None, boolean or additive, broadcastable
+    to ``(B, H, 1, T)``.
+    """
+    B, H, _, D = q.shape
+    Hk, T = k.shape[1], k.shape[2]
+    scores = (q * scale).reshape(B, Hk, H // Hk, D) @ k.swapaxes(-1, -2)
+    if mask is not None and not isinstance(mask, str):  # "causal" means nothing for one query
+        if mask.ndim == 4 and mask.shape[1] == H:
+            mask = mask.reshape(mask.shape[0], Hk, H // Hk, T)
+        elif mask.ndim == 4:
+            mask = mask.reshape(mask.shape[0], 1, 1, T)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ v).reshape(B, H, 1, -1)
+
+
+class GroupedDecodeAttention(llama.Attention):
+    """mlx-lm's llama attention with :func:`decode_attention` for one-token steps over a cache."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        if L != 1 or cache is None:
+            return super().__call__(x, mask, cache)
+        q = self.q_proj(x).reshape(B, 1, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, 1, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, 1, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = decode_attention(q, k, v, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
+
+
+def use_grouped_decode(model) -> int:
+    """Switch the model's llama attention layers to :class:`GroupedDecodeAttention` (same
+    outputs; decode steps ≈ 10% faster on CPU). Returns the number of layers switched."""
+    n = 0
+    for layer in getattr(model, "layers", []):
+        if type(getattr(layer, "self_attn", None)) is llama.Attention:
+            layer.self_attn.__class__ = GroupedDecodeAttention
+            n += 1
+    return n
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
     """``(B, maxlen)`` left-padded token array and each row's padding."""
     n = max(len(p) for p in prompts)
@@ -262,6 +314,24 @@ class RowStopper:
         return len(out) >= self.max_tokens
 
 
+def prefill(model, prompts: list[list[int]], prefix_kv: list | None = None) -> tuple[list, mx.array]:
+    """Caches and last-position logits ``(B, V)`` for a left-padded batch of ``prompts``.
+
+    A prompt repeated in the batch (K samples of one question) is prefilled once, then its cache
+    rows and logits are copied.
+    """
+    unique: dict[tuple[int, ...], int] = {}
+    copy_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    inputs, padding = left_pad([list(p) for p in unique])
+    cache = make_cache(model, padding, prefix_kv)
+    P = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    logits = last_logits(model, inputs[:, P:], cache)
+    if len(unique) < len(prompts):
+        filter_cache(cache, copy_of)
+        logits = logits[mx.array(copy_of, dtype=mx.int32)]
+    return cache, logits
+
+
 def decode_batch(
     model,
     prompts: list[list[int]],
@@ -269,56 +339,68 @@ def decode_batch(
     sampler: Callable[[mx.array], mx.array],
     on_done: Callable[[int, list[int]], None] | None = None,
     prefix_kv: list | None = None,
+    batch_size: int | None = None,
 ) -> list[list[int]]:
-    """Generate for one left-padded batch; returns each row's tokens (stop token excluded).
+    """Generate for ``prompts`` with at most ``batch_size`` rows decoding at once (default: all).
 
-    ``prefix_kv``: the cached keys/values of a token prefix that every prompt starts with.
+    Continuous batching: prompts are admitted in order; once a quarter of the rows have finished,
+    the cache drops them and the next prompts are prefilled and appended to the running batch, so
+    it stays near full instead of draining to a few stragglers. Returns each prompt's tokens
+    (stop token excluded). ``prefix_kv``: the cached keys/values of a token prefix
+    that every prompt starts with.
     """
-    # a prompt repeated in the batch (K samples of one question) is prefilled once, then its
-    # cache rows and logits are copied
-    unique: dict[tuple[int, ...], int] = {}
-    copy_of = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    inputs, padding = left_pad([list(p) for p in unique])
-    cache = make_cache(model, padding, prefix_kv)
-    P = prefix_kv[0][0].shape[2] if prefix_kv else 0
+    size = max(1, batch_size or len(prompts))
     outs: list[list[int]] = [[] for _ in prompts]
-    rows = list(range(len(prompts)))  # batch position -> original row
-    logits = last_logits(model, inputs[:, P:], cache)
-    if len(unique) < len(prompts):
-        filter_cache(cache, copy_of)
-        logits = logits[mx.array(copy_of, dtype=mx.int32)]
-    y = sampler(logits)
+    admitted = 0
+
+    def admit(n: int) -> tuple[list, mx.array, list[int | None]]:
+        nonlocal admitted
+        new_rows = list(range(admitted, min(admitted + n, len(prompts))))
+        admitted += len(new_rows)
+        cache, logits = prefill(model, [prompts[i] for i in new_rows], prefix_kv)
+        return cache, sampler(logits), new_rows
+
+    if not prompts:
+        return outs
+    cache, y, rows = admit(size)  # rows: batch position -> prompt index, None once finished
     mx.async_eval(y)
-    step = 0
-    while rows:
-        step += 1
+    while True:
+        live = [r for r in rows if r is not None]
         # dispatch the next step before reading this one back (pipelining), unless every row
-        # reaches max_tokens with this one (rows advance in lockstep)
+        # reaches max_tokens with this one and no prompt is waiting
         y_next = None
-        if step < stopper.max_tokens:
+        if admitted < len(prompts) or any(len(outs[r]) + 1 < stopper.max_tokens for r in live):
             y_next = sampler(last_logits(model, y[:, None], cache))
             mx.async_eval(y_next)
-        keep = []
         for j, tok in enumerate(y.tolist()):
-            if stopper.push(outs[rows[j]], tok):
+            r = rows[j]
+            if r is not None and stopper.push(outs[r], tok):
+                rows[j] = None
                 if on_done is not None:
-                    on_done(rows[j], outs[rows[j]])
-            else:
-                keep.append(j)
-        if len(keep) < len(rows):
+                    on_done(r, outs[r])
+        keep = [j for j, r in enumerate(rows) if r is not None]
+        if not keep and admitted == len(prompts):
+            break
+        # finished rows keep their slots (their tokens are ignored) until a quarter of the batch
+        # has finished: then the cache is compacted once (a copy of every layer's keys/values)
+        # and waiting prompts are prefilled into the free slots
+        if len(rows) - len(keep) >= max(1, len(rows) // 4):
             rows = [rows[j] for j in keep]
-            if not rows or y_next is None:
-                break
-            filter_cache(cache, keep)
-            y_next = y_next[mx.array(keep, dtype=mx.int32)]
+            if rows:
+                filter_cache(cache, keep)
+                y_next = y_next[mx.array(keep, dtype=mx.int32)]
+            if admitted < len(prompts):
+                new_cache, y_new, new_rows = admit(size - len(rows))
+                if rows:
+                    for c, n in zip(cache, new_cache):
+                        c.extend(n)
+                    y_next = mx.concatenate([y_next, y_new])
+                else:
+                    cache, y_next = new_cache, y_new
+                rows = rows + new_rows
+                mx.async_eval(y_next)
         y = y_next
     return outs
-
-
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (stable), cut into batches of ``batch_size``."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def generate_tokens(
@@ -339,26 +421,23 @@ def generate_tokens(
     if not prompts:
         progress.stop()
         return []
+    use_grouped_decode(model)
     encoded = [encode_chat(tokenizer, p) for p in prompts]
     stopper = RowStopper(tokenizer, max(1, max_tokens), stop_after_answer)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: K copies stay adjacent
     results: list[list[int] | None] = [None] * len(prompts)
-    batches = _batches([len(e) for e in encoded], max(1, batch_size))
-    keys = mx.random.split(mx.random.key(seed), len(batches))
     t0, n_tok = time.perf_counter(), 0
     P = shared_prefix_len(encoded) if len(model.layers) else 0
     prefix_kv = prefix_cache(model, encoded[0][:P]) if P else None
 
-    for b, idx in enumerate(batches):
-        sampler = make_sampler(temperature, top_p, keys[b])
+    def done(row: int, toks: list[int]) -> None:
+        nonlocal n_tok
+        n_tok += len(toks)
+        results[order[row]] = toks
+        progress.update(1, tok_s=round(n_tok / max(time.perf_counter() - t0, 1e-9), 1))
 
-        def done(row: int, toks: list[int], idx=idx) -> None:
-            nonlocal n_tok
-            n_tok += len(toks)
-            results[idx[row]] = toks
-            tok_s = n_tok / max(time.perf_counter() - t0, 1e-9)
-            progress.update(1, tok_s=round(tok_s, 1))
-
-        decode_batch(model, [encoded[i] for i in idx], stopper, sampler, done, prefix_kv)
+    decode_batch(model, [encoded[i] for i in order], stopper,
+                 make_sampler(temperature, top_p, mx.random.key(seed)), done, prefix_kv, batch_size)
     progress.stop()
     return [r if r is not None else [] for r in results]
 
