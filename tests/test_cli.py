@@ -137,6 +137,15 @@ def test_help_explains_every_command(capsys):
         assert cmd in out
 
 
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tracer", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rsft" in out.stdout and "consolidate" in out.stdout
+
+
 def test_progress_off_a_terminal_prints_plain_status_lines():
     import io
 

@@ -1,0 +1,5 @@
+"""``python -m tracer``: the same CLI as the ``tracer`` script."""
+
+from tracer.cli import entry
+
+entry()
