@@ -156,6 +156,9 @@ def test_sample_k_shape_and_determinism(tiny):
     assert s1 == s2
     assert [len(x) for x in s1] == [4, 4, 4]
     assert len(set(s1[1])) > 1  # the k samples differ
+    refilled = [G.sample_k(model, tok, PROMPTS[:3], 4, batch_size=5, **kw) for _ in range(2)]
+    assert refilled[0] == refilled[1]  # seeded through refills too
+    assert all(len(set(group)) > 1 for group in refilled[0][:2])
     with pytest.raises(ValueError):
         G.sample_k(model, tok, PROMPTS, 0)
 
@@ -293,6 +296,9 @@ def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
     single = [G.decode_batch(model, [e], stopper, greedy)[0] for e in enc]
     assert batched == single
     assert len({len(o) for o in batched}) > 2  # rows really finish at different steps
+    P = G.shared_prefix_len(enc)
+    assert G.decode_batch(model, enc, stopper, greedy, prefix_kv=G.prefix_cache(model, enc[0][:P]),
+                          batch_size=3) == single  # appended rows over the shared-prefix cache too
     assert max(b for b, n in shapes if n == 1) <= 3
     prefills = [i for i, (b, n) in enumerate(shapes) if n > 1]
     assert sum(shapes[i][0] for i in prefills) == len(enc)  # every prompt prefilled once

@@ -253,7 +253,7 @@ class GroupedDecodeAttention(llama.Attention):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
-        if L != 1 or cache is None:
+        if L != 1 or cache is None or hasattr(cache, "bits"):  # prefill, no cache, quantized cache
             return super().__call__(x, mask, cache)
         q = self.q_proj(x).reshape(B, 1, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, 1, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -265,8 +265,11 @@ class GroupedDecodeAttention(llama.Attention):
 
 
 def use_grouped_decode(model) -> int:
-    """Switch the model's llama attention layers to :class:`GroupedDecodeAttention` (same
-    outputs; decode steps ≈ 10% faster on CPU). Returns the number of layers switched."""
+    """On CPU, switch the model's llama attention layers to :class:`GroupedDecodeAttention` (same
+    outputs; decode steps ≈ 10% faster). GPUs keep the fused attention kernel. Returns the number
+    of layers switched."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return 0
     n = 0
     for layer in getattr(model, "layers", []):
         if type(getattr(layer, "self_attn", None)) is llama.Attention:
@@ -379,7 +382,7 @@ def decode_batch(
                 if on_done is not None:
                     on_done(r, outs[r])
         keep = [j for j, r in enumerate(rows) if r is not None]
-        if not keep and admitted == len(prompts):
+        if (not keep and admitted == len(prompts)) or y_next is None:  # None: every row hit max_tokens
             break
         # finished rows keep their slots (their tokens are ignored) until a quarter of the batch
         # has finished: then the cache is compacted once (a copy of every layer's keys/values)

@@ -587,7 +587,9 @@ def consolidate(
                                cfg.consolidate.hops)
     last = parts["round"]
     if last is None:  # every round carried its adapter over unchanged: rehearse the facts alone
-        if not parts["facts"] or not scored:
+        if not scored:
+            raise TracerError(f"{samples_file}: no RSFT samples in it; nothing to consolidate")
+        if not parts["facts"]:
             raise TracerError(f"{samples_file}: no RSFT round kept a winner and there are no training "
                               f"questions of {cfg.consolidate.hops} hops; nothing to consolidate")
         last = max(int(s.get("round", 1)) for s in scored)
