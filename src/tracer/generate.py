@@ -349,8 +349,8 @@ def decode_batch(
     Continuous batching: prompts are admitted in order; once a quarter of the rows have finished,
     the cache drops them and the next prompts are prefilled and appended to the running batch, so
     it stays near full instead of draining to a few stragglers. Returns each prompt's tokens
-    (stop token excluded). ``prefix_kv``: the cached keys/values of a token prefix
-    that every prompt starts with.
+    (stop token excluded). ``prefix_kv``: the cached keys/values of a token prefix that every
+    prompt starts with.
     """
     size = max(1, batch_size or len(prompts))
     outs: list[list[int]] = [[] for _ in prompts]
