@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.metrics import aggregate, hop_recall, shuffle_agreement, trace_hops, wilson
+from tracer.metrics import aggregate, hop_recall, shuffle_agreement, trace_hops, trace_nodes, wilson
 
 
 def test_wilson_known_values():
@@ -69,7 +69,7 @@ def test_trace_hops_counts_arrows_even_for_unknown_entities():
 
 
 def chain(trace, gold, valid=True):
-    return {"parsed": {"valid_format": valid, "trace_entities": trace, "path_entities": gold}}
+    return {"parsed": {"valid_format": valid, "trace_text": " -r-> ".join(trace), "path_entities": gold}}
 
 
 def test_hop_recall_counts_each_position_given_a_correct_prefix():
@@ -86,6 +86,17 @@ def test_hop_recall_counts_each_position_given_a_correct_prefix():
     assert r["2"] == {"n": 4, "recall": 0.5, "stopped": 0.25}
     assert r["3"] == {"n": 2, "recall": 1.0, "stopped": 0.0}
     assert hop_recall([]) == {} and aggregate([])["hop_recall"] == {}
+
+
+def test_hop_recall_reads_the_written_hops():
+    gold = ["S", "A", "B"]
+    made_up = chain(["S", "Invented", "B"], gold)  # a name that is no entity: a wrong hop, not a stop
+    repeat = chain(["S", "S", "A"], gold)  # a repeated entity is a hop too
+    r = hop_recall([made_up, repeat])
+    assert r["1"] == {"n": 2, "recall": 0.0, "stopped": 0.0} and "2" not in r
+    old_row = {"parsed": {"valid_format": True, "trace_entities": ["S", "A"], "path_entities": gold}}
+    assert hop_recall([old_row])["1"]["recall"] == 1.0  # rows without trace_text: named entities
+    assert trace_nodes("`S` -r-> A ->B.") == ["S", "A", "B"] and trace_nodes("  ") == []
 
 
 def test_aggregate_empty_and_no_valid():

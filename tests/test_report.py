@@ -85,7 +85,7 @@ EPISODES = [
     episode("eval-00001", 2, False, "B", "C", "E0 -caused_by-> E7 -fixed_by-> E2",
             ["E0", "E7", "E2"], ["E0", "E1", "E2"], [["E0", "E7"]]),
     episode("eval-00002", 4, True, "D", "D", "E3 -caused_by-> E4", ["E3", "E4"], ["E3", "E4", "E5", "E6", "E0"], []),
-    episode("eval-00003", 4, False, None, "B", "E3 E4 E10", ["E3", "E4", "E10"],
+    episode("eval-00003", 4, False, None, "B", "E3 -a-> E4 -b-> E10", ["E3", "E4", "E10"],
             ["E3", "E4", "E5", "E6", "E1"], [["E4", "E10"]], valid=False),
     episode("eval-00004", 2, False, "A", "D", "E1 -fixed_by-> E2", ["E1", "E2"], ["E1", "E2", "E3"], []),
 ]

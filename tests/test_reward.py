@@ -141,9 +141,19 @@ def test_matcher_order_and_repeats_and_empty():
 
 def test_edge_precision_with_hallucinated_hop():
     r = run("TRACE: E0 -a-> E1 -b-> E3 -c-> E3\nANSWER: A")
-    # pairs (distinct): E0->E1 ok, E1->E3 not an edge; E3->E3 skipped
-    assert r["edge_precision"] == pytest.approx(0.5)
-    assert r["hallucinated_hops"] == [["E1", "E3"]]
+    # hops as written: E0->E1 ok, E1->E3 not an edge, E3->E3 (a repeat) not an edge either
+    assert r["edge_precision"] == pytest.approx(1 / 3)
+    assert r["hallucinated_hops"] == [["E1", "E3"], ["E3", "E3"]]
+
+
+def test_edge_precision_counts_hops_to_names_that_are_no_entity():
+    # E0 -> E1 is a KG edge, but the trace never wrote it: both written hops go through a made-up name
+    r = run("TRACE: E0 -a-> NotAnEntity -b-> E1\nANSWER: A")
+    assert r["edge_precision"] == 0.0
+    assert r["hallucinated_hops"] == [["E0", "NotAnEntity"], ["NotAnEntity", "E1"]]
+    assert r["trace_entities"] == ["E0", "E1"]  # coverage still reads the entities it names
+    r = run("TRACE: `E0` -a-> E1.\nANSWER: A")  # quotes and a trailing period are not part of a name
+    assert r["edge_precision"] == 1.0 and r["hallucinated_hops"] == []
 
 
 def test_edge_precision_direction_and_no_pairs():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
+
+_ARROW_RE = re.compile(r"\s*(?:-[A-Za-z0-9_]*)?->\s*")
+_NODE_TRIM = " \t\n`'\".,;:"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -22,9 +26,18 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def trace_nodes(trace_text: str) -> list[str]:
+    """The trace as written, cut at its ``-relation->`` (or bare ``->``) arrows: one string per
+    node, in order, repeats and names that are no entity included (trimmed of spaces, quotes,
+    backticks and trailing punctuation). ``""`` → ``[]``."""
+    if not trace_text.strip():
+        return []
+    return [node.strip(_NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
+
+
 def trace_hops(trace_text: str) -> int:
     """Hops written in a trace: the ``-relation->`` arrows, whether or not the entities exist."""
-    return trace_text.count("->")
+    return max(0, len(trace_nodes(trace_text)) - 1)
 
 
 def _full_length(e: dict[str, Any]) -> bool:
@@ -51,17 +64,20 @@ def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Recall of each hop position given a correct prefix, read from the named entity sequence.
+    """Recall of each hop position given a correct prefix, read from the trace's written nodes
+    (:func:`trace_nodes`).
 
-    For hop i (1-based), ``n`` counts the episodes whose trace names gold path entities 0..i-1 in
-    order (the question's start entity included); ``recall`` is the share of them whose next named
-    entity is gold entity i, ``stopped`` the share whose trace names nothing more. Episodes of every
-    format count (an invalid one's trace runs to the end of its text). Keyed by ``str(i)``.
+    For hop i (1-based), ``n`` counts the episodes whose trace starts with gold path entities
+    0..i-1 in order (the question's start entity included); ``recall`` is the share of them whose
+    next node is gold entity i, ``stopped`` the share whose trace has no more hops (a node that is
+    no entity is a wrong hop, not a stop). Episodes of every format count (an invalid one's trace
+    runs to the end of its text). Keyed by ``str(i)``.
     """
     reached: dict[int, list[int]] = {}  # hop -> [n, right, stopped]
     for e in episodes:
         p = e["parsed"]
-        trace, gold = p.get("trace_entities") or [], p.get("path_entities") or []
+        trace = trace_nodes(p["trace_text"]) if "trace_text" in p else p.get("trace_entities") or []
+        gold = p.get("path_entities") or []
         for i in range(1, len(gold)):
             if trace[:i] != gold[:i]:
                 break

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.errors import TracerError
+from tracer.metrics import trace_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
@@ -672,16 +672,18 @@ def read_episodes(run: dict[str, Any], phase: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _nodes(parsed: dict[str, Any]) -> list[str]:
+    """The trace's written nodes (episodes without ``trace_text``: its named entities)."""
+    if "trace_text" in parsed:
+        return trace_nodes(parsed.get("trace_text") or "")
+    return list(parsed.get("trace_entities") or [])
+
+
 def _hop_list(ep: dict[str, Any], kg: KG | None) -> list[dict[str, Any]]:
-    ents = list((ep.get("parsed") or {}).get("trace_entities") or [])
+    nodes = _nodes(ep.get("parsed") or {})
     bad = {tuple(h) for h in ep.get("hallucinated_hops") or [] if len(h) == 2}
-    hops = []
-    for a, b in zip(ents, ents[1:]):
-        if a == b:
-            continue
-        real = kg.has_edge(a, b) if kg is not None else (a, b) not in bad
-        hops.append({"src": a, "dst": b, "real": bool(real)})
-    return hops
+    return [{"src": a, "dst": b, "real": bool(kg.has_edge(a, b) if kg is not None else (a, b) not in bad)}
+            for a, b in zip(nodes, nodes[1:])]
 
 
 def wrong_examples(run: dict[str, Any] | str | Path, phase: str, n: int,
@@ -714,15 +716,15 @@ def wrong_examples(run: dict[str, Any] | str | Path, phase: str, n: int,
     return out
 
 
-def _entity_spans(text: str, entities: list[str]) -> list[tuple[int, int]]:
-    """Positions of ``entities`` found in order in ``text`` (word-bounded); stops at the first miss."""
+def _node_spans(text: str, nodes: list[str]) -> list[tuple[int, int]]:
+    """Positions of ``nodes`` found in order in ``text``; stops at the first miss."""
     spans, pos = [], 0
-    for e in entities:
-        m = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(e)}(?![A-Za-z0-9_])").search(text, pos)
-        if m is None:
+    for node in nodes:
+        start = text.find(node, pos) if node else -1
+        if start < 0:
             break
-        spans.append((m.start(), m.end()))
-        pos = m.end()
+        spans.append((start, start + len(node)))
+        pos = start + len(node)
     return spans
 
 
@@ -732,21 +734,17 @@ def _trace_text(ep: dict[str, Any]) -> Text:
     text = Text(completion)
     parsed = ep.get("parsed") or {}
     trace = parsed.get("trace_text") or ""
-    ents = list(parsed.get("trace_entities") or [])
+    nodes = _nodes(parsed)
     start = completion.find(trace) if trace else -1
-    if start < 0 or not ents:
+    if start < 0 or not nodes:
         return text
-    spans = [(a + start, b + start) for a, b in _entity_spans(trace, ents)]
+    spans = [(a + start, b + start) for a, b in _node_spans(trace, nodes)]
     hops = ep.get("hops")
     if hops is None:
         hops = _hop_list(ep, None)
-    bad = {(h["src"], h["dst"]) for h in hops if not h["real"]}
-    for i in range(len(spans) - 1):
-        a, b = ents[i], ents[i + 1]
-        if a == b:
-            continue
-        style = "bold red" if (a, b) in bad else "green"
-        text.stylize(style, spans[i][1], spans[i + 1][1])  # connector + destination entity
+    for i, hop in enumerate(hops[: max(0, len(spans) - 1)]):
+        style = "green" if hop["real"] else "bold red"
+        text.stylize(style, spans[i][1], spans[i + 1][1])  # connector + destination node
     if spans:
         text.stylize("bold", spans[0][0], spans[0][1])
     return text

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tracer.dataset import parse_fact
+from tracer.metrics import trace_nodes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tracer.config import RewardConfig
@@ -81,13 +82,15 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     return Parsed(valid, answer, trace_text, matcher.find(trace_text))
 
 
-def edge_check(trace_entities: list[str], kg: KG, example: dict[str, Any] | None = None) -> tuple[float, list[list[str]]]:
-    """Edge precision over consecutive distinct pairs, and the pairs that are not KG edges.
+def edge_check(nodes: list[str], kg: KG, example: dict[str, Any] | None = None) -> tuple[float, list[list[str]]]:
+    """Edge precision over the hops as written (:func:`tracer.metrics.trace_nodes`), and the hops
+    that are not KG edges.
 
+    Every hop counts: one to a name that is no entity, or from an entity to itself, is not an edge.
     A renamed (counterfactual) ``example`` is checked against its own facts instead: its world
-    is the prompt, which contradicts the KG. No pairs → precision 0.0.
+    is the prompt, which contradicts the KG. No hops → precision 0.0.
     """
-    pairs = [(a, b) for a, b in zip(trace_entities, trace_entities[1:]) if a != b]
+    pairs = list(zip(nodes, nodes[1:]))
     if not pairs:
         return 0.0, []
     meta = (example or {}).get("meta") or {}
@@ -111,7 +114,7 @@ def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: 
     named = set(p.trace_entities)
     hits = len(path & named)
     coverage = hits / len(path) if path else 0.0
-    edge_precision, hallucinated = edge_check(p.trace_entities, kg, example)
+    edge_precision, hallucinated = edge_check(trace_nodes(p.trace_text), kg, example)
     correct = p.valid_format and p.answer == example["answer_star"]
     if p.valid_format:
         correctness = cfg.correct if correct else cfg.incorrect
