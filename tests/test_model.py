@@ -272,3 +272,38 @@ def test_device_info():
     info = tm.device_info()
     assert info["backend"] in ("cpu", "gpu") and info["matmul_gflops_fp32"] > 0
     assert "openblas" in info["blas"]
+
+
+def test_share_cores_splits_threads_between_live_tracer_processes(tmp_path):
+    """Each registered, still-running tracer process gets cores // n OpenBLAS threads; entries of
+    dead processes are dropped; a thread count set in the environment is left alone."""
+    code = f"""
+import ctypes, os, subprocess, sys, time
+from pathlib import Path
+from tracer import blas
+if blas.preload_openblas() is None:
+    print("skip"); sys.exit(0)
+reg = Path({str(tmp_path / "reg")!r})
+lib = ctypes.CDLL(blas.blas_info()["openblas"])
+cores = len(os.sched_getaffinity(0))
+other = subprocess.Popen(["sleep", "60"])
+time.sleep(0.2)
+reg.mkdir()
+(reg / str(other.pid)).write_text(blas._start_time(other.pid))
+(reg / "999999999").write_text("1")  # a process that is gone
+assert blas.share_cores(0, reg) == max(1, cores // 2) == lib.openblas_get_num_threads()
+assert sorted(p.name for p in reg.iterdir()) == sorted([str(os.getpid()), str(other.pid)])
+other.kill(); other.wait()
+assert blas.share_cores(0, reg) == cores == lib.openblas_get_num_threads()
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+assert blas.share_cores(0, reg) is None
+print("ok")
+"""
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for k in ("TRACER_NO_OPENBLAS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in ("ok", "skip")
+    if sys.platform.startswith("linux"):
+        assert r.stdout.strip() == "ok"

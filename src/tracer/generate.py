@@ -18,7 +18,7 @@ import re
 import time
 from typing import Callable
 
-from tracer.blas import preload_openblas
+from tracer.blas import preload_openblas, share_cores
 
 preload_openblas()
 
@@ -425,6 +425,7 @@ def generate_tokens(
         progress.stop()
         return []
     use_grouped_decode(model)
+    share_cores()
     encoded = [encode_chat(tokenizer, p) for p in prompts]
     stopper = RowStopper(tokenizer, max(1, max_tokens), stop_after_answer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: K copies stay adjacent

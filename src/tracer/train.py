@@ -7,7 +7,7 @@ Adapters are saved in mlx-lm's format (``adapters.safetensors`` + ``adapter_conf
 
 from __future__ import annotations
 
-from tracer.blas import preload_openblas
+from tracer.blas import preload_openblas, share_cores
 
 preload_openblas()
 
@@ -352,6 +352,7 @@ def train(
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
             loss = step_fn(batch)
             mx.eval(loss, model.trainable_parameters(), optimizer.state)
+            share_cores()  # nothing in flight here
             losses.append(loss.item())
             snapshot = None
             tokens += batch.tokens
