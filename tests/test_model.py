@@ -292,6 +292,7 @@ reg.mkdir()
 (reg / str(other.pid)).write_text(blas._start_time(other.pid))
 (reg / "999999999").write_text("1")  # a process that is gone
 assert blas.share_cores(0, reg) == max(1, cores // 2) == lib.openblas_get_num_threads()
+assert blas.blas_info()["threads"] == max(1, cores // 2)  # what `tracer doctor` shows
 assert sorted(p.name for p in reg.iterdir()) == sorted([str(os.getpid()), str(other.pid)])
 other.kill(); other.wait()
 assert blas.share_cores(0, reg) == cores == lib.openblas_get_num_threads()

@@ -274,10 +274,13 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
 
 
 def blas_info() -> dict:
-    """What :func:`preload_openblas` did: ``{"openblas", "config", "gfortran_shim", "status"}``."""
+    """What :func:`preload_openblas` did: ``{"openblas", "config", "threads", "gfortran_shim",
+    "status"}`` (``threads``: OpenBLAS's thread count now, None without OpenBLAS)."""
+    threads = ctypes.CDLL(_STATE["path"]).openblas_get_num_threads() if _STATE["path"] else None
     return {
         "openblas": _STATE["path"],
         "config": _STATE["config"],
+        "threads": threads,
         "gfortran_shim": _STATE["gfortran"],
         "status": _STATE["reason"] if _STATE["attempted"] else "not attempted",
     }

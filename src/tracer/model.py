@@ -8,7 +8,7 @@ Hugging Face hub id (``org/name``). Aliases and GGUF files are converted once in
 
 from __future__ import annotations
 
-from tracer.blas import blas_info, preload_openblas
+from tracer.blas import blas_info, preload_openblas, share_cores
 
 preload_openblas()
 
@@ -446,6 +446,7 @@ def device_info() -> dict:
         mlx_lm_version = version("mlx-lm")
     except PackageNotFoundError:  # pragma: no cover
         mlx_lm_version = None
+    share_cores(0)  # as many threads as a training step in this situation gets
     return {
         "backend": "cpu" if _on_cpu() else "gpu",
         "device": str(mx.default_device()),
