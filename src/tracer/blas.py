@@ -266,7 +266,11 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
         return _SHARE["threads"]
     _SHARE["next"] = now + interval
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // live_processes(registry))
+    try:
+        n = live_processes(registry)
+    except OSError:  # no writable temp folder: this process alone, as before
+        n = 1
+    threads = max(1, cores // n)
     if threads != _SHARE["threads"]:
         ctypes.CDLL(_STATE["path"]).openblas_set_num_threads(threads)
         _SHARE["threads"] = threads
