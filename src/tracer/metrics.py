@@ -35,6 +35,14 @@ def trace_nodes(trace_text: str) -> list[str]:
     return [node.strip(_NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
 
 
+def parsed_nodes(parsed: dict[str, Any]) -> list[str]:
+    """:func:`trace_nodes` of an episode's ``parsed`` block (rows without ``trace_text``: its
+    named entities)."""
+    if "trace_text" in parsed:
+        return trace_nodes(parsed.get("trace_text") or "")
+    return list(parsed.get("trace_entities") or [])
+
+
 def trace_hops(trace_text: str) -> int:
     """Hops written in a trace: the ``-relation->`` arrows, whether or not the entities exist."""
     return max(0, len(trace_nodes(trace_text)) - 1)
@@ -76,8 +84,7 @@ def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     reached: dict[int, list[int]] = {}  # hop -> [n, right, stopped]
     for e in episodes:
         p = e["parsed"]
-        trace = trace_nodes(p["trace_text"]) if "trace_text" in p else p.get("trace_entities") or []
-        gold = p.get("path_entities") or []
+        trace, gold = parsed_nodes(p), p.get("path_entities") or []
         for i in range(1, len(gold)):
             if trace[:i] != gold[:i]:
                 break

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.errors import TracerError
-from tracer.metrics import trace_nodes
+from tracer.metrics import parsed_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
@@ -672,15 +672,8 @@ def read_episodes(run: dict[str, Any], phase: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _nodes(parsed: dict[str, Any]) -> list[str]:
-    """The trace's written nodes (episodes without ``trace_text``: its named entities)."""
-    if "trace_text" in parsed:
-        return trace_nodes(parsed.get("trace_text") or "")
-    return list(parsed.get("trace_entities") or [])
-
-
 def _hop_list(ep: dict[str, Any], kg: KG | None) -> list[dict[str, Any]]:
-    nodes = _nodes(ep.get("parsed") or {})
+    nodes = parsed_nodes(ep.get("parsed") or {})
     bad = {tuple(h) for h in ep.get("hallucinated_hops") or [] if len(h) == 2}
     return [{"src": a, "dst": b, "real": bool(kg.has_edge(a, b) if kg is not None else (a, b) not in bad)}
             for a, b in zip(nodes, nodes[1:])]
@@ -734,7 +727,7 @@ def _trace_text(ep: dict[str, Any]) -> Text:
     text = Text(completion)
     parsed = ep.get("parsed") or {}
     trace = parsed.get("trace_text") or ""
-    nodes = _nodes(parsed)
+    nodes = parsed_nodes(parsed)
     start = completion.find(trace) if trace else -1
     if start < 0 or not nodes:
         return text
