@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -429,25 +430,90 @@ def _check_rsft_resume(cfg: Config, run_path: Path) -> None:
     runs.write_text_atomic(stored, to_toml(cfg))
 
 
+SAMPLE_CHUNK = 64  # questions per sampling call: what an interrupted round resumes from
+
+
+class _OneBar:
+    """Relays several generation calls to ``progress`` as one task of ``total`` units."""
+
+    def __init__(self, progress: Progress, description: str, total: int, done: int):
+        self.progress = progress
+        progress.start(description, total=total)
+        progress.update(done)
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def update(self, advance: int = 1, **info: Any) -> None:
+        self.progress.update(advance, **info)
+
+    def stop(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.progress.log(message)
+
+
+def _read_partial(path: Path, r: int) -> dict[str, list[dict]]:
+    """Round ``r``'s scored samples in ``path`` by question id; a line cut short by a kill is dropped."""
+    have: dict[str, list[dict]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("round") == r:
+                have.setdefault(row["ex_id"], []).append(row)
+    return have
+
+
 def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[dict], kg: KG, r: int,
-                  progress: Progress) -> list[dict]:
-    """Round r's K scored samples per question, from ``adapter`` (seeded by rsft.seed + r)."""
+                  progress: Progress, partial: Path, reuse: bool) -> tuple[list[dict], bool]:
+    """Round r's K scored samples per question, from ``adapter``, and whether all were reused.
+
+    Questions are sampled :data:`SAMPLE_CHUNK` at a time (chunk c seeded by rsft.seed + r + 1000c)
+    and each chunk's scored samples are appended to ``partial`` as it finishes. With ``reuse``,
+    chunks already complete there are not sampled again, so an interrupted round resumes where
+    it stopped and ends with the samples an uninterrupted one would have drawn.
+    """
     from tracer.generate import sample_k
 
     rc = cfg.rsft
-    lm, tokenizer = load_model(cfg, model, adapter)
-    completions = sample_k(
-        lm, tokenizer, [q["prompt"] for q in questions], rc.k_samples, max_tokens=rc.max_tokens,
-        temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r, batch_size=cfg.eval.batch_size,
-        progress=progress,
-    )
+    have = _read_partial(partial, r) if reuse else {}
+    if not reuse:
+        partial.unlink(missing_ok=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    chunks = [questions[i : i + SAMPLE_CHUNK] for i in range(0, len(questions), SAMPLE_CHUNK)]
+    complete = [all(len(have.get(q["id"], [])) == rc.k_samples for q in c) for c in chunks]
+    done = sum(len(c) for c, ok in zip(chunks, complete) if ok) * rc.k_samples
+    bar = _OneBar(progress, "generate", len(questions) * rc.k_samples, done)
+    lm = tokenizer = None
     scored = []
-    for q, outs in zip(questions, completions):
-        eps = _score_rows([q] * len(outs), outs, kg, cfg, rsft_phase_name(r))
-        for i, e in enumerate(eps):
-            e["sample"], e["round"] = i, r
-        scored.extend(eps)
-    return scored
+    for c, (chunk, ok) in enumerate(zip(chunks, complete)):
+        if ok:
+            scored.extend(s for q in chunk for s in sorted(have[q["id"]], key=lambda s: s["sample"]))
+            continue
+        if lm is None:
+            lm, tokenizer = load_model(cfg, model, adapter)
+        completions = sample_k(
+            lm, tokenizer, [q["prompt"] for q in chunk], rc.k_samples, max_tokens=rc.max_tokens,
+            temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r + 1000 * c,
+            batch_size=cfg.eval.batch_size, progress=bar,
+        )
+        rows = []
+        for q, outs in zip(chunk, completions):
+            eps = _score_rows([q] * len(outs), outs, kg, cfg, rsft_phase_name(r))
+            for i, e in enumerate(eps):
+                e["sample"], e["round"] = i, r
+            rows.extend(eps)
+        with partial.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        scored.extend(rows)
+    progress.stop()
+    return scored, all(complete)
 
 
 def rsft(
@@ -492,6 +558,7 @@ def rsft(
     all_samples: list[dict] = []
     rounds = []
     current = adapter
+    redone = False  # a round recomputed in this call makes every later round's partial samples stale
     for r in range(1, rc.rounds + 1):
         phase = rsft_phase_name(r)
         out_dir = runs.model_dir(run_path, phase)
@@ -506,7 +573,10 @@ def rsft(
             previous = []  # every later round depends on this one: redo them all
             (out_dir / "adapters.safetensors").unlink(missing_ok=True)  # a stale one would pass for finished
             t0 = time.perf_counter()
-            scored = _sample_round(cfg, model, current, questions, kg, r, progress)
+            partial = run_path / f"rsft_r{r}_samples.partial.jsonl"
+            scored, reused = _sample_round(cfg, model, current, questions, kg, r, progress, partial,
+                                           reuse=resume and not redone)
+            redone = True
             winners = select_winners(scored, rc.keep_top, rc.min_reward, rc.require_correct)
             for w in winners:
                 w["kept"] = True
@@ -522,12 +592,15 @@ def rsft(
                 rows = winner_rows(winners, by_id)
                 n_replay = min(int(round(rc.replay * len(rows))), len(replay_pool))
                 rows += random.Random(rc.seed + r).sample(replay_pool, n_replay)
-                stat["train"] = _train(cfg, rc, rows, out_dir, model, False, progress, init_adapter=current)
+                # samples all reused: the same winners, so an interrupted round's training resumes too
+                resume_train = reused and (out_dir / "checkpoint").exists()
+                stat["train"] = _train(cfg, rc, rows, out_dir, model, resume_train, progress, init_adapter=current)
                 _mark(out_dir, contaminated)
             else:
                 progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
                 _copy_adapter(Path(current), out_dir)
                 stat["skipped"] = True
+            partial.unlink(missing_ok=True)  # kept until the round's adapter is saved
         current = str(out_dir)
         if evaluate_rounds:
             recorded = runs.recorded_phases(run_path).get(phase) if stat.get("resumed") else None
