@@ -1,5 +1,7 @@
 """RSFT winners: which samples win, and the rows that consolidation trains on."""
 
+import json
+
 import pytest
 
 from tracer.errors import TracerError
@@ -74,3 +76,18 @@ def test_rounds_rotate_through_the_pool():
     assert ids(round_questions(pool, 4, 3, rotate=False)) == ["p0", "p1", "p2", "p3"]
     assert round_questions(pool, 0, 2, rotate=True) == pool
     assert round_questions(pool, 12, 2, rotate=True) == pool
+
+
+def test_partial_samples_drop_a_cut_line_and_keep_the_latest_draw(tmp_path):
+    from tracer.service import _read_partial
+
+    rows = [{"ex_id": "q1", "sample": 0, "round": 2, "completion": "old"},
+            {"ex_id": "q1", "sample": 1, "round": 2, "completion": "b"},
+            {"ex_id": "q9", "sample": 0, "round": 1, "completion": "another round"},
+            {"ex_id": "q1", "sample": 0, "round": 2, "completion": "new"}]  # the chunk drawn again
+    path = tmp_path / "rsft_r2_samples.partial.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"ex_id": "q2", "sam')  # killed mid-line
+    have = _read_partial(path, 2)
+    assert set(have) == {"q1"} and sorted(have["q1"]) == [0, 1]
+    assert have["q1"][0]["completion"] == "new"
+    assert _read_partial(tmp_path / "missing.jsonl", 2) == {}

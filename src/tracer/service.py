@@ -454,9 +454,10 @@ class _OneBar:
         self.progress.log(message)
 
 
-def _read_partial(path: Path, r: int) -> dict[str, list[dict]]:
-    """Round ``r``'s scored samples in ``path`` by question id; a line cut short by a kill is dropped."""
-    have: dict[str, list[dict]] = {}
+def _read_partial(path: Path, r: int) -> dict[str, dict[int, dict]]:
+    """Round ``r``'s scored samples in ``path``: question id -> sample index -> row. A line cut
+    short by a kill is dropped; a chunk sampled again after one overrides its earlier rows."""
+    have: dict[str, dict[int, dict]] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -464,7 +465,7 @@ def _read_partial(path: Path, r: int) -> dict[str, list[dict]]:
             except json.JSONDecodeError:
                 continue
             if row.get("round") == r:
-                have.setdefault(row["ex_id"], []).append(row)
+                have.setdefault(row["ex_id"], {})[row["sample"]] = row
     return have
 
 
@@ -485,14 +486,14 @@ def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[
         partial.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     chunks = [questions[i : i + SAMPLE_CHUNK] for i in range(0, len(questions), SAMPLE_CHUNK)]
-    complete = [all(len(have.get(q["id"], [])) == rc.k_samples for q in c) for c in chunks]
+    complete = [all(len(have.get(q["id"], {})) == rc.k_samples for q in c) for c in chunks]
     done = sum(len(c) for c, ok in zip(chunks, complete) if ok) * rc.k_samples
     bar = _OneBar(progress, "generate", len(questions) * rc.k_samples, done)
     lm = tokenizer = None
     scored = []
     for c, (chunk, ok) in enumerate(zip(chunks, complete)):
         if ok:
-            scored.extend(s for q in chunk for s in sorted(have[q["id"]], key=lambda s: s["sample"]))
+            scored.extend(have[q["id"]][i] for q in chunk for i in sorted(have[q["id"]]))
             continue
         if lm is None:
             lm, tokenizer = load_model(cfg, model, adapter)
