@@ -58,7 +58,9 @@ def main() -> None:
         return worker(args)
     argv = ["--model", args.model, "--examples", args.examples, "--prompts", str(args.prompts),
             "--units", str(args.units)]
-    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
+    from tracer.blas import THREAD_ENV
+
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
     cores = len(os.sched_getaffinity(0))
     modes = {"alone": (1, base), "two, before (a thread per core each)": (2, {**base, "OPENBLAS_NUM_THREADS": str(cores)}),
              "two, share_cores": (2, base)}

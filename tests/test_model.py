@@ -301,7 +301,9 @@ assert blas.share_cores(0, reg) is None
 print("ok")
 """
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    for k in ("TRACER_NO_OPENBLAS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+    from tracer.blas import THREAD_ENV
+
+    for k in ("TRACER_NO_OPENBLAS", *THREAD_ENV):
         env.pop(k, None)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

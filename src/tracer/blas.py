@@ -253,11 +253,10 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
     Two processes that each run a thread per core spin-wait against each other. On the 2-core
     machine, a prefill of 8 prompts took 12.0-12.2 s with two processes at once, 5.4 s alone, and
     6.1-6.3 s with the cores shared (bench/bench_contention.py). Every ``interval`` seconds at
-    most, this counts the live processes
-    registered in a per-user temp folder and sets this one's thread count to cores // n (at
-    least 1). Call it between computations only (nothing in flight). Does nothing when a thread
-    count is set in the environment (``OPENBLAS_NUM_THREADS`` …) or no OpenBLAS is loaded. Returns
-    the thread count in effect, or None.
+    most, this counts the live processes registered in a per-user temp folder and sets this one's
+    thread count to cores // n (at least 1). Call it between computations only (nothing in
+    flight). Does nothing when a thread count is set in the environment (:data:`THREAD_ENV`) or no
+    OpenBLAS is loaded. Returns the thread count in effect, or None.
     """
     if _STATE["path"] is None or any(os.environ.get(k) for k in THREAD_ENV) or not sys.platform.startswith("linux"):
         return None
