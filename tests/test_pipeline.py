@@ -266,30 +266,38 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
 
 def test_rsft_interrupted_while_sampling_resumes_with_the_same_samples(tiny_work, monkeypatch):
     """A kill during a round's sampling keeps the chunks already scored; --resume samples only the
-    rest and ends with the samples and adapter of an uninterrupted run."""
+    rest and ends with the samples and adapter of an uninterrupted run (sampled on two worker
+    processes: the samples do not depend on where they were drawn)."""
     import mlx.core as mx
 
     from tracer import generate, service
 
+    from tracer import workers
+
     monkeypatch.setattr(service, "SAMPLE_CHUNK", 4)  # tiny pool: 12 questions -> 3 chunks
     assert main(["sft", "-c", "tiny.toml", "--iters", "2", "-o", "sft_adapter"]) == 0
-    (tiny_work / "full.toml").write_text((tiny_work / "tiny.toml").read_text().replace('name = "tiny"', 'name = "full"'))
+    # the uninterrupted run samples its chunks on two worker processes, the others in this one
+    monkeypatch.setattr(workers, "MIN_PROMPTS", 1)
+    full_text = (tiny_work / "tiny.toml").read_text().replace('name = "tiny"', 'name = "full"')
+    (tiny_work / "full.toml").write_text(full_text.replace("[eval]\n", "[eval]\nworkers = 2\n"))
     assert main(["rsft", "-c", "full.toml", "--adapter", "sft_adapter"]) == 0
-    real, calls, kill = generate.sample_k, [], [True]
+    monkeypatch.setattr(workers, "MIN_PROMPTS", 10**6)
+    real, calls, kill = generate.generate, [], [True]
 
     def killed_at_second_chunk(*args, **kwargs):
-        calls.append(len(args[2]))
-        if len(calls) == 2 and kill and kill.pop():
-            raise KeyboardInterrupt
+        if kwargs.get("temperature", 0) > 0:  # sampling, not the round's greedy eval
+            calls.append(len(kwargs["prompts"]))
+            if len(calls) == 2 and kill and kill.pop():
+                raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "sample_k", killed_at_second_chunk)
+    monkeypatch.setattr(generate, "generate", killed_at_second_chunk)
     assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter"]) == 130
     run, full = tiny_work / "data" / "runs" / "tiny", tiny_work / "data" / "runs" / "full"
     assert len(read_jsonl(run / "rsft_r1_samples.partial.jsonl")) == 4 * 2  # chunk 1: 4 questions x k=2
     calls.clear()
     assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--resume"]) == 0
-    assert calls == [4, 4]  # chunks 2 and 3 only; chunk 1 came from the partial file
+    assert calls == [8, 8]  # chunks 2 and 3 only (4 questions x k=2 each); chunk 1 came from the partial file
     assert not (run / "rsft_r1_samples.partial.jsonl").exists()
     assert read_jsonl(run / "rsft_samples.jsonl") == read_jsonl(full / "rsft_samples.jsonl")
     want = mx.load(str(full / "models" / "rsft" / "adapters.safetensors"))
@@ -299,7 +307,7 @@ def test_rsft_interrupted_while_sampling_resumes_with_the_same_samples(tiny_work
     # from its checkpoint (every question's first sample wins here: the tiny model's rarely parse)
     from tracer import train
 
-    monkeypatch.setattr(generate, "sample_k", real)
+    monkeypatch.setattr(generate, "generate", real)
     monkeypatch.setattr(service, "select_winners", lambda scored, *a: [s for s in scored if s["sample"] == 0])
     for name in ("mid", "mid_full"):
         (tiny_work / f"{name}.toml").write_text((tiny_work / "tiny.toml").read_text().replace('name = "tiny"', f'name = "{name}"'))
@@ -319,7 +327,7 @@ def test_rsft_interrupted_while_sampling_resumes_with_the_same_samples(tiny_work
     at = json.loads((mid / "models" / "rsft" / "checkpoint" / "state.json").read_text())["step"]
     assert at >= 1
     calls.clear()
-    monkeypatch.setattr(generate, "sample_k", killed_at_second_chunk)  # counts calls; kills no more
+    monkeypatch.setattr(generate, "generate", killed_at_second_chunk)  # counts calls; kills no more
     assert main(["rsft", "-c", "mid.toml", "--adapter", "sft_adapter", "--resume"]) == 0
     assert calls == []  # nothing sampled again
     assert len(steps) - 2 == 4 - at  # rsft.iters = 4: only the steps after the checkpoint ran

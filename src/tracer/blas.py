@@ -225,6 +225,13 @@ def _unregister() -> None:
         _SHARE["file"] = None
 
 
+def step_aside() -> None:
+    """Leave the count of :func:`share_cores` while this process only waits (on its generation
+    workers, say); its next ``share_cores`` call counts it again."""
+    _unregister()
+    _SHARE["next"] = 0.0
+
+
 def live_processes(registry: Path | None = None) -> int:
     """Register this process (once) and count the registered tracer processes still running."""
     folder = registry or _registry()

@@ -128,6 +128,7 @@ class EvalConfig(Section):
     max_examples: int = Field(0, ge=0, description="Evaluate at most this many questions (0 = all).")
     max_tokens: int = Field(160, ge=1, description="Token budget per completion.")
     batch_size: int = Field(32, ge=1, description="Prompts generated together.")
+    workers: int = Field(0, ge=0, description="Generation processes for eval and RSFT sampling (0 = auto: one per core on CPU, at most 2).")
     shuffled: bool = Field(False, description="Also evaluate eval_shuffled.jsonl and report shuffle agreement.")
     seed: int = Field(0, description="Seed for generation (greedy decoding ignores it).")
 

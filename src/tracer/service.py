@@ -141,12 +141,24 @@ def model_spec(cfg: Config, model: str | None = None) -> str:
     return str(tiny_model_dir(cfg)) if spec == "tiny" else spec
 
 
+def _load_args(cfg: Config, model: str | None, adapter: str | None) -> dict:
+    """:func:`tracer.model.load` arguments for generation: the adapter merged into the weights."""
+    return {"spec": model_spec(cfg, model), "cache_dir": cfg.model.cache_dir, "adapter": adapter,
+            "dtype": cfg.model.dtype, "fuse": True}
+
+
 def load_model(cfg: Config, model: str | None = None, adapter: str | None = None):
     """The base model; an ``adapter`` is merged into its weights (generation only needs that)."""
     from tracer import model as models
 
-    return models.load(model_spec(cfg, model), cfg.model.cache_dir, adapter=adapter, dtype=cfg.model.dtype,
-                       fuse=True)
+    return models.load(**_load_args(cfg, model, adapter))
+
+
+def generation_pool(cfg: Config, model: str | None = None, adapter: str | None = None):
+    """A :class:`tracer.workers.Pool` of ``eval.workers`` processes for this model + adapter."""
+    from tracer import workers
+
+    return workers.Pool(_load_args(cfg, model, adapter), workers.auto_workers(cfg.eval.workers))
 
 
 def base_model_id(cfg: Config, model: str | None = None) -> str:
@@ -182,7 +194,6 @@ def evaluate(
 ) -> dict:
     """Generate answers for the eval questions, score them with the KG and record the phase."""
     from tracer import metrics
-    from tracer.generate import generate
 
     progress = progress or NullProgress()
     contaminated = contaminated or adapter_contaminated(adapter)
@@ -193,24 +204,26 @@ def evaluate(
     if cfg.eval.max_examples:
         rows = rows[: cfg.eval.max_examples]
     run_dir = Path(output) if output else Path(cfg.run.runs_dir) / cfg.run.name
-    lm, tokenizer = load_model(cfg, model, adapter)
+    pool = generation_pool(cfg, model, adapter)
 
     def answer(batch: list[dict]) -> list[str]:
-        return generate(
-            lm, tokenizer, [r["prompt"] for r in batch], max_tokens=cfg.eval.max_tokens,
-            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, progress=progress,
-        )
+        progress.start("generate", total=len(batch))
+        texts = pool.generate([r["prompt"] for r in batch], progress=_OneBar(progress), max_tokens=cfg.eval.max_tokens,
+                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)
+        progress.stop()
+        return texts
 
     t0 = time.perf_counter()
-    episodes = _score_rows(rows, answer(rows), kg, cfg, phase)
-    entry = metrics.aggregate(episodes)
-    entry["shuffle_agreement"] = None
-    if cfg.eval.shuffled if shuffled is None else shuffled:
-        shuf_path = Path(examples).with_name("eval_shuffled.jsonl") if examples else split_path(cfg, "eval_shuffled")
-        wanted = {r["id"] + "-shuf" for r in rows}
-        shuf_rows = [r for r in load_split(cfg, "eval_shuffled", str(shuf_path), kg=kg) if r["id"] in wanted]
-        shuf_eps = _score_rows(shuf_rows, answer(shuf_rows), kg, cfg, phase + "_shuffled")
-        entry["shuffle_agreement"] = metrics.shuffle_agreement(episodes, shuf_eps, rows, shuf_rows)
+    with pool:
+        episodes = _score_rows(rows, answer(rows), kg, cfg, phase)
+        entry = metrics.aggregate(episodes)
+        entry["shuffle_agreement"] = None
+        if cfg.eval.shuffled if shuffled is None else shuffled:
+            shuf_path = Path(examples).with_name("eval_shuffled.jsonl") if examples else split_path(cfg, "eval_shuffled")
+            wanted = {r["id"] + "-shuf" for r in rows}
+            shuf_rows = [r for r in load_split(cfg, "eval_shuffled", str(shuf_path), kg=kg) if r["id"] in wanted]
+            shuf_eps = _score_rows(shuf_rows, answer(shuf_rows), kg, cfg, phase + "_shuffled")
+            entry["shuffle_agreement"] = metrics.shuffle_agreement(episodes, shuf_eps, rows, shuf_rows)
     entry["wall_s"] = round(time.perf_counter() - t0, 2)
     entry["finished_at"] = runs.now()
     entry["model"] = model_spec(cfg, model)
@@ -434,12 +447,11 @@ SAMPLE_CHUNK = 64  # questions per sampling call: what an interrupted round resu
 
 
 class _OneBar:
-    """Relays several generation calls to ``progress`` as one task of ``total`` units."""
+    """Relays several generation calls' updates to ``progress``, whose task the caller starts
+    and stops: one bar for all of them."""
 
-    def __init__(self, progress: Progress, description: str, total: int, done: int):
+    def __init__(self, progress: Progress):
         self.progress = progress
-        progress.start(description, total=total)
-        progress.update(done)
 
     def start(self, description: str, total: int | None) -> None:
         pass
@@ -478,8 +490,6 @@ def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[
     chunks already complete there are not sampled again, so an interrupted round resumes where
     it stopped and ends with the samples an uninterrupted one would have drawn.
     """
-    from tracer.generate import sample_k
-
     rc = cfg.rsft
     have = _read_partial(partial, r) if reuse else {}
     if not reuse:
@@ -487,24 +497,18 @@ def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[
     partial.parent.mkdir(parents=True, exist_ok=True)
     chunks = [questions[i : i + SAMPLE_CHUNK] for i in range(0, len(questions), SAMPLE_CHUNK)]
     complete = [all(len(have.get(q["id"], {})) == rc.k_samples for q in c) for c in chunks]
-    done = sum(len(c) for c, ok in zip(chunks, complete) if ok) * rc.k_samples
-    bar = _OneBar(progress, "generate", len(questions) * rc.k_samples, done)
-    lm = tokenizer = None
-    scored = []
-    for c, (chunk, ok) in enumerate(zip(chunks, complete)):
-        if ok:
-            scored.extend(have[q["id"]][i] for q in chunk for i in sorted(have[q["id"]]))
-            continue
-        if lm is None:
-            lm, tokenizer = load_model(cfg, model, adapter)
-        completions = sample_k(
-            lm, tokenizer, [q["prompt"] for q in chunk], rc.k_samples, max_tokens=rc.max_tokens,
-            temperature=rc.temperature, top_p=rc.top_p, seed=rc.seed + r + 1000 * c,
-            batch_size=cfg.eval.batch_size, progress=bar,
-        )
+    todo = [c for c, ok in enumerate(complete) if not ok]
+    by_chunk = {c: [have[q["id"]][i] for q in chunks[c] for i in sorted(have[q["id"]])]
+                for c, ok in enumerate(complete) if ok}
+    jobs = [{"prompts": [q["prompt"] for q in chunks[c] for _ in range(rc.k_samples)], "max_tokens": rc.max_tokens,
+             "temperature": rc.temperature, "top_p": rc.top_p, "seed": rc.seed + r + 1000 * c,
+             "batch_size": cfg.eval.batch_size} for c in todo]
+
+    def score(j: int, completions: list[str]) -> None:
+        c, k = todo[j], rc.k_samples
         rows = []
-        for q, outs in zip(chunk, completions):
-            eps = _score_rows([q] * len(outs), outs, kg, cfg, rsft_phase_name(r))
+        for n, q in enumerate(chunks[c]):
+            eps = _score_rows([q] * k, completions[n * k : (n + 1) * k], kg, cfg, rsft_phase_name(r))
             for i, e in enumerate(eps):
                 e["sample"], e["round"] = i, r
             rows.extend(eps)
@@ -512,7 +516,14 @@ def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[
             f.write("".join(json.dumps(row) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
-        scored.extend(rows)
+        by_chunk[c] = rows
+
+    progress.start("generate", total=len(questions) * rc.k_samples)
+    progress.update(sum(len(c) for c, ok in zip(chunks, complete) if ok) * rc.k_samples)
+    if jobs:
+        with generation_pool(cfg, model, adapter) as pool:
+            pool.map(jobs, _OneBar(progress), on_done=score)
+    scored = [row for c in range(len(chunks)) for row in by_chunk[c]]
     progress.stop()
     return scored, all(complete)
 

@@ -1,0 +1,235 @@
+"""Generation spread over processes, each holding its own copy of the model (MLX).
+
+On a CPU, MLX runs every element-wise op (the ``exp`` in SiLU, softmax and the sampler's noise)
+on one thread; only matmuls use the OpenBLAS threads. A decode step is mostly element-wise work,
+so one process leaves the other cores idle most of the time. Two processes with one BLAS thread
+each sampled RSFT completions 1.5x faster on the 2-core machine than one process with two
+(bench/bench_workers.py). A :class:`Pool` of size 1 generates in this process, as before.
+
+Work is a list of jobs, each one :func:`tracer.generate.generate` call (its own prompts and
+seed), handed to whichever worker is free. A job's completions do not depend on which worker
+ran it, so results do not depend on the pool's size.
+"""
+
+from __future__ import annotations
+
+from tracer.blas import live_processes, preload_openblas, share_cores, step_aside
+
+preload_openblas()
+
+import multiprocessing as mp  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from tracer.errors import TracerError  # noqa: E402
+from tracer.progress import NullProgress, Progress  # noqa: E402
+
+MAX_AUTO_WORKERS = 2  # measured on 2 cores only; more processes may help on bigger CPUs
+MIN_PROMPTS = 32  # a worker process is started only for at least this many prompts (a full batch)
+
+
+def auto_workers(requested: int = 0) -> int:
+    """``requested`` if set, else one process per core on a CPU (at most
+    :data:`MAX_AUTO_WORKERS`) and one on a GPU, which the processes would only share."""
+    if requested:
+        return requested
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_WORKERS))
+
+
+class _Ticks:
+    """A worker's progress, sent to the parent as ``("tick", worker, advance, tok_s)``."""
+
+    def __init__(self, results, worker: int):
+        self.results, self.worker = results, worker
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def update(self, advance: int = 1, **info: Any) -> None:
+        self.results.put(("tick", self.worker, advance, info.get("tok_s")))
+
+    def stop(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+def _serve(worker: int, load_args: dict, tasks, results) -> None:
+    """A worker process: load the model once, then run jobs until told to stop (None) or the
+    parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    parent = os.getppid()
+    try:
+        live_processes()  # counted by share_cores from the start, before any sibling's first job
+    except OSError:
+        pass
+    from tracer import model as models
+    from tracer.generate import generate
+
+    try:
+        lm, tokenizer = models.load(**load_args)
+    except TracerError as e:  # a bad model or adapter: the parent reports it as the user's error
+        results.put(("error", worker, "input", str(e)))
+        return
+    ticks = _Ticks(results, worker)
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if task is None:
+            return
+        index, job = task
+        share_cores(0)  # cores // live processes, counted now that every sibling is registered
+        try:
+            results.put(("done", worker, index, generate(lm, tokenizer, progress=ticks, **job)))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+            results.put(("error", worker, "crash", traceback.format_exc(limit=4).strip()))
+            return
+
+
+class Pool:
+    """``size`` generation workers for one model + adapter; use as a context manager.
+
+    ``load_args`` are :func:`tracer.model.load`'s keyword arguments. With ``size`` 1, or a call
+    with a single job, jobs run in this process (the model loaded on first use); otherwise
+    ``size`` worker processes are started on the first call that has more than one job, load the
+    model in parallel, and stay up for later calls until :meth:`close`.
+    """
+
+    def __init__(self, load_args: dict, size: int = 1):
+        self.load_args, self.size = load_args, max(1, size)
+        self._local = None
+        self._procs: list = []
+        self._tasks = self._results = None
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def local_model(self):
+        """``(model, tokenizer)`` in this process, loaded once."""
+        if self._local is None:
+            from tracer import model as models
+
+            self._local = models.load(**self.load_args)
+        return self._local
+
+    def map(self, jobs: list[dict], progress: Progress | None = None,
+            on_done: Callable[[int, list[str]], None] | None = None) -> list[list[str]]:
+        """Completions per job (``generate`` keyword arguments besides model, tokenizer and
+        progress), in job order. ``progress`` advances once per completion; ``on_done(index,
+        completions)`` runs in this process as each job finishes."""
+        progress = progress or NullProgress()
+        out: list[list[str] | None] = [None] * len(jobs)
+        if self.workers_for(sum(len(j["prompts"]) for j in jobs), len(jobs)) == 1:
+            from tracer.generate import generate
+
+            lm, tokenizer = self.local_model() if jobs else (None, None)
+            for i, job in enumerate(jobs):
+                out[i] = generate(lm, tokenizer, progress=progress, **job)
+                if on_done:
+                    on_done(i, out[i])
+            return out  # type: ignore[return-value]
+        self._start()
+        step_aside()  # this process only waits: the workers get its share of the cores
+        for i, job in enumerate(jobs):
+            self._tasks.put((i, job))
+        rates: dict[int, float] = {}
+        left = len(jobs)
+        while left:
+            try:
+                kind, worker, index, payload = self._results.get(timeout=0.5)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if kind == "tick":  # index: rows finished, payload: the worker's tokens/s
+                if payload is not None:
+                    rates[worker] = payload
+                progress.update(index, tok_s=round(sum(rates.values()), 1))
+            elif kind == "done":
+                out[index] = payload
+                left -= 1
+                if on_done:
+                    on_done(index, payload)
+            else:
+                self.close()
+                if index == "input":
+                    raise TracerError(payload)
+                raise RuntimeError(f"generation worker {worker} failed: {payload}")
+        share_cores(0)
+        return out  # type: ignore[return-value]
+
+    def workers_for(self, prompts: int, jobs: int) -> int:
+        """How many processes ``jobs`` jobs of ``prompts`` prompts in all are worth: up to the
+        pool's size, one per job, :data:`MIN_PROMPTS` prompts each; 1 means this process."""
+        return max(1, min(self.size, jobs, prompts // MIN_PROMPTS))
+
+    def generate(self, prompts: list[str], progress: Progress | None = None, **kwargs) -> list[str]:
+        """:func:`tracer.generate.generate` over ``prompts`` (in input order), split into one
+        shard per worker it is worth (:func:`shards`, by prompt length)."""
+        parts = shards([len(p) for p in prompts], self.workers_for(len(prompts), len(prompts)))
+        done = self.map([{"prompts": [prompts[i] for i in part], **kwargs} for part in parts], progress)
+        out = [""] * len(prompts)
+        for part, texts in zip(parts, done):
+            for i, text in zip(part, texts):
+                out[i] = text
+        return out
+
+    def _start(self) -> None:
+        if self._procs:
+            return
+        ctx = mp.get_context("spawn")  # fork would copy MLX's and OpenBLAS's threads' state
+        self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        self._procs = [ctx.Process(target=_serve, args=(w, self.load_args, self._tasks, self._results), daemon=True)
+                       for w in range(self.size)]
+        for p in self._procs:
+            p.start()
+
+    def _check_alive(self) -> None:
+        dead = [p for p in self._procs if p.exitcode is not None]
+        if dead:
+            codes = ", ".join(str(p.exitcode) for p in dead)
+            self.close()
+            raise RuntimeError(f"a generation worker exited unexpectedly (exit code {codes})")
+
+    def close(self) -> None:
+        """Stop the workers (if any)."""
+        procs, self._procs = self._procs, []
+        for _ in procs:
+            try:
+                self._tasks.put(None)
+            except (OSError, ValueError):
+                break
+        deadline = time.monotonic() + 5.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.terminate()
+                p.join(1.0)
+        for q in (self._tasks, self._results):
+            if q is not None:
+                q.close()
+                q.cancel_join_thread()
+        self._tasks = self._results = None
+
+
+def shards(lengths: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``lengths`` dealt into ``parts`` shards of similar total work: longest first,
+    round-robin, so every shard gets prompts of every length (each keeps ascending order)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    return [sorted(order[s::parts]) for s in range(min(parts, len(lengths)))]
