@@ -162,3 +162,15 @@ def test_progress_off_a_terminal_prints_plain_status_lines():
     lines = out.getvalue().splitlines()
     assert any(line.startswith("train 1/5") and "loss 0.5" in line and "tok_s 250" in line for line in lines), lines
     assert not any(line.startswith("train 2/5") for line in lines), lines
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):
+    from tracer import service
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service, "make_data", interrupted)
+    assert main(["data"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err

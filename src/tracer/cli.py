@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="tracer", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C (and SIGTERM, see entry) into a silent 130
+            err_console.print("interrupted", markup=False)
         return rv if isinstance(rv, int) else 0
     except TracerError as e:
         err_console.print(f"error: {e}", markup=False)

@@ -17,10 +17,12 @@ from tracer.blas import live_processes, preload_openblas, share_cores, step_asid
 
 preload_openblas()
 
+import ctypes  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any, Callable  # noqa: E402
@@ -69,6 +71,11 @@ def _serve(worker: int, load_args: dict, tasks, results) -> None:
     parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     parent = os.getppid()
+    if sys.platform.startswith("linux"):  # our parent thread killed outright takes us along (PR_SET_PDEATHSIG)
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+        except (OSError, AttributeError):
+            pass
     try:
         live_processes()  # counted by share_cores from the start, before any sibling's first job
     except OSError:
@@ -118,8 +125,8 @@ class Pool:
     def __enter__(self) -> "Pool":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(wait=exc_type is None)  # interrupted mid-job: do not wait for the job to end
 
     def local_model(self):
         """``(model, tokenizer)`` in this process, loaded once."""
@@ -167,7 +174,7 @@ class Pool:
                 if on_done:
                     on_done(index, payload)
             else:
-                self.close()
+                self.close(wait=False)
                 if index == "input":
                     raise TracerError(payload)
                 raise RuntimeError(f"generation worker {worker} failed: {payload}")
@@ -204,18 +211,19 @@ class Pool:
         dead = [p for p in self._procs if p.exitcode is not None]
         if dead:
             codes = ", ".join(str(p.exitcode) for p in dead)
-            self.close()
+            self.close(wait=False)
             raise RuntimeError(f"a generation worker exited unexpectedly (exit code {codes})")
 
-    def close(self) -> None:
-        """Stop the workers (if any)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers (if any): idle ones end on their own, busy ones (or all, without
+        ``wait``) are terminated."""
         procs, self._procs = self._procs, []
         for _ in procs:
             try:
                 self._tasks.put(None)
             except (OSError, ValueError):
                 break
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + (5.0 if wait else 0.0)
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.exitcode is None:
