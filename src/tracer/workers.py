@@ -1,10 +1,12 @@
 """Generation spread over processes, each holding its own copy of the model (MLX).
 
 On a CPU, MLX runs every element-wise op (the ``exp`` in SiLU, softmax and the sampler's noise)
-on one thread; only matmuls use the OpenBLAS threads. A decode step is mostly element-wise work,
-so one process leaves the other cores idle most of the time. Two processes with one BLAS thread
-each sampled RSFT completions 1.5x faster on the 2-core machine than one process with two
-(bench/bench_workers.py). A :class:`Pool` of size 1 generates in this process, as before.
+on one thread; only matmuls use the OpenBLAS threads. A decode step spends most of its time
+outside the weight matmuls (element-wise ops, the small per-row attention products, per-op
+overhead), so one process leaves the other cores idle much of the time. Two processes with one
+BLAS thread each sampled RSFT completions 1.45x and ran a greedy eval 1.41x faster on the 2-core
+machine than one process with two (bench/bench_workers.py). A :class:`Pool` of size 1 generates
+in this process, as before.
 
 Work is a list of jobs, each one :func:`tracer.generate.generate` call (its own prompts and
 seed), handed to whichever worker is free. A job's completions do not depend on which worker
@@ -110,9 +112,9 @@ def _serve(worker: int, load_args: dict, tasks, results) -> None:
 class Pool:
     """``size`` generation workers for one model + adapter; use as a context manager.
 
-    ``load_args`` are :func:`tracer.model.load`'s keyword arguments. With ``size`` 1, or a call
-    with a single job, jobs run in this process (the model loaded on first use); otherwise
-    ``size`` worker processes are started on the first call that has more than one job, load the
+    ``load_args`` are :func:`tracer.model.load`'s keyword arguments. A call whose jobs are worth
+    one process only (:meth:`workers_for`: size 1, a single job, or few prompts) runs them here,
+    the model loaded on first use; otherwise ``size`` worker processes are started, load the
     model in parallel, and stay up for later calls until :meth:`close`.
     """
 
