@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,6 +273,8 @@ def test_device_info():
     info = tm.device_info()
     assert info["backend"] in ("cpu", "gpu") and info["matmul_gflops_fp32"] > 0
     assert "openblas" in info["blas"]
+    cores = len(os.sched_getaffinity(0))
+    assert info["generation_workers"] == (min(cores, 2) if info["backend"] == "cpu" else 1)
 
 
 def test_share_cores_splits_threads_between_live_tracer_processes(tmp_path):

@@ -388,7 +388,7 @@ def model_pull(
 
 @app.command()
 def doctor() -> None:
-    """Backend, device, BLAS in use, measured matmul GFLOP/s and versions."""
+    """Backend, device, BLAS in use, measured matmul GFLOP/s, generation workers and versions."""
     from tracer import model as models
 
     info = models.device_info()

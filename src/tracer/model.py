@@ -446,6 +446,8 @@ def device_info() -> dict:
         mlx_lm_version = version("mlx-lm")
     except PackageNotFoundError:  # pragma: no cover
         mlx_lm_version = None
+    from tracer.workers import auto_workers
+
     share_cores(0)  # as many threads as a training step in this situation gets
     return {
         "backend": "cpu" if _on_cpu() else "gpu",
@@ -454,4 +456,5 @@ def device_info() -> dict:
         "mlx_lm": mlx_lm_version,
         "blas": blas_info(),
         "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
+        "generation_workers": auto_workers(0),
     }
