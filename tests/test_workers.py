@@ -83,6 +83,52 @@ def test_a_worker_that_cannot_load_the_model_is_a_clean_error(model_dir, tmp_pat
     assert pool._procs == []
 
 
+def _jobs(n: int = 2, max_tokens: int = 24) -> list[dict]:
+    return [{"prompts": PROMPTS[i * 4 : i * 4 + 4], "max_tokens": max_tokens, "temperature": 0.9, "seed": i,
+             "batch_size": 2} for i in range(n)]
+
+
+def test_a_failing_call_stops_its_workers_and_the_pool_still_works(model_dir, tmp_path, monkeypatch):
+    """An exception in the caller's callback, a Ctrl-C while waiting, or a worker killed mid-job:
+    every worker is gone at once (no queued job leaks into the next call), and a later call
+    starts fresh ones and gets the right completions."""
+    import os
+    import signal
+    import time
+
+    monkeypatch.setattr(workers, "MIN_PROMPTS", 1)
+    load = {"spec": str(model_dir), "cache_dir": str(tmp_path), "fuse": True}
+    with workers.Pool(load, 1) as one:
+        want = one.map(_jobs())
+    with workers.Pool(load, 2) as pool:
+        def boom(i, texts):
+            raise ValueError("callback failed")
+
+        with pytest.raises(ValueError, match="callback failed"):
+            pool.map(_jobs(4), on_done=boom)
+        assert pool._procs == []
+
+        class Interrupt(Count):
+            def update(self, advance=1, **info):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            pool.map(_jobs(4, max_tokens=200), Interrupt())
+        assert pool._procs == []
+
+        class KillOne(Count):
+            def update(self, advance=1, **info):
+                if self.n == 0:
+                    os.kill(pool._procs[0].pid, signal.SIGKILL)
+                self.n += 1
+
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            pool.map(_jobs(4, max_tokens=400), KillOne())
+        assert pool._procs == [] and time.monotonic() - t < 20
+        assert pool.map(_jobs()) == want and pool.used == 2
+
+
 def test_shards_cover_every_prompt_once_with_balanced_lengths():
     lengths = [5, 90, 7, 60, 60, 3, 88, 12, 41]
     parts = workers.shards(lengths, 2)

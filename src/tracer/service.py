@@ -224,7 +224,8 @@ def evaluate(
             shuf_rows = [r for r in load_split(cfg, "eval_shuffled", str(shuf_path), kg=kg) if r["id"] in wanted]
             shuf_eps = _score_rows(shuf_rows, answer(shuf_rows), kg, cfg, phase + "_shuffled")
             entry["shuffle_agreement"] = metrics.shuffle_agreement(episodes, shuf_eps, rows, shuf_rows)
-    entry["wall_s"] = round(time.perf_counter() - t0, 2)
+    entry["wall_s"] = round(time.perf_counter() - t0, 2)  # model loading included
+    entry["workers"] = pool.used
     entry["finished_at"] = runs.now()
     entry["model"] = model_spec(cfg, model)
     entry["adapter"] = adapter

@@ -15,7 +15,7 @@ ran it, so results do not depend on the pool's size.
 
 from __future__ import annotations
 
-from tracer.blas import live_processes, preload_openblas, share_cores, step_aside
+from tracer.blas import THREAD_ENV, live_processes, preload_openblas, share_cores, step_aside
 
 preload_openblas()
 
@@ -38,12 +38,13 @@ MIN_PROMPTS = 32  # a worker process is started only for at least this many prom
 
 def auto_workers(requested: int = 0) -> int:
     """``requested`` if set, else one process per core on a CPU (at most
-    :data:`MAX_AUTO_WORKERS`) and one on a GPU, which the processes would only share."""
+    :data:`MAX_AUTO_WORKERS`), and one on a GPU (which the processes would only share) or when a
+    BLAS thread count is set in the environment (each worker would take that many threads)."""
     if requested:
         return requested
     import mlx.core as mx
 
-    if mx.default_device() != mx.cpu:
+    if mx.default_device() != mx.cpu or any(os.environ.get(k) for k in THREAD_ENV):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, MAX_AUTO_WORKERS))
@@ -68,11 +69,11 @@ class _Ticks:
         pass
 
 
-def _serve(worker: int, load_args: dict, tasks, results) -> None:
+def _serve(worker: int, parent: int, load_args: dict, tasks, results) -> None:
     """A worker process: load the model once, then run jobs until told to stop (None) or the
-    parent is gone."""
+    ``parent`` process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
-    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
     if sys.platform.startswith("linux"):  # our parent thread killed outright takes us along (PR_SET_PDEATHSIG)
         try:
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)
@@ -95,7 +96,7 @@ def _serve(worker: int, load_args: dict, tasks, results) -> None:
         try:
             task = tasks.get(timeout=1.0)
         except queue.Empty:
-            if os.getppid() != parent:
+            if os.getppid() != parent:  # the parent died before PR_SET_PDEATHSIG took hold
                 return
             continue
         if task is None:
@@ -120,6 +121,7 @@ class Pool:
 
     def __init__(self, load_args: dict, size: int = 1):
         self.load_args, self.size = load_args, max(1, size)
+        self.used = 1  # processes the last call ran on (1: this one)
         self._local = None
         self._procs: list = []
         self._tasks = self._results = None
@@ -145,7 +147,8 @@ class Pool:
         completions)`` runs in this process as each job finishes."""
         progress = progress or NullProgress()
         out: list[list[str] | None] = [None] * len(jobs)
-        if self.workers_for(sum(len(j["prompts"]) for j in jobs), len(jobs)) == 1:
+        self.used = self.workers_for(sum(len(j["prompts"]) for j in jobs), len(jobs))
+        if self.used == 1:
             from tracer.generate import generate
 
             lm, tokenizer = self.local_model() if jobs else (None, None)
@@ -154,32 +157,37 @@ class Pool:
                 if on_done:
                     on_done(i, out[i])
             return out  # type: ignore[return-value]
-        self._start()
-        step_aside()  # this process only waits: the workers get its share of the cores
-        for i, job in enumerate(jobs):
-            self._tasks.put((i, job))
-        rates: dict[int, float] = {}
-        left = len(jobs)
-        while left:
-            try:
-                kind, worker, index, payload = self._results.get(timeout=0.5)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            if kind == "tick":  # index: rows finished, payload: the worker's tokens/s
-                if payload is not None:
-                    rates[worker] = payload
-                progress.update(index, tok_s=round(sum(rates.values()), 1))
-            elif kind == "done":
-                out[index] = payload
-                left -= 1
-                if on_done:
-                    on_done(index, payload)
-            else:
-                self.close(wait=False)
-                if index == "input":
+        try:
+            self._start(self.used)
+            step_aside()  # this process only waits: the workers get its share of the cores
+            for i, job in enumerate(jobs):
+                self._tasks.put((i, job))
+            rates: dict[int, float] = {}
+            left, check_at = len(jobs), 0.0
+            while left:
+                if time.monotonic() >= check_at:  # a dead worker's job would never come back
+                    self._check_alive()
+                    check_at = time.monotonic() + 0.5
+                try:
+                    kind, worker, index, payload = self._results.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if kind == "tick":  # index: rows finished, payload: the worker's tokens/s
+                    if payload is not None:
+                        rates[worker] = payload
+                    progress.update(index, tok_s=round(sum(rates.values()), 1))
+                elif kind == "done":
+                    out[index] = payload
+                    left -= 1
+                    if on_done:
+                        on_done(index, payload)
+                elif index == "input":
                     raise TracerError(payload)
-                raise RuntimeError(f"generation worker {worker} failed: {payload}")
+                else:
+                    raise RuntimeError(f"generation worker {worker} failed: {payload}")
+        except BaseException:
+            self.close(wait=False)  # jobs still queued or running must not leak into a later call
+            raise
         share_cores(0)
         return out  # type: ignore[return-value]
 
@@ -199,22 +207,27 @@ class Pool:
                 out[i] = text
         return out
 
-    def _start(self) -> None:
-        if self._procs:
-            return
+    def _start(self, n: int) -> None:
+        """Have ``n`` workers running (start the missing ones). SIGINT stays blocked while they
+        start, so a Ctrl-C reaches only this process, not a child still importing."""
         ctx = mp.get_context("spawn")  # fork would copy MLX's and OpenBLAS's threads' state
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        self._procs = [ctx.Process(target=_serve, args=(w, self.load_args, self._tasks, self._results), daemon=True)
-                       for w in range(self.size)]
-        for p in self._procs:
-            p.start()
+        if self._tasks is None:
+            self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            while len(self._procs) < n:
+                p = ctx.Process(target=_serve, args=(len(self._procs), os.getpid(), self.load_args, self._tasks,
+                                                     self._results), daemon=True)
+                p.start()
+                self._procs.append(p)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def _check_alive(self) -> None:
-        dead = [p for p in self._procs if p.exitcode is not None]
+        """Raise if a worker died. One that exited cleanly (code 0) sent its error first."""
+        dead = [p.exitcode for p in self._procs if p.exitcode not in (None, 0)]
         if dead:
-            codes = ", ".join(str(p.exitcode) for p in dead)
-            self.close(wait=False)
-            raise RuntimeError(f"a generation worker exited unexpectedly (exit code {codes})")
+            raise RuntimeError(f"a generation worker exited unexpectedly (exit code {', '.join(map(str, dead))})")
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers (if any): idle ones end on their own, busy ones (or all, without
