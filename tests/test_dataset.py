@@ -514,6 +514,35 @@ def test_counterfactual_copies_contradict_the_kg_but_not_their_facts(kg):
     assert ds.train_edge_coverage(sp["train"], kg) == ds.train_edge_coverage(plain["train"], kg)
 
 
+def test_counterfactual_from_any_hop_keeps_a_real_prefix_and_renames_the_rest(kg):
+    base = dict(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
+    plain = ds.generate_splits(kg, DataConfig(**base))
+    sp = ds.generate_splits(kg, DataConfig(**base, counterfactual=0.25, counterfactual_from="any_hop"))
+    n = len(plain["train"])
+    assert sp["train"][:n] == plain["train"] and sp["eval"] == plain["eval"]
+    cf, by_id = sp["train"][n:], {r["id"]: r for r in plain["train"]}
+    assert len(cf) == round(0.25 * n)
+    held = {ds.path_key(r) for r in sp["eval"] + sp["rsft"]}
+    real_prefix = []
+    for r in cf:
+        src = by_id[r["meta"]["renamed_from"]]
+        new, old = r["path_star"]["entities"], src["path_star"]["entities"]
+        j = next(i for i, (a, b) in enumerate(zip(new, old)) if a != b)  # first renamed entity
+        assert j >= 1 and new[-1] != old[-1] and new[:j] == old[:j]
+        assert [kg.entities[e].type for e in new] == [kg.entities[e].type for e in old]
+        assert len(ds._row_entities(r)) == len(ds._row_entities(src))  # fresh names: no two entities merged
+        edges = r["path_star"]["edges"]
+        for e in edges[: j - 1]:  # the hops before the renamed entity are KG facts, the one into it is not
+            assert e["dst"] in kg.follow(e["src"], [e["rel"]])
+        assert edges[j - 1]["dst"] not in kg.follow(edges[j - 1]["src"], [edges[j - 1]["rel"]])
+        start, rels, answer = ds.path_key(r)
+        assert answer not in kg.follow(start, list(rels)) and (start, rels, answer) not in held
+        assert [L for L, e in r["options"].items() if e in _follow_facts(r["meta"]["facts"], start, rels)] == \
+            [r["answer_star"]]
+        real_prefix.append(j)
+    assert max(real_prefix) >= 2  # some copies diverge mid-chain, not only at the answer
+
+
 def test_counterfactual_pool_copies_follow_their_originals(kg):
     base = dict(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
     plain = ds.generate_splits(kg, DataConfig(**base))

@@ -37,6 +37,11 @@ class DataConfig(Section):
         0.0, ge=0, le=1,
         description="'facts' mode: add renamed copies of this share of training questions, whose facts contradict the KG.",
     )
+    counterfactual_from: Literal["start", "any_hop"] = Field(
+        "start",
+        description="Renamed copies: 'start' renames every entity; 'any_hop' keeps the chain up to a random hop real and "
+                    "renames the rest (answer included) to names the row does not use, so memory fails mid-chain.",
+    )
     counterfactual_pool: float = Field(
         0.0, ge=0, le=1,
         description="'facts' mode: follow this share of RSFT-pool questions by a renamed copy (sampled and rewarded like them).",

@@ -424,22 +424,54 @@ def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: s
     }
 
 
+def _row_entities(row: dict[str, Any]) -> set[str]:
+    """Every entity a row names: its path, options and facts."""
+    names = set(row["path_star"]["entities"]) | set(row["options"].values())
+    for f in row["meta"]["facts"]:
+        src, _, dst = parse_fact(f)
+        names |= {src, dst}
+    return names
+
+
+def _suffix_mapping(kg: "KG", row: dict[str, Any], by_type: dict[str, list[str]], rng: random.Random) -> dict[str, str]:
+    """Rename the path's entities after a random hop (the start kept, the answer always renamed)
+    to entities of the same type that the row does not name, so the names stay unambiguous."""
+    ents = row["path_star"]["entities"]
+    used = _row_entities(row)
+    mapping: dict[str, str] = {}
+    for e in ents[rng.randrange(1, len(ents)):]:
+        if e in mapping or e == ents[0]:
+            continue
+        free = [x for x in by_type[kg.entities[e].type] if x not in used]
+        if not free:
+            return {}
+        mapping[e] = rng.choice(free)
+        used.add(mapping[e])
+    return mapping
+
+
 def counterfactual_rows(kg: "KG", rows: list[dict[str, Any]], share: float, rng: random.Random,
-                        held: set[tuple[str, tuple[str, ...], str]]) -> list[dict[str, Any]]:
-    """Renamed copies of ``share`` of the facts-mode ``rows``: entities permuted within their type,
-    redrawn until the KG itself does not lead from the new start to the new answer (memory gives a
-    wrong answer) and the path is none of the ``held`` (eval, RSFT-pool) paths."""
+                        held: set[tuple[str, tuple[str, ...], str]], mode: str = "start") -> list[dict[str, Any]]:
+    """Renamed copies of ``share`` of the facts-mode ``rows``, redrawn until the KG itself does not
+    lead from the new start to the new answer (memory gives a wrong answer) and the path is none of
+    the ``held`` (eval, RSFT-pool) paths. ``mode`` "start": every entity permuted within its type;
+    "any_hop": the hops up to a random one stay real (:func:`_suffix_mapping`)."""
     by_type: dict[str, list[str]] = {}
     for eid in sorted(kg.entities):
         by_type.setdefault(kg.entities[eid].type, []).append(eid)
     out = []
     for i, row in enumerate(rng.sample(rows, round(share * len(rows))), 1):
         for _ in range(100):
-            mapping = {}
-            for ids in by_type.values():
-                perm = list(ids)
-                rng.shuffle(perm)
-                mapping.update(zip(ids, perm))
+            if mode == "any_hop":
+                mapping = _suffix_mapping(kg, row, by_type, rng)
+                if not mapping:
+                    continue
+            else:
+                mapping = {}
+                for ids in by_type.values():
+                    perm = list(ids)
+                    rng.shuffle(perm)
+                    mapping.update(zip(ids, perm))
             new = rename_row(kg, row, mapping, f"{row['split']}-cf-{i:05d}")
             start, rels, answer = path_key(new)
             if answer not in kg.follow(start, list(rels)) and (start, rels, answer) not in held:
@@ -622,11 +654,13 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
     held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]}
     if cfg.counterfactual > 0:
         splits["train"] += counterfactual_rows(kg, splits["train"], cfg.counterfactual,
-                                               random.Random(f"{cfg.seed}:counterfactual"), held_keys)
+                                               random.Random(f"{cfg.seed}:counterfactual"), held_keys,
+                                               cfg.counterfactual_from)
     if cfg.counterfactual_pool > 0:
         # each copy right after its original, so rsft.max_questions takes both kinds in proportion
         copies = {r["meta"]["renamed_from"]: r for r in counterfactual_rows(
-            kg, splits["rsft"], cfg.counterfactual_pool, random.Random(f"{cfg.seed}:counterfactual-pool"), held_keys)}
+            kg, splits["rsft"], cfg.counterfactual_pool, random.Random(f"{cfg.seed}:counterfactual-pool"), held_keys,
+            cfg.counterfactual_from)}
         splits["rsft"] = [x for r in splits["rsft"] for x in (r, copies.get(r["id"])) if x is not None]
     return splits
 
