@@ -225,6 +225,11 @@ def _unregister() -> None:
         _SHARE["file"] = None
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def step_aside() -> None:
     """Leave the count of :func:`share_cores` while this process only waits (on its generation
     workers, say); its next ``share_cores`` call counts it again."""
@@ -271,7 +276,7 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
     if now < _SHARE["next"]:
         return _SHARE["threads"]
     _SHARE["next"] = now + interval
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     try:
         n = live_processes(registry)
     except OSError:  # no writable temp folder: this process alone, as before

@@ -15,7 +15,7 @@ ran it, so results do not depend on the pool's size.
 
 from __future__ import annotations
 
-from tracer.blas import THREAD_ENV, live_processes, preload_openblas, share_cores, step_aside
+from tracer.blas import THREAD_ENV, cpu_cores, preload_openblas, share_cores, step_aside
 
 preload_openblas()
 
@@ -46,8 +46,7 @@ def auto_workers(requested: int = 0) -> int:
 
     if mx.default_device() != mx.cpu or any(os.environ.get(k) for k in THREAD_ENV):
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_AUTO_WORKERS))
+    return max(1, min(cpu_cores(), MAX_AUTO_WORKERS))
 
 
 class _Ticks:
@@ -79,10 +78,7 @@ def _serve(worker: int, parent: int, load_args: dict, tasks, results) -> None:
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)
         except (OSError, AttributeError):
             pass
-    try:
-        live_processes()  # counted by share_cores from the start, before any sibling's first job
-    except OSError:
-        pass
+    share_cores(0)  # registered from the start, so no sibling's first job counts itself alone
     from tracer import model as models
     from tracer.generate import generate
 
