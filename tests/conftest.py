@@ -1,5 +1,24 @@
-"""Load OpenBLAS before any test module imports MLX (the reference BLAS is ~50x slower)."""
+"""Load OpenBLAS before any test module imports MLX (the reference BLAS is ~50x slower); shared fixtures."""
+
+import shutil
+from pathlib import Path
+
+import pytest
 
 from tracer.blas import preload_openblas
 
 preload_openblas()
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_work(tmp_path, monkeypatch):
+    """A scratch directory with the tiny KG and a tiny config whose caches stay inside it."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "data" / "tiny_kg.json", tmp_path / "data" / "tiny_kg.json")
+    text = (ROOT / "configs" / "tiny.toml").read_text()
+    text = text.replace('path = "tiny"', f'path = "tiny"\ncache_dir = "{tmp_path / "cache"}"')
+    (tmp_path / "tiny.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,26 +1,11 @@
 """End to end through the CLI on the tiny config: a real (tiny) model, real training, real files."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tracer.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tiny_work(tmp_path, monkeypatch):
-    """A scratch directory with the tiny KG and a tiny config whose caches stay inside it."""
-    (tmp_path / "data").mkdir()
-    shutil.copy(ROOT / "data" / "tiny_kg.json", tmp_path / "data" / "tiny_kg.json")
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    text = text.replace('path = "tiny"', f'path = "tiny"\ncache_dir = "{tmp_path / "cache"}"')
-    (tmp_path / "tiny.toml").write_text(text)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def read_jsonl(path: Path) -> list[dict]:
