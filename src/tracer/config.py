@@ -107,6 +107,10 @@ class RSFTConfig(TrainConfig):
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     rounds: int = Field(1, ge=1, description="Sample → filter → fine-tune rounds, each from the latest adapter.")
     k_samples: int = Field(8, ge=1, description="Completions sampled per question.")
+    first_samples: int = Field(
+        0, ge=0,
+        description="Sample this many per question first, the rest of k_samples only where they hold fewer than keep_top winners (0 = all at once).",
+    )
     temperature: float = Field(0.8, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
     keep_top: int = Field(1, ge=1, description="Winners kept per question.")
@@ -118,6 +122,12 @@ class RSFTConfig(TrainConfig):
     )
     max_tokens: int = Field(160, ge=1, description="Token budget per sampled completion.")
     replay: float = Field(0.5, ge=0, description="SFT examples mixed in per winner, to keep earlier skills.")
+
+    @model_validator(mode="after")
+    def _check_first_samples(self) -> "RSFTConfig":
+        if self.first_samples and self.first_samples >= self.k_samples:
+            raise ValueError(f"first_samples: must be below k_samples ({self.k_samples}), or 0 to sample all at once")
+        return self
 
 
 class ConsolidateConfig(TrainConfig):

@@ -484,49 +484,71 @@ def _read_partial(path: Path, r: int) -> dict[str, dict[int, dict]]:
 
 def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[dict], kg: KG, r: int,
                   progress: Progress, partial: Path, reuse: bool) -> tuple[list[dict], bool]:
-    """Round r's K scored samples per question, from ``adapter``, and whether all were reused.
+    """Round r's scored samples, from ``adapter``, and whether all were reused.
 
-    Questions are sampled :data:`SAMPLE_CHUNK` at a time (chunk c seeded by rsft.seed + r + 1000c)
-    and each chunk's scored samples are appended to ``partial`` as it finishes. With ``reuse``,
-    chunks already complete there are not sampled again, so an interrupted round resumes where
-    it stopped and ends with the samples an uninterrupted one would have drawn.
+    Each question gets rsft.k_samples samples, or with rsft.first_samples = f > 0, f samples first
+    and the other K - f only when those f hold fewer than rsft.keep_top winners: rejection
+    sampling stops at acceptance, so questions the adapter already solves cost f samples, not K.
+    Questions are sampled :data:`SAMPLE_CHUNK` at a time (chunk c seeded by rsft.seed + r + 1000c,
+    in the second stage + 1,000,000) and each chunk's scored samples are appended to ``partial``
+    as it finishes. With ``reuse``, chunks already complete there are not sampled again, so an
+    interrupted round resumes where it stopped and ends with the samples an uninterrupted one
+    would have drawn. Rows come back per question in ``questions`` order, by sample index.
     """
     rc = cfg.rsft
     have = _read_partial(partial, r) if reuse else {}
     if not reuse:
         partial.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
+    first = rc.first_samples or rc.k_samples
+    reused = _sample_stage(cfg, model, adapter, questions, range(first), rc.seed + r, kg, r, progress, partial, have)
+    more: set[str] = set()
+    if first < rc.k_samples:
+        more = {q["id"] for q in questions
+                if len(select_winners([have[q["id"]][i] for i in range(first)], rc.keep_top, rc.min_reward,
+                                      rc.require_correct)) < rc.keep_top}
+        reused &= _sample_stage(cfg, model, adapter, [q for q in questions if q["id"] in more],
+                                range(first, rc.k_samples), rc.seed + r + 1_000_000, kg, r, progress, partial, have)
+    return [have[q["id"]][i] for q in questions for i in range(rc.k_samples if q["id"] in more else first)], reused
+
+
+def _sample_stage(cfg: Config, model: str | None, adapter: str, questions: list[dict], indices: range, seed: int,
+                  kg: KG, r: int, progress: Progress, partial: Path, have: dict[str, dict[int, dict]]) -> bool:
+    """Samples ``indices`` of every question, in chunks (chunk c seeded ``seed + 1000c``); chunks
+    whose rows ``have`` holds already are skipped. New rows go to ``have`` and ``partial``.
+    Returns whether every chunk was there already."""
+    rc = cfg.rsft
+    k = len(indices)
     chunks = [questions[i : i + SAMPLE_CHUNK] for i in range(0, len(questions), SAMPLE_CHUNK)]
-    complete = [all(len(have.get(q["id"], {})) == rc.k_samples for q in c) for c in chunks]
-    todo = [c for c, ok in enumerate(complete) if not ok]
-    by_chunk = {c: [have[q["id"]][i] for q in chunks[c] for i in sorted(have[q["id"]])]
-                for c, ok in enumerate(complete) if ok}
-    jobs = [{"prompts": [q["prompt"] for q in chunks[c] for _ in range(rc.k_samples)], "max_tokens": rc.max_tokens,
-             "temperature": rc.temperature, "top_p": rc.top_p, "seed": rc.seed + r + 1000 * c,
+    todo = [c for c, chunk in enumerate(chunks)  # rows past k_samples: drawn under other settings
+            if not all(i in have.get(q["id"], {}) for q in chunk for i in indices)
+            or any(i >= rc.k_samples for q in chunk for i in have[q["id"]])]
+    jobs = [{"prompts": [q["prompt"] for q in chunks[c] for _ in range(k)], "max_tokens": rc.max_tokens,
+             "temperature": rc.temperature, "top_p": rc.top_p, "seed": seed + 1000 * c,
              "batch_size": cfg.eval.batch_size} for c in todo]
 
     def score(j: int, completions: list[str]) -> None:
-        c, k = todo[j], rc.k_samples
         rows = []
-        for n, q in enumerate(chunks[c]):
+        for n, q in enumerate(chunks[todo[j]]):
             eps = _score_rows([q] * k, completions[n * k : (n + 1) * k], kg, cfg, rsft_phase_name(r))
-            for i, e in enumerate(eps):
+            for i, e in zip(indices, eps):
                 e["sample"], e["round"] = i, r
+                have.setdefault(q["id"], {})[i] = e
             rows.extend(eps)
         with partial.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
-        by_chunk[c] = rows
 
-    progress.start("generate", total=len(questions) * rc.k_samples)
-    progress.update(sum(len(c) for c, ok in zip(chunks, complete) if ok) * rc.k_samples)
+    if not questions:
+        return True
+    progress.start("generate", total=len(questions) * k)
+    progress.update(sum(len(chunk) for c, chunk in enumerate(chunks) if c not in todo) * k)
     if jobs:
         with generation_pool(cfg, model, adapter) as pool:
             pool.map(jobs, _OneBar(progress), on_done=score)
-    scored = [row for c in range(len(chunks)) for row in by_chunk[c]]
     progress.stop()
-    return scored, all(complete)
+    return not todo
 
 
 def rsft(
@@ -542,7 +564,8 @@ def rsft(
     resume: bool = False,
     progress: Progress | None = None,
 ) -> dict:
-    """Rejection-sampling fine-tuning: sample K per question, keep KG-rewarded winners, fine-tune.
+    """Rejection-sampling fine-tuning: sample K per question (or first f, then the rest where those
+    f hold fewer than keep_top winners), keep KG-rewarded winners, fine-tune.
 
     Round r trains into ``models/rsft`` (r = 1) or ``models/rsft_r<r>`` of the run directory; the
     last round's adapter is also copied to ``output``. With ``resume``, rounds whose samples and
@@ -597,9 +620,14 @@ def rsft(
             dataset.write_jsonl(samples_file, all_samples)
             stat = _round_stat(r, questions, scored, winners)
             stat["sample_s"] = round(time.perf_counter() - t0, 2)
+            staged = ""
+            if rc.first_samples:  # the sample means then lean to the questions sampled K times
+                stat["resampled_questions"] = len({s["ex_id"] for s in scored if s["sample"] >= rc.first_samples})
+                staged = f" ({stat['resampled_questions']} sampled past the first {rc.first_samples})"
             progress.log(
                 f"RSFT round {r}: {stat['questions_with_winner']}/{len(questions)} questions with a winner, "
-                f"mean sample reward {stat['mean_sample_reward']:+.2f}, {len(winners)} winners kept"
+                f"{len(scored)} samples{staged}, mean sample reward {stat['mean_sample_reward']:+.2f}, "
+                f"{len(winners)} winners kept"
             )
             if winners:
                 rows = winner_rows(winners, by_id)
