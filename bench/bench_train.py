@@ -10,6 +10,7 @@ Variants, each in its own subprocess:
   (c) tracer's loop: ``tracer.train.train`` (completion-only logits, length-grouped batches, the
       batch's shared prompt prefix run once)
   (d) the same with ``share_prefix = false`` (every row runs its whole prompt)
+  (e) (c) with ``compile = false``: no compiled step, mlx-lm's layers (what (c) was before 2026-12-02)
 All: SmolLM2-135M-Instruct fp32, LoRA rank 16 (scale 20) on all 30 layers × 7 projections,
 batch 16, AdamW lr 3e-4. Step times are wall-clock between consecutive steps, after warm-up.
 MFU of (c)/(d): 6·N_nonemb·computed tokens + 6·hidden·vocab·loss_positions FLOPs per step over the step time,
@@ -127,7 +128,7 @@ def worker_tracer(args) -> dict:
     model, tok = M.load("smollm2-135m-instruct")
     pairs = read_pairs(args.data, args.limit)
     cfg = TrainConfig(iters=args.warmup + args.steps, batch_size=16, val_every=0, save_every=10**6,
-                      share_prefix=not args.no_share)
+                      share_prefix=not args.no_share, compile=not args.no_compile)
     # replay the loop's batch sequence to count tokens / loss positions per step
     examples = TR.encode_pairs(tok, pairs, cfg.max_seq_len)
     lengths = [len(ids) for ids, _ in examples]
@@ -135,7 +136,7 @@ def worker_tracer(args) -> dict:
     for s in range(cfg.iters):
         idx = TR.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, cfg.curriculum)
         ex = [examples[i] for i in idx]
-        b = TR.collate(ex, cfg.share_prefix)
+        b = TR.collate(ex, cfg.share_prefix)  # unpadded: real tokens and loss positions
         shared = 0 if b.prefix is None else (len(ex) - 1) * b.prefix.shape[1]  # prefix rows not computed
         batches.append({"tokens": b.tokens, "computed": b.tokens - shared,
                         "padded": b.inputs.size + (0 if b.prefix is None else b.prefix.size),
@@ -177,7 +178,8 @@ def _summary(name, stamps, batches, losses, warmup, gflops, model, blas) -> dict
     }
 
 
-def run_variant(kind: str, openblas: bool, steps: int, warmup: int, args, share: bool = True) -> dict | None:
+def run_variant(kind: str, openblas: bool, steps: int, warmup: int, args, share: bool = True,
+                compile_: bool = True) -> dict | None:
     env = dict(os.environ)
     if openblas:
         env.pop("TRACER_NO_OPENBLAS", None)
@@ -185,7 +187,7 @@ def run_variant(kind: str, openblas: bool, steps: int, warmup: int, args, share:
         env["TRACER_NO_OPENBLAS"] = "1"
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--warmup", str(warmup),
            "--data", args.data, "--limit", str(args.limit)] + (["--openblas"] if openblas else []) \
-        + ([] if share else ["--no-share"])
+        + ([] if share else ["--no-share"]) + ([] if compile_ else ["--no-compile"])
     print(f"running {kind} openblas={openblas} warmup={warmup} steps={steps} ...", file=sys.stderr, flush=True)
     try:
         res = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
@@ -203,6 +205,8 @@ def main() -> None:
     p.add_argument("--worker", choices=["stock", "tracer"], help=argparse.SUPPRESS)
     p.add_argument("--openblas", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-share", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. c,e (default: all)")
     p.add_argument("--data", default="data/train.jsonl")
     p.add_argument("--limit", type=int, default=10**9, help="use the first N training pairs")
     p.add_argument("--steps", type=int, default=4, help="measured steps of (b) and (c)")
@@ -217,11 +221,14 @@ def main() -> None:
         print(json.dumps(fn(args)))
         return
 
+    only = set(filter(None, args.only.split(",")))
+    want = lambda letter: not only or letter in only  # noqa: E731
     res = {
-        "a_stock_ref": None if args.skip_ref else run_variant("stock", False, args.ref_steps, args.ref_warmup, args),
-        "b_stock_openblas": run_variant("stock", True, args.steps, args.warmup, args),
-        "c_tracer": run_variant("tracer", True, args.steps, args.warmup, args),
-        "d_tracer_no_share": run_variant("tracer", True, args.steps, args.warmup, args, share=False),
+        "a_stock_ref": None if args.skip_ref or not want("a") else run_variant("stock", False, args.ref_steps, args.ref_warmup, args),
+        "b_stock_openblas": run_variant("stock", True, args.steps, args.warmup, args) if want("b") else None,
+        "c_tracer": run_variant("tracer", True, args.steps, args.warmup, args) if want("c") else None,
+        "d_tracer_no_share": run_variant("tracer", True, args.steps, args.warmup, args, share=False) if want("d") else None,
+        "e_tracer_no_compile": run_variant("tracer", True, args.steps, args.warmup, args, compile_=False) if want("e") else None,
     }
     print(f"{'variant':24s}{'s/step':>9s}{'tok/s':>9s}{'tok/step':>10s}{'padded':>9s}{'loss pos':>9s}"
           f"{'GEMM GF/s':>10s}{'model GF/s':>11s}{'MFU%':>7s}")
@@ -233,7 +240,7 @@ def main() -> None:
               f"{r['loss_pos_per_step']:9.0f}{r['gemm_gflops_1024']:10.1f}{r['model_gflops']:11.1f}{r['mfu_pct']:7.1f}")
         print(f"{'':24s}step times {[round(x, 2) for x in r['step_times']]}, warm-up {[round(x, 2) for x in r['warmup_times']]}")
     c = res["c_tracer"]
-    for k in ("a_stock_ref", "b_stock_openblas", "d_tracer_no_share"):
+    for k in ("a_stock_ref", "b_stock_openblas", "d_tracer_no_share", "e_tracer_no_compile"):
         r = res[k]
         if r and c:
             print(f"tracer speedup vs {k}: {r['s_per_step'] / c['s_per_step']:.2f}x per step, "

@@ -86,8 +86,9 @@ def test_learns_the_training_facts(facts_model, tmp_path):
 def test_masked_gather_loss_equals_full_logits_loss(facts_model):
     model, tok = fresh(facts_model)
     examples = train.encode_pairs(tok, PAIRS[:6], 512)
-    inputs, positions, targets, n_tok, prefix = train.collate(examples, share_prefix=False)
-    assert prefix is None
+    b = train.collate(examples, share_prefix=False)
+    inputs, positions, targets = b.inputs, b.positions, b.targets
+    assert b.prefix is None
     gathered = train.loss_fn(model, inputs, positions, targets).item()
     assert gathered == pytest.approx(train.full_loss(model, inputs, positions, targets).item(), rel=1e-5)
     # the same loss written as a masked mean over full logits of right-padded (input, target) rows
@@ -103,7 +104,7 @@ def test_masked_gather_loss_equals_full_logits_loss(facts_model):
     # only completion tokens and the end-of-turn are targets
     assert positions.size == sum(len(ids) - start for ids, start in examples) == mask.sum()
     assert targets.tolist().count(tok.eos_token_id) == len(examples)
-    assert n_tok == sum(len(ids) for ids, _ in examples)
+    assert b.tokens == sum(len(ids) for ids, _ in examples)
 
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(facts_model):

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 from mlx_lm.models.base import create_causal_mask  # noqa: E402
 
-from tracer import __version__  # noqa: E402
+from tracer import __version__, cpu_ops  # noqa: E402
 from tracer.config import LoraConfig, TrainConfig  # noqa: E402
 from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
 from tracer.generate import encode_chat, shared_prefix_len  # noqa: E402
@@ -91,19 +91,24 @@ class Batch(NamedTuple):
     targets: mx.array  # the target token at each of ``positions``
     tokens: int  # real tokens in the batch, prefix counted once per row
     prefix: mx.array | None  # (1, P) token ids every row starts with, or None
+    weights: mx.array | None = None  # 1 per real loss position, 0 per padding one; None: all real
 
 
-def collate(examples: list[Example], share_prefix: bool = True) -> Batch:
+def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, int] | None = None) -> Batch:
     """Right-padded rows and flat loss positions; the rows' common prompt prefix goes in ``prefix``.
 
     The prefix (system message, instructions, ...) is the same for every row, so the model runs
     it once with batch 1 and every row attends to its keys/values (see :func:`loss_fn`).
+    ``pad = (w, p)`` rounds the row width up to a multiple of w and the loss positions up to a
+    multiple of p (padding positions weigh 0), so a compiled step sees few distinct shapes.
     """
     P = 0
     if share_prefix and len(examples) > 1:
         P = min(shared_prefix_len([ids for ids, _ in examples]), min(start for _, start in examples) - 1)
         P = P if P >= 8 else 0  # a short prefix saves less than its extra pass costs
     width = max(len(ids) for ids, _ in examples) - 1 - P
+    if pad:
+        width = -(-width // pad[0]) * pad[0]
     inputs = np.zeros((len(examples), width), dtype=np.int32)
     positions, targets = [], []
     for row, (ids, start) in enumerate(examples):
@@ -113,8 +118,14 @@ def collate(examples: list[Example], share_prefix: bool = True) -> Batch:
             targets.append(ids[t + 1])
     tokens = sum(len(ids) for ids, _ in examples)
     prefix = mx.array([examples[0][0][:P]], dtype=mx.int32) if P else None
+    weights = None
+    if pad:
+        n = len(positions)
+        extra = -(-n // pad[1]) * pad[1] - n
+        positions, targets = positions + [0] * extra, targets + [0] * extra
+        weights = mx.array([1.0] * n + [0.0] * extra)
     return Batch(mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32),
-                 tokens, prefix)
+                 tokens, prefix, weights)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -182,7 +193,7 @@ class PrefixKV:
 
 def hidden(model: nn.Module, inputs: mx.array, prefix: mx.array | None = None) -> mx.array:
     """Final hidden states of ``inputs``; with ``prefix``, each row continues the shared prefix."""
-    if prefix is None:
+    if prefix is None or prefix.shape[-1] == 0:  # (1, 0): none, in a compiled step's arguments
         return model.model(inputs)
     cache = [PrefixKV() for _ in model.layers]
     model.model(prefix, cache=cache)
@@ -190,11 +201,15 @@ def hidden(model: nn.Module, inputs: mx.array, prefix: mx.array | None = None) -
 
 
 def loss_fn(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
-            prefix: mx.array | None = None) -> mx.array:
-    """Mean cross-entropy over completion tokens; the vocabulary projection runs only there."""
+            prefix: mx.array | None = None, weights: mx.array | None = None) -> mx.array:
+    """Mean cross-entropy over completion tokens; the vocabulary projection runs only there.
+    With ``weights`` (0 for padding positions), the weighted mean, via :func:`cpu_ops.cross_entropy`
+    (the compiled CPU step's)."""
     h = hidden(model, inputs, prefix)
     h = h.reshape(-1, h.shape[-1])[positions]
-    return nn.losses.cross_entropy(_logits(model, h), targets, reduction="mean")
+    if weights is None:
+        return nn.losses.cross_entropy(_logits(model, h), targets, reduction="mean")
+    return (cpu_ops.cross_entropy(_logits(model, h), targets) * weights).sum() / weights.sum()
 
 
 def full_loss(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array) -> mx.array:
@@ -285,6 +300,40 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int) ->
     return total / max(count, 1)
 
 
+COMPILED_PAD = (8, 32)  # SFT with configs/default.toml: 33 distinct shapes in 720 steps, 4.3% more tokens
+
+
+class TrainStep:
+    """``step(batch) -> loss``: loss, gradients, clipping and the AdamW update. ``compiled``: the
+    whole step as one ``mx.compile`` graph (traced again per batch shape) over the model with
+    :mod:`tracer.cpu_ops`' layers; batches then come padded (``collate(pad=COMPILED_PAD)``)."""
+
+    def __init__(self, model: nn.Module, optimizer, grad_clip: float, compiled: bool):
+        self.compiled = compiled
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def step(*arrays):
+            loss, grads = loss_and_grad(model, *arrays)
+            if grad_clip > 0:
+                grads, _ = optim.clip_grad_norm(grads, grad_clip)
+            optimizer.update(model, grads)
+            return loss
+
+        if compiled:
+            cpu_ops.use_cpu_ops(model)
+            state = [model.state, optimizer.state, mx.random.state]
+            step = mx.compile(step, inputs=state, outputs=state)
+        self._step = step
+
+    def __call__(self, b: Batch) -> mx.array:
+        arrays = [b.inputs, b.positions, b.targets]
+        if b.prefix is not None or b.weights is not None:
+            arrays.append(b.prefix if b.prefix is not None else mx.zeros((1, 0), dtype=mx.int32))
+        if b.weights is not None:
+            arrays.append(b.weights)
+        return self._step(*arrays)
+
+
 def train(
     model: nn.Module,
     tokenizer,
@@ -325,14 +374,8 @@ def train(
         start, losses, val_losses, tokens = state["step"], state["losses"], state["val_losses"], state["tokens"]
         earlier_s = state.get("wall_s", 0.0)  # training time before the interruption(s)
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def step_fn(b: Batch):
-        loss, grads = loss_and_grad(model, b.inputs, b.positions, b.targets, b.prefix)
-        if cfg.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.update(model, grads)
-        return loss
+    step_fn = TrainStep(model, optimizer, cfg.grad_clip, compiled=cfg.compile and cpu_ops.available())
+    pad = COMPILED_PAD if step_fn.compiled else None
 
     def checkpoint(step: int) -> Path:
         wall_s = round(earlier_s + time.perf_counter() - t0, 2)
@@ -347,7 +390,7 @@ def train(
     try:
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
-            batch = collate([examples[i] for i in idx], cfg.share_prefix)
+            batch = collate([examples[i] for i in idx], cfg.share_prefix, pad)
             snapshot = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
             loss = step_fn(batch)
@@ -375,6 +418,8 @@ def train(
         path = checkpoint(done)
         progress.stop()
         raise TrainingInterrupted(done, str(path)) from None
+    finally:
+        cpu_ops.use_cpu_ops(model, False)
     progress.stop()
     checkpoint(cfg.iters)
     model.eval()

@@ -1,0 +1,106 @@
+"""tracer.cpu_ops: the polynomial exp and the layers built on it against MLX's own ops, values and
+gradients; the compiled training step against the plain one."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_causal_mask
+
+from tracer import cpu_ops, train
+from tracer.config import LoraConfig
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the CPU device and g++")
+
+
+def close(a, b, tol=1e-5):
+    a, b = np.array(a, dtype=np.float64), np.array(b, dtype=np.float64)
+    return np.max(np.abs(a - b) / (np.abs(b) + tol)) < tol
+
+
+def test_exp_matches_float64_over_float32_range():
+    x = mx.concatenate([mx.linspace(-87, 88, 100_001), mx.random.uniform(-30, 5, (10_000,))])
+    got = np.array(cpu_ops.exp(x), dtype=np.float64)
+    want = np.exp(np.array(x, dtype=np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    edges = cpu_ops.exp(mx.array([-float("inf"), -1000.0, 0.0, 1000.0])).tolist()
+    assert 0 < edges[0] == edges[1] < 1e-37 and edges[2] == 1.0 and edges[3] > 1e38
+
+
+@pytest.mark.parametrize("name", ["silu", "softmax", "logsumexp"])
+def test_values_and_gradients_match_mlx(name):
+    x = mx.random.normal((4, 7, 33), key=mx.random.key(1)) * 6
+    ours, ref = {
+        "silu": (cpu_ops.silu, nn.silu),
+        "softmax": (cpu_ops.softmax, lambda v: mx.softmax(v, axis=-1)),
+        "logsumexp": (cpu_ops.logsumexp, lambda v: mx.logsumexp(v, axis=-1)),
+    }[name]
+    w = mx.random.normal(ref(x).shape, key=mx.random.key(2))
+    assert close(ours(x), ref(x))
+    assert close(mx.grad(lambda v: (ours(v) * w).sum())(x), mx.grad(lambda v: (ref(v) * w).sum())(x), 1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "offset", "additive", "none"])
+def test_grouped_attention_matches_mlx_fast_attention(mask_kind):
+    k1, k2, k3 = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((2, 6, 5, 8), key=k1)
+    k, v = mx.random.normal((2, 3, 9, 8), key=k2), mx.random.normal((2, 3, 9, 8), key=k3)
+    mask = {"causal": "causal", "offset": create_causal_mask(5, 4), "none": None,
+            "additive": mx.random.normal((2, 1, 5, 9), key=k1)}[mask_kind]
+    if mask_kind == "causal":
+        q = q[:, :, :5]
+        k, v = k[:, :, :5], v[:, :, :5]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    assert close(cpu_ops.attention(q, k, v, 0.3, mask), want, 1e-4)
+    g = lambda f: mx.grad(lambda a, b, c: (f(a, b, c) * want).sum(), argnums=(0, 1, 2))(q, k, v)  # noqa: E731
+    ours = g(lambda a, b, c: cpu_ops.attention(a, b, c, 0.3, mask))
+    theirs = g(lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=0.3, mask=mask))
+    assert all(close(o, t, 1e-3) for o, t in zip(ours, theirs))
+
+
+def _tiny_llama():
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,
+                           tie_word_embeddings=True)
+    mx.random.seed(0)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    train.add_lora(model, train.lora_config(LoraConfig(rank=4, alpha=8.0, num_layers=-1), model))
+    model.train()
+    return model
+
+
+def test_compiled_step_trains_like_the_plain_one():
+    """Same batches, same init: the compiled step (cpu_ops layers, padded batches, weighted loss)
+    gives the plain step's losses and LoRA weights to float tolerance; the layers are switched
+    back afterwards."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    rng = np.random.default_rng(0)
+    prefix = [int(t) for t in rng.integers(1, 50, 9)]
+    examples = [(prefix + [int(t) for t in rng.integers(1, 50, n)], 9 + int(n) // 2) for n in rng.integers(4, 20, 24)]
+    runs = {}
+    for compiled in (False, True):
+        model = _tiny_llama()
+        opt = optim.AdamW(learning_rate=1e-2)
+        step = train.TrainStep(model, opt, grad_clip=1.0, compiled=compiled)
+        assert isinstance(model.layers[0].mlp, cpu_ops.CpuMLP) == compiled
+        pad = train.COMPILED_PAD if compiled else None
+        losses = []
+        for i in range(0, 24, 6):
+            b = train.collate(examples[i: i + 6], True, pad)
+            if compiled:
+                assert b.inputs.shape[1] % 8 == 0 and b.positions.size % 32 == 0
+                assert b.weights.sum().item() == sum(len(ids) - s for ids, s in examples[i: i + 6])
+            loss = step(b)
+            mx.eval(loss, model.parameters(), opt.state)
+            losses.append(loss.item())
+        runs[compiled] = (losses, dict(tree_flatten(model.trainable_parameters())))
+        cpu_ops.use_cpu_ops(model, False)
+        assert type(model.layers[0].mlp) is llama.MLP and type(model.layers[0].self_attn) is llama.Attention
+    (plain_losses, plain_w), (comp_losses, comp_w) = runs[False], runs[True]
+    assert plain_losses[-1] < plain_losses[0]
+    assert comp_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert all(mx.allclose(comp_w[k], plain_w[k], atol=1e-4).item() for k in plain_w)
