@@ -446,6 +446,7 @@ def device_info() -> dict:
         mlx_lm_version = version("mlx-lm")
     except PackageNotFoundError:  # pragma: no cover
         mlx_lm_version = None
+    from tracer import cpu_ops
     from tracer.workers import auto_workers
 
     share_cores(0)  # as many threads as a training step in this situation gets
@@ -457,4 +458,5 @@ def device_info() -> dict:
         "blas": blas_info(),
         "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
         "generation_workers": auto_workers(0),
+        "compiled_train_step": cpu_ops.available(),  # with sft.compile: see tracer.cpu_ops
     }
