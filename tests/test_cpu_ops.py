@@ -71,10 +71,11 @@ def _tiny_llama():
     return model
 
 
-def test_compiled_step_trains_like_the_plain_one():
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_compiled_step_trains_like_the_plain_one(share_prefix):
     """Same batches, same init: the compiled step (cpu_ops layers, padded batches, weighted loss)
-    gives the plain step's losses and LoRA weights to float tolerance; the layers are switched
-    back afterwards."""
+    gives the plain step's losses and LoRA weights to float tolerance, with and without a shared
+    prefix; the layers are switched back afterwards."""
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
@@ -90,7 +91,8 @@ def test_compiled_step_trains_like_the_plain_one():
         pad = train.COMPILED_PAD if compiled else None
         losses = []
         for i in range(0, 24, 6):
-            b = train.collate(examples[i: i + 6], True, pad)
+            b = train.collate(examples[i: i + 6], share_prefix, pad)
+            assert (b.prefix is not None) == share_prefix
             if compiled:
                 assert b.inputs.shape[1] % 8 == 0 and b.positions.size % 32 == 0
                 assert b.weights.sum().item() == sum(len(ids) - s for ids, s in examples[i: i + 6])
@@ -104,3 +106,11 @@ def test_compiled_step_trains_like_the_plain_one():
     assert plain_losses[-1] < plain_losses[0]
     assert comp_losses == pytest.approx(plain_losses, rel=1e-4)
     assert all(mx.allclose(comp_w[k], plain_w[k], atol=1e-4).item() for k in plain_w)
+
+
+def test_only_float32_models_get_the_compiled_step():
+    """The polynomial exp rounds with a float32 constant: a bfloat16 model keeps mlx-lm's layers."""
+    model = _tiny_llama()
+    assert cpu_ops.available(model)
+    model.set_dtype(mx.bfloat16)
+    assert not cpu_ops.available(model) and cpu_ops.available()

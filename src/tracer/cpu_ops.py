@@ -11,14 +11,16 @@ measured 1.16x per SFT step (18.20 -> 15.70 s). SiLU, softmax and log-sum-exp ca
 gradients (no exp in their backward passes except SiLU's sigmoid).
 
 :func:`use_cpu_ops` switches a model's llama attention and MLP layers to these; GPUs and machines
-without g++ (:func:`available`) keep mlx-lm's.
+without g++, and models not in float32 (:func:`available`), keep mlx-lm's.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_causal_mask
 
@@ -28,9 +30,17 @@ POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.66
 ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to an integer
 
 
-def available() -> bool:
-    """True on the CPU device with g++ on PATH (MLX's CPU compiler)."""
-    return mx.default_device().type == mx.DeviceType.cpu and shutil.which("g++") is not None
+def available(model=None) -> bool:
+    """True on the CPU device with g++ on PATH (MLX's CPU compiler) and compiling not disabled;
+    with ``model``, also only when its floating-point weights are float32 (the exp needs a
+    24-bit mantissa)."""
+    if mx.default_device().type != mx.DeviceType.cpu or shutil.which("g++") is None:
+        return False
+    if os.environ.get("MLX_DISABLE_COMPILE"):
+        return False
+    if model is None:
+        return True
+    return all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
 
 
 @mx.compile

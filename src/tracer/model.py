@@ -458,5 +458,5 @@ def device_info() -> dict:
         "blas": blas_info(),
         "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
         "generation_workers": auto_workers(0),
-        "compiled_train_step": cpu_ops.available(),  # with sft.compile: see tracer.cpu_ops
+        "compiled_train_step": cpu_ops.available(),  # with sft.compile and float32 weights: see tracer.cpu_ops
     }

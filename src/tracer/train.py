@@ -374,9 +374,6 @@ def train(
         start, losses, val_losses, tokens = state["step"], state["losses"], state["val_losses"], state["tokens"]
         earlier_s = state.get("wall_s", 0.0)  # training time before the interruption(s)
 
-    step_fn = TrainStep(model, optimizer, cfg.grad_clip, compiled=cfg.compile and cpu_ops.available())
-    pad = COMPILED_PAD if step_fn.compiled else None
-
     def checkpoint(step: int) -> Path:
         wall_s = round(earlier_s + time.perf_counter() - t0, 2)
         return save_checkpoint(model, optimizer, out, adapter_cfg, base_model,
@@ -385,6 +382,8 @@ def train(
 
     progress.start("train", total=cfg.iters)
     progress.update(start)
+    step_fn = TrainStep(model, optimizer, cfg.grad_clip, compiled=cfg.compile and cpu_ops.available(model))
+    pad = COMPILED_PAD if step_fn.compiled else None
     t0, run_tokens = time.perf_counter(), 0
     snapshot = None  # weights + optimizer state before the running step, for a clean Ctrl-C
     try:
