@@ -97,7 +97,7 @@ class TrainConfig(Section):
     share_prefix: bool = Field(True, description="Run a batch's common prompt prefix once, not once per row.")
     compile: bool = Field(
         True,
-        description="On CPU with g++: each step one compiled graph with polynomial-exp SiLU/softmax/log-sum-exp (1.16x per SFT step measured); batches padded to widths of 8, loss positions of 32.",
+        description="On CPU with g++: each step one compiled graph with polynomial-exp SiLU/softmax/log-sum-exp (1.14-1.16x per SFT step measured); batches padded to widths of 8, loss positions of 32.",
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
 

@@ -7,7 +7,7 @@ loss's log-sum-exp all pay it (perf: about half of an SFT step's time is element
 fuses such chains into C++ kernels that it builds with g++ (3-5 ns per element, relative error
 1.1e-7 against mx.exp's 9.8e-7). Under ``mx.grad`` compiled functions run op by op, so these pay
 off only when the whole training step is compiled (``train.TrainStep``): ``bench/bench_cpu_ops.py``
-measured 1.16x per SFT step (18.20 -> 15.70 s). SiLU, softmax and log-sum-exp carry their own
+measured 1.14-1.16x per SFT step (18.0-18.2 -> 15.7-15.8 s). SiLU, softmax and log-sum-exp carry their own
 gradients (no exp in their backward passes except SiLU's sigmoid).
 
 :func:`use_cpu_ops` switches a model's llama attention and MLP layers to these; GPUs and machines
@@ -117,14 +117,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     positions), or a boolean / additive array broadcastable to ``(B, H, L, S)``."""
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    scores = (q * scale).reshape(B, Hk, H // Hk, L, D) @ k[:, :, None].swapaxes(-1, -2)
+    G = H // Hk
+    # (B, Hk, G * L, D) @ (B, Hk, D, S): batch axes that match, so no operand is broadcast (copied)
+    scores = ((q * scale).reshape(B, Hk, G * L, D) @ k.swapaxes(-1, -2)).reshape(B, Hk, G, L, S)
     if isinstance(mask, str):
         mask = create_causal_mask(L, S - L)
     if mask is not None:
-        if mask.ndim == 4:  # (B or 1, H or 1, L, S) -> (B or 1, Hk or 1, H / Hk or 1, L, S)
-            mask = mask.reshape(mask.shape[0], Hk, H // Hk, L, S) if mask.shape[1] == H else mask[:, :, None]
+        if mask.ndim == 4:  # (B or 1, H or 1, L, S) -> (B or 1, Hk or 1, G or 1, L, S)
+            mask = mask.reshape(mask.shape[0], Hk, G, L, S) if mask.shape[1] == H else mask[:, :, None]
         scores = mx.where(mask, scores, -float("inf")) if mask.dtype == mx.bool_ else scores + mask
-    return (softmax(scores) @ v[:, :, None]).reshape(B, H, L, D)
+    return (softmax(scores).reshape(B, Hk, G * L, S) @ v).reshape(B, H, L, D)
 
 
 class CpuAttention(llama.Attention):
