@@ -111,10 +111,12 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return logsumexp(logits) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, softmax_fn=None) -> mx.array:
     """Attention of ``q (B, H, L, D)`` over ``k, v (B, Hk, S, D)``, each KV head's H / Hk query
-    heads as one product (no copies of K and V). ``mask``: None, "causal" (the last L of S
-    positions), or a boolean / additive array broadcastable to ``(B, H, L, S)``."""
+    heads as one product (no copies of K and V; MLX's CPU fallback of
+    ``mx.fast.scaled_dot_product_attention`` copies each KV head to its query heads). ``mask``:
+    None, "causal" (the last L of S positions), or a boolean / additive array broadcastable to
+    ``(B, H, L, S)``. ``softmax_fn`` (last axis) defaults to :func:`softmax`."""
     B, H, L, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     G = H // Hk
@@ -126,7 +128,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
         if mask.ndim == 4:  # (B or 1, H or 1, L, S) -> (B or 1, Hk or 1, G or 1, L, S)
             mask = mask.reshape(mask.shape[0], Hk, G, L, S) if mask.shape[1] == H else mask[:, :, None]
         scores = mx.where(mask, scores, -float("inf")) if mask.dtype == mx.bool_ else scores + mask
-    return (softmax(scores).reshape(B, Hk, G * L, S) @ v).reshape(B, H, L, D)
+    return ((softmax_fn or softmax)(scores).reshape(B, Hk, G * L, S) @ v).reshape(B, H, L, D)
 
 
 class CpuAttention(llama.Attention):

@@ -25,6 +25,7 @@ preload_openblas()
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
+from tracer import cpu_ops  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
 
 try:  # dataset.py is pure Python; the fallback only guards against it being mid-edit
@@ -225,27 +226,12 @@ def last_logits(model, inputs: mx.array, cache: list) -> mx.array:
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
-    """Attention of one new token per row, ``q (B, H, 1, D)`` over ``k, v (B, Hk, T, D)``.
-
-    The same result as ``mx.fast.scaled_dot_product_attention``, whose CPU fallback broadcasts
-    each KV head to its ``H / Hk`` query heads (copies); here each KV head's query group is one
-    ``(H / Hk, D) @ (D, T)`` product instead. ``mask``: None, boolean or additive, broadcastable
-    to ``(B, H, 1, T)``.
-    """
-    B, H, _, D = q.shape
-    Hk, T = k.shape[1], k.shape[2]
-    scores = (q * scale).reshape(B, Hk, H // Hk, D) @ k.swapaxes(-1, -2)
-    if mask is not None and not isinstance(mask, str):  # "causal" means nothing for one query
-        if mask.ndim == 4 and mask.shape[1] == H:
-            mask = mask.reshape(mask.shape[0], Hk, H // Hk, T)
-        elif mask.ndim == 4:
-            mask = mask.reshape(mask.shape[0], 1, 1, T)
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    return (weights @ v).reshape(B, H, 1, -1)
+    """Attention of one new token per row, ``q (B, H, 1, D)`` over ``k, v (B, Hk, T, D)``: the
+    same result as ``mx.fast.scaled_dot_product_attention`` (MLX's own precise softmax), with
+    :func:`cpu_ops.attention`'s one ``(H / Hk, D) @ (D, T)`` product per KV head instead of the
+    CPU fallback's copies of each KV head. ``mask``: None, boolean or additive, broadcastable to
+    ``(B, H, 1, T)``."""
+    return cpu_ops.attention(q, k, v, scale, mask, softmax_fn=lambda s: mx.softmax(s, axis=-1, precise=True))
 
 
 class GroupedDecodeAttention(llama.Attention):
