@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from common import per_element_ns
+
 
 def part1() -> list[tuple[str, float, str]]:
     from tracer.blas import preload_openblas
@@ -36,12 +38,8 @@ def part1() -> list[tuple[str, float, str]]:
     mx.eval(x)
     ref = np.exp(np.array(x, dtype=np.float64))
 
-    def ns(fn, reps=10):
-        mx.eval(fn())
-        t = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(fn())
-        return (time.perf_counter() - t) / reps / x.size * 1e9
+    def ns(fn):
+        return per_element_ns(mx, lambda _: fn(), x)
 
     def err(y):
         return f"max rel. error {np.max(np.abs(np.array(y, dtype=np.float64) - ref) / ref):.1e}"

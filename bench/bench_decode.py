@@ -18,18 +18,11 @@ from tracer.blas import preload_openblas
 preload_openblas()
 
 import mlx.core as mx  # noqa: E402
+from common import per_element_ns  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from tracer import generate as G  # noqa: E402
 from tracer import model as tm  # noqa: E402
-
-
-def per_element_ns(fn, x: mx.array, reps: int = 10) -> float:
-    mx.eval(fn(x))
-    t = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(fn(x))
-    return (time.perf_counter() - t) / reps / x.size * 1e9
 
 
 def decode_ms(model, enc: list[list[int]], prefix_kv, P: int, steps: int) -> tuple[float, list]:
@@ -74,7 +67,7 @@ def main() -> None:
         "decode_ms_per_step": {k: round(v, 1) for k, v in best.items()},
         "speedup": round(best["mlx-lm attention"] / best["grouped decode"], 2),
         "same_tokens": outputs["mlx-lm attention"] == outputs["grouped decode"],
-        "ns_per_element_1M_fp32": {name: round(per_element_ns(fn, x), 2) for name, fn in
+        "ns_per_element_1M_fp32": {name: round(per_element_ns(mx, fn, x), 2) for name, fn in
                                    (("add", lambda a: a + 1.0), ("exp", mx.exp), ("sigmoid", mx.sigmoid))},
     }
     print(json.dumps(result, indent=2))

@@ -14,3 +14,12 @@ def gemm_gflops(mx, n: int = 1024, reps: int = 5) -> float:
     for _ in range(reps):
         mx.eval(a @ b)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def per_element_ns(mx, fn, x, reps: int = 10) -> float:
+    """Nanoseconds per element of ``x`` for one evaluated ``fn(x)``, after a warm-up call."""
+    mx.eval(fn(x))
+    t = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(fn(x))
+    return (time.perf_counter() - t) / reps / x.size * 1e9
