@@ -151,6 +151,12 @@ def test_a_round_killed_in_its_second_stage_resumes_with_the_same_samples(pool_q
     got, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
                                         reuse=True)
     assert not reused and got == want and [c["seed"] for c in calls] == [cfg.rsft.seed + 1, cfg.rsft.seed + 1_000_001]
+    # ... once: the stale row is gone from the file, so the next resume reuses everything
+    assert all(json.loads(line)["sample"] < 3 for line in partial.read_text().splitlines())
+    calls.clear()
+    again, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
+                                          reuse=True)
+    assert reused and calls == [] and again == want
 
 
 def test_first_samples_must_be_below_k_samples(tiny_work):

@@ -499,6 +499,11 @@ def _sample_round(cfg: Config, model: str | None, adapter: str, questions: list[
     have = _read_partial(partial, r) if reuse else {}
     if not reuse:
         partial.unlink(missing_ok=True)
+    stale = [qid for qid, rows in have.items() if max(rows) >= rc.k_samples]
+    if stale:  # rows past k_samples were drawn under another K: those questions are sampled anew
+        for qid in stale:
+            del have[qid]
+        dataset.write_jsonl(partial, [row for rows in have.values() for row in rows.values()])
     partial.parent.mkdir(parents=True, exist_ok=True)
     first = rc.first_samples or rc.k_samples
     reused = _sample_stage(cfg, model, adapter, questions, range(first), rc.seed + r, kg, r, progress, partial, have)
@@ -520,9 +525,7 @@ def _sample_stage(cfg: Config, model: str | None, adapter: str, questions: list[
     rc = cfg.rsft
     k = len(indices)
     chunks = [questions[i : i + SAMPLE_CHUNK] for i in range(0, len(questions), SAMPLE_CHUNK)]
-    todo = [c for c, chunk in enumerate(chunks)  # rows past k_samples: drawn under other settings
-            if not all(i in have.get(q["id"], {}) for q in chunk for i in indices)
-            or any(i >= rc.k_samples for q in chunk for i in have[q["id"]])]
+    todo = [c for c, chunk in enumerate(chunks) if not all(i in have.get(q["id"], {}) for q in chunk for i in indices)]
     jobs = [{"prompts": [q["prompt"] for q in chunks[c] for _ in range(k)], "max_tokens": rc.max_tokens,
              "temperature": rc.temperature, "top_p": rc.top_p, "seed": seed + 1000 * c,
              "batch_size": cfg.eval.batch_size} for c in todo]

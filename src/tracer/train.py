@@ -94,6 +94,10 @@ class Batch(NamedTuple):
     weights: mx.array | None = None  # 1 per real loss position, 0 per padding one; None: all real
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, int] | None = None) -> Batch:
     """Right-padded rows and flat loss positions; the rows' common prompt prefix goes in ``prefix``.
 
@@ -108,7 +112,7 @@ def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, 
         P = P if P >= 8 else 0  # a short prefix saves less than its extra pass costs
     width = max(len(ids) for ids, _ in examples) - 1 - P
     if pad:
-        width = -(-width // pad[0]) * pad[0]
+        width = round_up(width, pad[0])
     inputs = np.zeros((len(examples), width), dtype=np.int32)
     positions, targets = [], []
     for row, (ids, start) in enumerate(examples):
@@ -121,7 +125,7 @@ def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, 
     weights = None
     if pad:
         n = len(positions)
-        extra = -(-n // pad[1]) * pad[1] - n
+        extra = round_up(n, pad[1]) - n
         positions, targets = positions + [0] * extra, targets + [0] * extra
         weights = mx.array([1.0] * n + [0.0] * extra)
     return Batch(mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32),
