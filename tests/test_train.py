@@ -279,3 +279,35 @@ def test_interrupt_inside_a_step_rolls_back_to_the_last_finished_step(facts_mode
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-5).item(), k
+
+
+def test_interrupt_while_the_compiled_step_is_traced_leaves_a_usable_model(facts_model, tmp_path, monkeypatch):
+    """mx.compile swaps every weight (frozen ones too), the optimizer state and the random key for
+    placeholders while it traces; a Ctrl-C then must not leave them in the caller's model."""
+    cfg = TrainConfig(iters=3, batch_size=8, learning_rate=1e-3, warmup=1, save_every=100, val_every=0, seed=2)
+    model, tok = fresh(facts_model)
+    if not train.cpu_ops.available(model):
+        pytest.skip("compiled steps need the CPU backend and a C++ compiler")
+    before = dict(tree_flatten(model.parameters()))
+    clip = train.optim.clip_grad_norm
+
+    def ctrl_c_in_trace(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.optim, "clip_grad_norm", ctrl_c_in_trace)
+    with pytest.raises(TrainingInterrupted) as e:
+        train.train(model, tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "a", "tiny")
+    assert e.value.step == 0
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in before.items():  # LoRA wrapped the projections: their weights moved to `.linear`
+        got = after.get(k, after.get(k.replace(".weight", ".linear.weight")))
+        assert got is not None and np.array_equal(np.array(got), np.array(v)), k
+    mx.eval(mx.random.uniform(shape=(2,)))
+    monkeypatch.setattr(train.optim, "clip_grad_norm", clip)
+    # the checkpoint resumes into the finished run's adapter
+    train.train(fresh(facts_model)[0], tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "a", "tiny",
+                resume=True)
+    train.train(fresh(facts_model)[0], tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "b", "tiny")
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-5).item(), k

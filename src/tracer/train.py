@@ -389,13 +389,16 @@ def train(
     step_fn = TrainStep(model, optimizer, cfg.grad_clip, compiled=cfg.compile and cpu_ops.available(model))
     pad = COMPILED_PAD if step_fn.compiled else None
     t0, run_tokens = time.perf_counter(), 0
-    snapshot = None  # weights + optimizer state before the running step, for a clean Ctrl-C
+    # every weight (a Ctrl-C while mx.compile traces leaves placeholders in frozen ones too),
+    # optimizer and random state before the running step, for a clean Ctrl-C
+    snapshot = None
     try:
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
             batch = collate([examples[i] for i in idx], cfg.share_prefix, pad)
-            snapshot = (model.trainable_parameters(), tree_map(lambda x: x, optimizer.state))
-            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise is a function of the step
+            step_seed = cfg.seed * 1_000_003 + step  # dropout noise is a function of the step
+            snapshot = (model.parameters(), tree_map(lambda x: x, optimizer.state), step_seed)
+            mx.random.seed(step_seed)
             loss = step_fn(batch)
             mx.eval(loss, model.trainable_parameters(), optimizer.state)
             share_cores()  # nothing in flight here
@@ -417,6 +420,7 @@ def train(
         if snapshot is not None:  # stopped inside a step: roll back to the last finished one
             model.update(snapshot[0])
             optimizer.state = snapshot[1]
+            mx.random.seed(snapshot[2])
         done = len(losses)
         path = checkpoint(done)
         progress.stop()
