@@ -66,7 +66,8 @@ def main() -> None:
     prompts = [r["prompt"] for r in rows]
     old = old_generate(args.old_rev)
     new_model, tok = tm.load(args.model, adapter=args.adapter, fuse=True)
-    old_model = new_model if args.old_fused else tm.load(args.model, adapter=args.adapter)[0]
+    # a model of its own: generation switches a model's layers to its fast ones, and the old side's may differ
+    old_model = tm.load(args.model, adapter=args.adapter, fuse=args.old_fused)[0]
     sides = {"old": (old, old_model), "new": (new_generate, new_model)}
     kw = dict(max_tokens=args.max_tokens, batch_size=args.batch_size)
 

@@ -59,6 +59,21 @@ def test_grouped_attention_matches_mlx_fast_attention(mask_kind):
     assert all(close(o, t, 1e-3) for o, t in zip(ours, theirs))
 
 
+def test_attention_over_left_padding_stays_finite():
+    """A left-padded batch (prefill): query positions inside a row's padding have every key
+    masked. They must come out finite (their keys and values feed no real position, but NaN times
+    a zero weight is NaN); the other rows as mlx-lm's attention gives them."""
+    k1, k2, k3 = mx.random.split(mx.random.key(4), 3)
+    q = mx.random.normal((2, 6, 5, 8), key=k1)
+    k, v = mx.random.normal((2, 3, 9, 8), key=k2), mx.random.normal((2, 3, 9, 8), key=k3)
+    pad = mx.array([0, 6])[:, None, None, None]  # row 1: queries at positions 4 and 5 see only padding
+    mask = create_causal_mask(5, 4)[None, None] & (mx.arange(9)[None, None, None, :] >= pad)
+    got = cpu_ops.attention(q, k, v, 0.3, mask)
+    assert np.isfinite(np.array(got)).all()
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    assert close(got[0], want[0], 1e-4) and close(got[1, :, 2:], want[1, :, 2:], 1e-4)
+
+
 def _tiny_llama():
     args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,

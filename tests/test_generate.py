@@ -209,18 +209,26 @@ def test_answer_regex():
     assert G.answer_end("ANSWER: E") is None
 
 
-def test_greedy_matches_mlx_lm_reference(tiny):
-    """Independent check of the batched/prefix-shared path against mlx-lm's own single stream."""
+@pytest.mark.parametrize("layers", ["cpu_ops", "grouped"])
+def test_greedy_matches_mlx_lm_reference(tiny, layers, monkeypatch):
+    """Independent check of the batched/prefix-shared path, with either set of fast layers,
+    against mlx-lm's own single stream."""
     from mlx_lm import stream_generate
 
     from mlx_lm.models import llama
 
     model, tok = tiny
+    if layers == "cpu_ops" and not G.cpu_ops.available(model):
+        pytest.skip("cpu_ops needs the CPU backend and a C++ compiler")
+    monkeypatch.setattr(G.cpu_ops, "available", lambda m=None: layers == "cpu_ops")
+    for layer in model.layers:  # the module's model: earlier tests may have switched its layers
+        layer.self_attn.__class__, layer.mlp.__class__ = llama.Attention, llama.MLP
     stops = G.stop_token_ids(tok)
     ours = G.generate_tokens(model, tok, PROMPTS, max_tokens=20, stop_after_answer=False)
-    assert all(type(layer.self_attn) is G.GroupedDecodeAttention for layer in model.layers)
-    for layer in model.layers:  # the reference runs mlx-lm's own attention
-        layer.self_attn.__class__ = llama.Attention
+    want = {"cpu_ops": (G.cpu_ops.CpuAttention, G.cpu_ops.CpuMLP), "grouped": (G.GroupedDecodeAttention, llama.MLP)}
+    assert all((type(layer.self_attn), type(layer.mlp)) == want[layers] for layer in model.layers)
+    for layer in model.layers:  # the reference runs mlx-lm's own layers
+        layer.self_attn.__class__, layer.mlp.__class__ = llama.Attention, llama.MLP
     for p, o in zip(PROMPTS, ours):  # token ids: random weights emit bytes that decode differently
         ref = [r.token for r in stream_generate(model, tok, G.encode_chat(tok, p), max_tokens=20)]
         assert o == [t for t in ref if t not in stops]

@@ -127,7 +127,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, softmax
     if mask is not None:
         if mask.ndim == 4:  # (B or 1, H or 1, L, S) -> (B or 1, Hk or 1, G or 1, L, S)
             mask = mask.reshape(mask.shape[0], Hk, G, L, S) if mask.shape[1] == H else mask[:, :, None]
-        scores = mx.where(mask, scores, -float("inf")) if mask.dtype == mx.bool_ else scores + mask
+        # finfo.min, not -inf: a query with every key masked (left padding) gets finite garbage, not NaN
+        fill = mx.finfo(scores.dtype).min
+        scores = mx.where(mask, scores, fill) if mask.dtype == mx.bool_ else scores + mask
     return ((softmax_fn or softmax)(scores).reshape(B, Hk, G * L, S) @ v).reshape(B, H, L, D)
 
 

@@ -250,18 +250,20 @@ class GroupedDecodeAttention(llama.Attention):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
 
 
-def use_grouped_decode(model) -> int:
-    """On CPU, switch the model's llama attention layers to :class:`GroupedDecodeAttention` (same
-    outputs; decode steps ≈ 10% faster). GPUs keep the fused attention kernel. Returns the number
-    of layers switched."""
+def use_fast_layers(model) -> str:
+    """On CPU, switch the model's llama layers to faster ones with the same outputs up to float
+    rounding: :mod:`cpu_ops`' layers (its polynomial exp in SiLU and the attention softmax, KV heads
+    not copied) where :func:`cpu_ops.available`, else :class:`GroupedDecodeAttention`. GPUs keep
+    mlx-lm's fused kernels. Returns which layers the model now has: "cpu_ops", "grouped" or "mlx-lm"."""
     if mx.default_device().type != mx.DeviceType.cpu:
-        return 0
-    n = 0
+        return "mlx-lm"
+    if cpu_ops.available(model):
+        cpu_ops.use_cpu_ops(model)
+        return "cpu_ops"
     for layer in getattr(model, "layers", []):
         if type(getattr(layer, "self_attn", None)) is llama.Attention:
             layer.self_attn.__class__ = GroupedDecodeAttention
-            n += 1
-    return n
+    return "grouped"
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[mx.array, list[int]]:
@@ -410,7 +412,7 @@ def generate_tokens(
     if not prompts:
         progress.stop()
         return []
-    use_grouped_decode(model)
+    use_fast_layers(model)
     share_cores()
     encoded = [encode_chat(tokenizer, p) for p in prompts]
     stopper = RowStopper(tokenizer, max(1, max_tokens), stop_after_answer)
