@@ -279,7 +279,7 @@ def test_device_info():
     forced = any(os.environ.get(k) for k in THREAD_ENV)  # a fixed thread count: one process
     cores = len(os.sched_getaffinity(0))
     assert info["generation_workers"] == (min(cores, 2) if info["backend"] == "cpu" and not forced else 1)
-    assert info["compiled_train_step"] == (info["backend"] == "cpu" and shutil.which("g++") is not None
+    assert info["cpu_ops"] == (info["backend"] == "cpu" and shutil.which("g++") is not None
                                            and not os.environ.get("MLX_DISABLE_COMPILE"))
 
 

@@ -458,5 +458,6 @@ def device_info() -> dict:
         "blas": blas_info(),
         "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
         "generation_workers": auto_workers(0),
-        "compiled_train_step": cpu_ops.available(),  # with sft.compile and float32 weights: see tracer.cpu_ops
+        # compiled training steps (with sft.compile) and generation on tracer.cpu_ops, for float32 weights
+        "cpu_ops": cpu_ops.available(),
     }
