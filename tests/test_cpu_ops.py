@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_causal_mask
 
-from tracer import cpu_ops, train
+from tracer import cpu_ops, generate, train
 from tracer.config import LoraConfig
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the CPU device and g++")
@@ -72,6 +72,10 @@ def test_attention_over_left_padding_stays_finite():
     assert np.isfinite(np.array(got)).all()
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
     assert close(got[0], want[0], 1e-4) and close(got[1, :, 2:], want[1, :, 2:], 1e-4)
+    additive = mx.where(mask, 0.0, -mx.inf)  # the same mask as -inf additions
+    got_additive = cpu_ops.attention(q, k, v, 0.3, additive)
+    assert np.isfinite(np.array(got_additive)).all()
+    assert close(got_additive[0], want[0], 1e-4) and close(got_additive[1, :, 2:], want[1, :, 2:], 1e-4)
 
 
 def _tiny_llama():
@@ -90,7 +94,8 @@ def _tiny_llama():
 def test_compiled_step_trains_like_the_plain_one(share_prefix):
     """Same batches, same init: the compiled step (cpu_ops layers, padded batches, weighted loss)
     gives the plain step's losses and LoRA weights to float tolerance, with and without a shared
-    prefix; the layers are switched back afterwards."""
+    prefix. The plain step runs mlx-lm's layers even on a model that generation left on cpu_ops'
+    layers; the compiled step's are switched back afterwards."""
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
@@ -101,8 +106,10 @@ def test_compiled_step_trains_like_the_plain_one(share_prefix):
     for compiled in (False, True):
         model = _tiny_llama()
         opt = optim.AdamW(learning_rate=1e-2)
+        generate.use_fast_layers(model)  # as generation leaves a model: the plain step switches back
         step = train.TrainStep(model, opt, grad_clip=1.0, compiled=compiled)
         assert isinstance(model.layers[0].mlp, cpu_ops.CpuMLP) == compiled
+        assert isinstance(model.layers[0].self_attn, cpu_ops.CpuAttention) == compiled
         pad = train.COMPILED_PAD if compiled else None
         losses = []
         for i in range(0, 24, 6):

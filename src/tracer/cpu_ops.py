@@ -131,7 +131,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, softmax
             mask = mask.reshape(mask.shape[0], Hk, G, L, S) if mask.shape[1] == H else mask[:, :, None]
         # finfo.min, not -inf: a query with every key masked (left padding) gets finite garbage, not NaN
         fill = mx.finfo(scores.dtype).min
-        scores = mx.where(mask, scores, fill) if mask.dtype == mx.bool_ else scores + mask
+        scores = mx.where(mask, scores, fill) if mask.dtype == mx.bool_ else mx.maximum(scores + mask, fill)
     return ((softmax_fn or softmax)(scores).reshape(B, Hk, G * L, S) @ v).reshape(B, H, L, D)
 
 

@@ -323,8 +323,10 @@ class TrainStep:
             optimizer.update(model, grads)
             return loss
 
+        # mlx-lm's layers for the plain step, also on a model that generation left on cpu_ops' ones
+        # (they are slower uncompiled under mx.grad)
+        cpu_ops.use_cpu_ops(model, compiled)
         if compiled:
-            cpu_ops.use_cpu_ops(model)
             state = [model.state, optimizer.state, mx.random.state]
             step = mx.compile(step, inputs=state, outputs=state)
         self._step = step
