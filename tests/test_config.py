@@ -44,6 +44,23 @@ def test_wrong_type_names_key_and_value(tmp_path):
     assert msg.startswith(f"{p}: sft.iters: ") and "'abc'" in msg and "\n" not in msg
 
 
+def test_values_are_not_coerced_across_types():
+    # a quoted number or a 1 for a bool is a mistake in the file, not a value to convert
+    for section, key, value in [("sft", "iters", "600"), ("eval", "shuffled", 1), ("data", "seed", "7"),
+                                ("lora", "rank", 16.0)]:
+        with pytest.raises(TracerError, match=f"{section}.{key}: .*got {value!r}"):
+            config_from_dict({section: {key: value}})
+    assert config_from_dict({"lora": {"alpha": 320}}).lora.alpha == 320.0  # an int where a float goes is fine
+
+
+def test_lora_num_layers_zero_is_refused():
+    with pytest.raises(TracerError, match="lora.num_layers: 0 adapts no layer"):
+        config_from_dict({"lora": {"num_layers": 0}})
+    with pytest.raises(TracerError, match="lora.num_layers: .*greater than or equal to -1"):
+        config_from_dict({"lora": {"num_layers": -2}})
+    assert config_from_dict({"lora": {"num_layers": 3}}).lora.num_layers == 3
+
+
 def test_constraint_violation(tmp_path):
     p = tmp_path / "x.toml"
     p.write_text("[rsft]\nk_samples = 0\n")

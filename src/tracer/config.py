@@ -10,13 +10,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracer.errors import TracerError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(Section):
@@ -72,12 +72,19 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(320.0, gt=0, description="LoRA alpha; updates are scaled by alpha / rank (mlx-lm's 'scale').")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    num_layers: int = Field(-1, description="Number of last transformer layers to adapt (-1 = all).")
+    num_layers: int = Field(-1, ge=-1, description="Number of last transformer layers to adapt (-1 = all).")
     keys: list[str] = Field(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
         description="Projections that receive LoRA adapters.",
     )
+
+    @field_validator("num_layers")
+    @classmethod
+    def _check_num_layers(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 adapts no layer; use a count >= 1, or -1 for all")
+        return v
 
 
 class TrainConfig(Section):
