@@ -445,6 +445,9 @@ def test_load_examples_without_edges(tmp_path):
         ({"answer_star": "E"}, "answer_star"),
         ({"path_star": {"entities": []}}, "path_star.entities"),
         ({"path_star": {"edges": []}}, "path_star.entities"),
+        ({"answer_star": ["A"]}, "answer_star"),
+        ({"meta": "a note"}, "'meta' must be an object, got str"),
+        ({"ref": "TRACE: a\nANSWER: A"}, "'ref' must be an object, got str"),
     ],
 )
 def test_load_examples_required_fields(tmp_path, change, message):

@@ -152,6 +152,10 @@ def test_valid_small_has_no_problems() -> None:
         (lambda d: d.update(edges={}), "edges: expected a list, got dict"),
         (lambda d: d.pop("relations"), "missing 'relations'"),
         (lambda d: d.update(version=2), "version: expected a string, got 2"),
+        # traces and facts are written `src -rel-> dst`
+        (lambda d: d["entities"][0].update(id="Disk full"), "entities[0].id: 'Disk full' contains whitespace or '->' (use _ between words)"),
+        (lambda d: d["entities"][0].update(id="a->b"), "entities[0].id: 'a->b' contains whitespace or '->' (use _ between words)"),
+        (lambda d: d["relations"][0].update(id="caused-by"), "relations[0].id: 'caused-by' must be letters, digits and _ only"),
     ],
 )
 def test_each_problem_reported_with_location(mutate, expected: str) -> None:

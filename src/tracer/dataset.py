@@ -877,7 +877,7 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
     if not isinstance(opts, dict) or sorted(opts) != list(LETTERS) or not all(isinstance(v, str) for v in opts.values()):
         raise TracerError(f"{where}: 'options' must map exactly A, B, C, D to entity names")
     options = {L: opts[L] for L in LETTERS}
-    if row["answer_star"] not in options:
+    if not isinstance(row["answer_star"], str) or row["answer_star"] not in options:
         raise TracerError(f"{where}: 'answer_star' must be one of A, B, C, D, got {row['answer_star']!r}")
     ps = row["path_star"]
     if not isinstance(ps, dict) or "entities" not in ps:
@@ -897,6 +897,9 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
         for x in ents:
             if x not in kg.entities:
                 raise TracerError(f"{where}: unknown entity {x!r} in path_star")
+    for field in ("meta", "ref"):
+        if row.get(field) is not None and not isinstance(row[field], dict):
+            raise TracerError(f"{where}: '{field}' must be an object, got {type(row[field]).__name__}")
     meta = dict(row.get("meta") or {})
     if not edges and isinstance(meta.get("relations"), list) and len(meta["relations"]) == len(ents) - 1:
         edges = [{"src": ents[i], "rel": r, "dst": ents[i + 1]} for i, r in enumerate(meta["relations"])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from tracer.errors import TracerError
 ENTITY_KEYS = ("id", "label", "type")
 RELATION_KEYS = ("id", "label")
 EDGE_KEYS = ("src", "rel", "dst")
+_RELATION_ID = re.compile(r"[A-Za-z0-9_]+")  # what the trace syntax `-rel->` reads
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,13 @@ def validate_kg_dict(data: Any) -> list[str]:
     edges = _check_items(data, "edges", EDGE_KEYS, problems)
     entity_ids = _check_unique(entities, "entities", problems)
     relation_ids = _check_unique(relations, "relations", problems)
+    # traces and facts are written `src -rel-> dst`: ids must survive that syntax
+    for i, e in enumerate(entities):
+        if e and (any(c.isspace() for c in e["id"]) or "->" in e["id"]):
+            problems.append(f"entities[{i}].id: {e['id']!r} contains whitespace or '->' (use _ between words)")
+    for i, r in enumerate(relations):
+        if r and not _RELATION_ID.fullmatch(r["id"]):
+            problems.append(f"relations[{i}].id: {r['id']!r} must be letters, digits and _ only")
     seen_edges: set[tuple[str, str, str]] = set()
     for i, e in enumerate(edges):
         if not e:
