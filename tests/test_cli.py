@@ -125,6 +125,41 @@ def test_run_refuses_to_overwrite(capsys, work):
     assert "exists" in line and "--force" in line
 
 
+@pytest.fixture
+def made(work, capsys):
+    """`work` with the shipped KG's splits generated (default settings)."""
+    assert main(["data"]) == 0
+    capsys.readouterr()
+    return work / "data"
+
+
+def test_run_refused_for_leaky_data_writes_no_run_dir(capsys, work, made):
+    eval_row = (made / "eval.jsonl").read_text().splitlines()[0]
+    (made / "train.jsonl").write_text((made / "train.jsonl").read_text() + eval_row + "\n")
+    shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
+    assert "overlap the eval split" in run_bad(["run", "quick.toml"], capsys, work)
+
+
+def test_eval_path_named_by_entities_alone_is_refused(capsys, work, made):
+    row = json.loads((made / "eval.jsonl").read_text().splitlines()[0])
+    row = dict(row, id="mine-1", path_star={"entities": row["path_star"]["entities"]}, meta={})
+    ex = write(work / "mine.jsonl", json.dumps(row) + "\n")
+    # (--model: a missed overlap must fail fast here, not train the default model)
+    assert "mine-1" in run_bad(["sft", "--train", ex, "--model", "no-such-model"], capsys, work)
+
+
+def test_training_row_without_a_trace(capsys, work, made):
+    row = json.loads((made / "train.jsonl").read_text().splitlines()[0])
+    row = dict(row, id="bare-1", path_star={"entities": row["path_star"]["entities"][::-1]}, meta={}, ref={})
+    ex = write(work / "bare.jsonl", json.dumps(row) + "\n")
+    assert "bare-1: no reference trace" in run_bad(["sft", "--train", ex, "--model", "no-such-model"], capsys, work)
+
+
+def test_output_path_taken_by_a_file(capsys, work):
+    write(work / "taken", "")
+    assert "taken: File exists" in run_bad(["data", "--output", "taken"], capsys, work)
+
+
 def test_unknown_model_alias(capsys, work):
     cfg = write(work / "m.toml", '[model]\npath = "no-such-model"\ncache_dir = "cache"\n')
     assert "no-such-model" in run_bad(["model", "pull", "no-such-model", "--config", cfg], capsys, work)

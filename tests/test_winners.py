@@ -40,6 +40,20 @@ def test_last_round_winners_plus_short_training_questions():
     assert consolidation_rows([s | {"kept": False} for s in samples], pool, train, [1])["round"] is None
 
 
+def test_winner_traces_are_cut_where_the_parser_reads():
+    from tracer.reward import EntityMatcher, answer_span, parse_completion
+
+    m = EntityMatcher(["x", "y"])
+    for text in ["TRACE: x -r-> y\nanswer: D\nANSWER: D",  # a lower-case line is part of the trace
+                 "Answer: the dashboards.\nTRACE: x -r-> y\nANSWER: D\nmore",  # a preamble is dropped
+                 "  TRACE: x -r-> y\n  ANSWER: D.\nANSWER: B"]:
+        span = answer_span(text)
+        assert span.startswith("TRACE:") and span.splitlines()[-1].strip().startswith("ANSWER: D")
+        assert parse_completion(span, m) == parse_completion(text, m) and parse_completion(span, m).valid_format
+    rows = winner_rows([_sample("p1", 1, True, "Answer: D\nTRACE: x -r-> y\nANSWER: A")], {"p1": _row("p1", 4)})
+    assert rows[0]["ref"]["trace"] == "TRACE: x -r-> y\nANSWER: A"
+
+
 def test_winners_drawn_under_another_prompt_take_the_rows_letter():
     # the same question with facts in the prompt: its options were drawn anew, the answer is now C
     pool = [_row("p1", 4, prompt="Facts: ... q p1", answer="C")]

@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path that is a directory, a full disk, no permission: one line, not a traceback
+        err_console.print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", markup=False)
+        return 2
 
 
 def _terminate(signum, frame) -> None:

@@ -82,6 +82,16 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     return Parsed(valid, answer, trace_text, matcher.find(trace_text))
 
 
+def answer_span(text: str) -> str:
+    """The part of a completion :func:`parse_completion` reads: from its ``TRACE:`` line through the
+    first ``ANSWER:`` line after it (the text stripped, as it is, when either is missing)."""
+    t = _TRACE_RE.search(text)
+    a = _ANSWER_LINE_RE.search(text, t.end()) if t else None
+    if a is None:
+        return text.strip()
+    return text[t.start():a.end()].strip()
+
+
 def edge_check(nodes: list[str], kg: KG, example: dict[str, Any] | None = None) -> tuple[float, list[list[str]]]:
     """Edge precision over the hops as written (:func:`tracer.metrics.trace_nodes`), and the hops
     that are not KG edges.

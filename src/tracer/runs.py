@@ -62,19 +62,29 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_run_dir(run_dir: Path, config_toml: str, force: bool, resume: bool) -> str:
+    """What :func:`prepare_run` will do: ``"new"``, ``"resume"`` or ``"overwrite"``; raises when it would refuse."""
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return "new"
+    if resume:
+        if not (run_dir / "meta.json").exists():
+            raise TracerError(f"{run_dir}: cannot resume: not a tracer run (no meta.json)")
+        stored = run_dir / "config.toml"
+        if stored.exists() and stored.read_text() != config_toml:
+            raise TracerError(f"{run_dir}: cannot resume: the config differs from the run's config.toml "
+                              "(use --force to start over)")
+        return "resume"
+    if not force:
+        raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
+    return "overwrite"
+
+
 def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, force: bool, resume: bool) -> Path:
     """Create (or reopen with ``resume``) a run directory; never overwrite one without ``force``."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if resume:
-            if not (run_dir / "meta.json").exists():
-                raise TracerError(f"{run_dir}: cannot resume: not a tracer run (no meta.json)")
-            stored = run_dir / "config.toml"
-            if stored.exists() and stored.read_text() != config_toml:
-                raise TracerError(f"{run_dir}: cannot resume: the config differs from the run's config.toml "
-                                  "(use --force to start over)")
-            return run_dir
-        if not force:
-            raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
+    action = check_run_dir(run_dir, config_toml, force, resume)
+    if action == "resume":
+        return run_dir
+    if action == "overwrite":
         shutil.rmtree(run_dir)
     return init_run(run_dir, config_toml, phases, seed)
 

@@ -88,10 +88,15 @@ def load_split(cfg: Config, split: str, path: str | None = None, kg: KG | None =
 
 
 def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
-    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split."""
+    """Ids of training rows whose id, path (start, relation chain, answer) or entity chain is in the eval split.
+
+    The entity chain catches rows that name a path's entities without its relations.
+    """
     eval_ids = {r["id"] for r in eval_rows}
     eval_keys = {dataset.path_key(r) for r in eval_rows}
-    return [r["id"] for r in train_rows if r["id"] in eval_ids or dataset.path_key(r) in eval_keys]
+    eval_chains = {tuple(r["path_star"]["entities"]) for r in eval_rows}
+    return [r["id"] for r in train_rows if r["id"] in eval_ids or dataset.path_key(r) in eval_keys
+            or tuple(r["path_star"]["entities"]) in eval_chains]
 
 
 def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: KG | None = None) -> bool:
@@ -258,6 +263,10 @@ def _train(cfg: Config, tcfg, rows: list[dict], out_dir: Path, model: str | None
            progress: Progress, init_adapter: str | None = None) -> dict:
     from tracer import train
 
+    untraced = next((r["id"] for r in rows if not isinstance(r["ref"].get("trace"), str)), None)
+    if untraced is not None:
+        raise TracerError(f"example {untraced}: no reference trace to train on "
+                          "(give ref.trace, or path_star.edges or meta.relations to build one)")
     lm, tokenizer = load_model(cfg, model)
     train_rows, val_rows = _split_val(rows, tcfg.val_size if tcfg.val_every else 0, tcfg.seed)
     stats = train.train(
@@ -387,27 +396,20 @@ def _copy_adapter(src: Path, dst: Path) -> None:
         shutil.copy2(src / name, dst / name)
 
 
-def _clean_completion(text: str) -> str:
-    """Keep a winning completion up to and including its ANSWER line."""
-    lines = text.strip().splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().upper().startswith("ANSWER:"):
-            return "\n".join(lines[: i + 1]).strip()
-    return text.strip()
-
-
 def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
     """Training rows from winning samples: the question's row with the winner as its reference trace.
 
     A correct winner sampled under another prompt of the same question (closed-book winners reused
     for facts prompts, whose options are drawn anew) gets the row's answer letter.
     """
+    from tracer import reward
+
     rows = []
     for w in winners:
         row = by_id.get(w["ex_id"])
         if row is None:
             raise TracerError(f"sample {w['ex_id']}: question is not in the RSFT pool")
-        trace = _clean_completion(w["completion"])
+        trace = reward.answer_span(w["completion"])
         if w["prompt"] != row["prompt"]:
             if not w["correct"]:
                 raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
@@ -745,10 +747,11 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     if resume and stored.is_file() and load_config(stored) == cfg:
         # the same settings, written by a tracer that had fewer knobs: not a config change
         runs.write_text_atomic(stored, to_toml(cfg))
-    runs.prepare_run(run_dir, to_toml(cfg), planned, cfg.run.seed, force=force, resume=resume)
-    data_summary = ensure_data(cfg)
-    done = runs.finished_phases(run_dir) if resume else set()
+    runs.check_run_dir(run_dir, to_toml(cfg), force=force, resume=resume)
+    data_summary = ensure_data(cfg)  # bad data or a refused overlap stop the run before its directory is written
     contaminated = guard_leakage(cfg, load_split(cfg, "train"), str(split_path(cfg, "train")), allow_eval_overlap)
+    runs.prepare_run(run_dir, to_toml(cfg), planned, cfg.run.seed, force=force, resume=resume)
+    done = runs.finished_phases(run_dir) if resume else set()
     if contaminated:
         runs.update_meta(run_dir, contaminated=True)
     results: dict[str, Any] = {"run_dir": str(run_dir), "data": data_summary, "phases": {}}
