@@ -88,15 +88,19 @@ def load_split(cfg: Config, split: str, path: str | None = None, kg: KG | None =
 
 
 def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
-    """Ids of training rows whose id, path (start, relation chain, answer) or entity chain is in the eval split.
+    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split.
 
-    The entity chain catches rows that name a path's entities without its relations.
+    A row that names no relations is matched by its entity chain instead.
     """
     eval_ids = {r["id"] for r in eval_rows}
     eval_keys = {dataset.path_key(r) for r in eval_rows}
     eval_chains = {tuple(r["path_star"]["entities"]) for r in eval_rows}
-    return [r["id"] for r in train_rows if r["id"] in eval_ids or dataset.path_key(r) in eval_keys
-            or tuple(r["path_star"]["entities"]) in eval_chains]
+
+    def leaks(r: dict) -> bool:
+        key = dataset.path_key(r)
+        return r["id"] in eval_ids or key in eval_keys or (not key[1] and tuple(r["path_star"]["entities"]) in eval_chains)
+
+    return [r["id"] for r in train_rows if leaks(r)]
 
 
 def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: KG | None = None) -> bool:
