@@ -148,6 +148,17 @@ def test_eval_path_named_by_entities_alone_is_refused(capsys, work, made):
     assert "mine-1" in run_bad(["sft", "--train", ex, "--model", "no-such-model"], capsys, work)
 
 
+def test_entity_chain_counts_only_for_rows_without_relations():
+    from tracer.service import eval_overlap
+
+    def row(rid, rels):
+        edges = [{"src": s, "rel": r, "dst": d} for s, r, d in zip("ab", rels, "bc")]
+        return {"id": rid, "path_star": {"entities": ["a", "b", "c"], "edges": edges}, "meta": {}}
+
+    # the eval path a -r-> b -r-> c; the same entities by another relation are another question
+    assert eval_overlap([row("bare", ""), row("other", "sr"), row("same", "rr")], [row("e1", "rr")]) == ["bare", "same"]
+
+
 def test_training_row_without_a_trace(capsys, work, made):
     row = json.loads((made / "train.jsonl").read_text().splitlines()[0])
     row = dict(row, id="bare-1", path_star={"entities": row["path_star"]["entities"][::-1]}, meta={}, ref={})
