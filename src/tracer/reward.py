@@ -56,6 +56,12 @@ class Parsed:
     trace_entities: list[str] = field(default_factory=list)
 
 
+def _trace_and_answer(text: str) -> tuple[re.Match[str] | None, re.Match[str] | None]:
+    """The first ``TRACE:`` line's match and the first ``ANSWER:`` line's after it (``None`` when absent)."""
+    t = _TRACE_RE.search(text)
+    return t, (_ANSWER_LINE_RE.search(text, t.end()) if t else None)
+
+
 def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     """Parse a completion.
 
@@ -67,15 +73,13 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     the text when there is no ANSWER line (diagnostics only).
     """
     text = text or ""
-    t = _TRACE_RE.search(text)
+    t, a = _trace_and_answer(text)
     if t is None:
         return Parsed(False, None, "", [])
-    rest_start = t.end()
-    a = _ANSWER_LINE_RE.search(text, rest_start)
     if a is None:
-        trace_text = text[rest_start:].strip()
+        trace_text = text[t.end():].strip()
         return Parsed(False, None, trace_text, matcher.find(trace_text))
-    trace_text = text[rest_start:a.start()].strip()
+    trace_text = text[t.end():a.start()].strip()
     m = _ANSWER_OK_RE.match(a.group(0))
     answer = m.group(1) if m else None
     valid = answer is not None and bool(trace_text)
@@ -85,8 +89,7 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
 def answer_span(text: str) -> str:
     """The part of a completion :func:`parse_completion` reads: from its ``TRACE:`` line through the
     first ``ANSWER:`` line after it (the text stripped, as it is, when either is missing)."""
-    t = _TRACE_RE.search(text)
-    a = _ANSWER_LINE_RE.search(text, t.end()) if t else None
+    t, a = _trace_and_answer(text)
     if a is None:
         return text.strip()
     return text[t.start():a.end()].strip()

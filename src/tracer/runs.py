@@ -79,9 +79,8 @@ def check_run_dir(run_dir: Path, config_toml: str, force: bool, resume: bool) ->
     return "overwrite"
 
 
-def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, force: bool, resume: bool) -> Path:
-    """Create (or reopen with ``resume``) a run directory; never overwrite one without ``force``."""
-    action = check_run_dir(run_dir, config_toml, force, resume)
+def prepare_run(run_dir: Path, config_toml: str, phases: list[str], seed: int, action: str) -> Path:
+    """Create, reopen or overwrite a run directory, as :func:`check_run_dir` decided (``action``)."""
     if action == "resume":
         return run_dir
     if action == "overwrite":

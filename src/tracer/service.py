@@ -747,14 +747,14 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
     progress = progress or NullProgress()
     run_dir = Path(cfg.run.runs_dir) / cfg.run.name
     planned = _planned_phases(cfg)
-    stored = run_dir / "config.toml"
+    stored, config_toml = run_dir / "config.toml", to_toml(cfg)
     if resume and stored.is_file() and load_config(stored) == cfg:
         # the same settings, written by a tracer that had fewer knobs: not a config change
-        runs.write_text_atomic(stored, to_toml(cfg))
-    runs.check_run_dir(run_dir, to_toml(cfg), force=force, resume=resume)
+        runs.write_text_atomic(stored, config_toml)
+    action = runs.check_run_dir(run_dir, config_toml, force=force, resume=resume)
     data_summary = ensure_data(cfg)  # bad data or a refused overlap stop the run before its directory is written
     contaminated = guard_leakage(cfg, load_split(cfg, "train"), str(split_path(cfg, "train")), allow_eval_overlap)
-    runs.prepare_run(run_dir, to_toml(cfg), planned, cfg.run.seed, force=force, resume=resume)
+    runs.prepare_run(run_dir, config_toml, planned, cfg.run.seed, action)
     done = runs.finished_phases(run_dir) if resume else set()
     if contaminated:
         runs.update_meta(run_dir, contaminated=True)
