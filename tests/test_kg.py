@@ -156,6 +156,9 @@ def test_valid_small_has_no_problems() -> None:
         (lambda d: d["entities"][0].update(id="Disk full"), "entities[0].id: 'Disk full' contains whitespace or '->' (use _ between words)"),
         (lambda d: d["entities"][0].update(id="a->b"), "entities[0].id: 'a->b' contains whitespace or '->' (use _ between words)"),
         (lambda d: d["relations"][0].update(id="caused-by"), "relations[0].id: 'caused-by' must be letters, digits and _ only"),
+        # a trace parser trims these off every node, so `.env` would never match its own entity
+        (lambda d: d["entities"][0].update(id=".env"), "entities[0].id: '.env' starts or ends with punctuation a trace drops"),
+        (lambda d: d["entities"][0].update(id="Restart:"), "entities[0].id: 'Restart:' starts or ends with punctuation a trace drops"),
     ],
 )
 def test_each_problem_reported_with_location(mutate, expected: str) -> None:

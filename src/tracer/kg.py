@@ -15,6 +15,7 @@ ENTITY_KEYS = ("id", "label", "type")
 RELATION_KEYS = ("id", "label")
 EDGE_KEYS = ("src", "rel", "dst")
 _RELATION_ID = re.compile(r"[A-Za-z0-9_]+")  # what the trace syntax `-rel->` reads
+NODE_TRIM = " \t\n`'\".,;:"  # what a trace parser strips from each node: no entity id may start or end with it
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def validate_kg_dict(data: Any) -> list[str]:
     for i, e in enumerate(entities):
         if e and (any(c.isspace() for c in e["id"]) or "->" in e["id"]):
             problems.append(f"entities[{i}].id: {e['id']!r} contains whitespace or '->' (use _ between words)")
+        elif e and e["id"] and (e["id"][0] in NODE_TRIM or e["id"][-1] in NODE_TRIM):
+            problems.append(f"entities[{i}].id: {e['id']!r} starts or ends with punctuation a trace drops")
     for i, r in enumerate(relations):
         if r and not _RELATION_ID.fullmatch(r["id"]):
             problems.append(f"relations[{i}].id: {r['id']!r} must be letters, digits and _ only")

@@ -6,8 +6,9 @@ import math
 import re
 from typing import Any
 
+from tracer.kg import NODE_TRIM
+
 _ARROW_RE = re.compile(r"\s*(?:-[A-Za-z0-9_]*)?->\s*")
-_NODE_TRIM = " \t\n`'\".,;:"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -32,7 +33,7 @@ def trace_nodes(trace_text: str) -> list[str]:
     backticks and trailing punctuation). ``""`` → ``[]``."""
     if not trace_text.strip():
         return []
-    return [node.strip(_NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
+    return [node.strip(NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
 
 
 def parsed_nodes(parsed: dict[str, Any]) -> list[str]:
@@ -127,11 +128,11 @@ def _picked(ep: dict[str, Any], example: dict[str, Any] | None) -> str | None:
 
 
 def shuffle_agreement(orig_eps: list[dict[str, Any]], shuf_eps: list[dict[str, Any]],
-                      orig_examples: list[dict[str, Any]], shuf_examples: list[dict[str, Any]]) -> float:
+                      orig_examples: list[dict[str, Any]], shuf_examples: list[dict[str, Any]]) -> float | None:
     """Fraction of questions where the same entity was picked before and after option shuffling.
 
     Pairs ``ex_id`` with ``ex_id + "-shuf"``; only questions present in both are counted.
-    Invalid or missing answers count as disagreement. No pairs → 0.0.
+    Invalid or missing answers count as disagreement. No pairs → None (nothing measured, not 0%).
     """
     ox = {e["id"]: e for e in orig_examples}
     sx = {e["id"]: e for e in shuf_examples}
@@ -148,4 +149,4 @@ def shuffle_agreement(orig_eps: list[dict[str, Any]], shuf_eps: list[dict[str, A
         b = _picked(sep, sx.get(sid))
         if a is not None and a == b:
             agree += 1
-    return agree / pairs if pairs else 0.0
+    return agree / pairs if pairs else None
