@@ -373,6 +373,12 @@ def test_write_jsonl_roundtrip_atomic(tmp_path):
     assert [q.name for q in p.parent.iterdir()] == ["f.jsonl"]  # no temp file left
 
 
+def test_jsonl_keeps_rows_whose_strings_hold_unicode_line_separators(tmp_path):
+    # a sampled completion may hold U+2028 / U+0085, which the writer leaves unescaped
+    rows = [{"id": "x", "completion": "TRACE: A -r-> B\u2028\nANSWER: B\u0085"}, {"id": "y"}]
+    assert ds.read_jsonl(ds.write_jsonl(tmp_path / "s.jsonl", rows)) == rows
+
+
 def test_write_splits_nothing_written_on_bad_row(tmp_path):
     with pytest.raises(TypeError):
         ds.write_splits({"train": [{"id": 1}], "eval": [{"bad": object()}]}, tmp_path)
@@ -391,6 +397,8 @@ def test_read_jsonl_errors(tmp_path):
     arr.write_text('{"id": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(TracerError, match=re.escape(f"{arr}:2: ")):
         ds.read_jsonl(arr)
+    with pytest.raises(TracerError, match=re.escape(f"{tmp_path}: not a file")):
+        ds.read_jsonl(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
     with pytest.raises(TracerError, match=re.escape(f"{empty}: no examples")):
@@ -562,6 +570,28 @@ def test_counterfactual_pool_copies_follow_their_originals(kg):
             start, rels, answer = ds.path_key(r)
             assert answer not in kg.follow(start, list(rels)) and (start, rels, answer) not in held
             assert _follow_facts(r["meta"]["facts"], start, rels) & set(r["options"].values()) == {answer}
+
+
+def test_pool_shortfall_is_counted_without_the_renamed_copies(kg):
+    base = dict(eval_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
+    available = len(ds.generate_splits(kg, DataConfig(**base, rsft_size=10_000))["rsft"])
+    cfg = DataConfig(**base, rsft_size=available + 1, counterfactual_pool=1.0)  # copies would cover the gap
+    splits = ds.generate_splits(kg, cfg)
+    assert len(splits["rsft"]) > available + 1
+    warnings = ds.summarize(splits, kg, cfg)["warnings"]
+    assert f"rsft has {available} questions, rsft_size asks for {available + 1}" in " ".join(warnings)
+
+
+def test_facts_of_a_row_must_be_strings(tmp_path):
+    row = {"id": "q1", "question": "q?", "options": dict(zip("ABCD", "wxyz")), "answer_star": "A",
+           "path_star": {"entities": ["s", "w"]}}
+    for facts, msg in ([["s", "r", "w"]], "'meta.facts' must be a list of strings"), \
+                      ("s -r-> w", "'meta.facts' must be a list of strings"):
+        with pytest.raises(TracerError, match=re.escape(f"f:1: {msg}")):
+            ds.normalize_row(dict(row, meta={"facts": facts}), "f:1", context="facts")
+    with pytest.raises(TracerError, match="fact 's leads to w' is not written 'src -rel-> dst'"):
+        ds.normalize_row(dict(row, meta={"facts": ["s leads to w"], "counterfactual": True}), "f:1", context="facts")
+    assert "Facts:\ns -r-> w\n" in ds.normalize_row(dict(row, meta={"facts": ["s -r-> w"]}), "f:1", context="facts")["prompt"]
 
 
 def test_counterfactual_needs_facts_mode():

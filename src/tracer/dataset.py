@@ -779,7 +779,7 @@ def summarize(
         warnings.append(f"{sum(v < min_cov for v in vals)} KG edge(s) appear in fewer than {min_cov} training paths")
     if cfg is not None:
         n_eval = len(splits.get("eval", []))
-        n_rsft = len(splits.get("rsft", []))
+        n_rsft = sum(not r["meta"].get("counterfactual") for r in splits.get("rsft", []))  # renamed copies are extra
         if n_eval < cfg.eval_size:
             warnings.append(f"eval has {n_eval} questions, eval_size asks for {cfg.eval_size}")
         if n_rsft < cfg.rsft_size:
@@ -835,13 +835,14 @@ def write_splits(splits: dict[str, list[dict[str, Any]]], out_dir: str | Path) -
 def _read_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     p = Path(path)
     if not p.is_file():
-        raise TracerError(f"{path}: no such file")
+        raise TracerError(f"{path}: {'not a file' if p.exists() else 'no such file'}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise TracerError(f"{path}: not a UTF-8 text file") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() also cuts at U+2028 and friends, which JSON strings may hold unescaped
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -901,6 +902,12 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
         if row.get(field) is not None and not isinstance(row[field], dict):
             raise TracerError(f"{where}: '{field}' must be an object, got {type(row[field]).__name__}")
     meta = dict(row.get("meta") or {})
+    facts = meta.get("facts")
+    if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) for f in facts)):
+        raise TracerError(f"{where}: 'meta.facts' must be a list of strings")
+    if meta.get("counterfactual") and not all(_FACT_RE.match(f) for f in facts or []):
+        bad = next(f for f in facts if not _FACT_RE.match(f))
+        raise TracerError(f"{where}: renamed row's fact {bad!r} is not written 'src -rel-> dst'")
     if not edges and isinstance(meta.get("relations"), list) and len(meta["relations"]) == len(ents) - 1:
         edges = [{"src": ents[i], "rel": r, "dst": ents[i + 1]} for i, r in enumerate(meta["relations"])]
     meta.setdefault("relations", [e["rel"] for e in edges])
