@@ -116,6 +116,11 @@ def test_report_missing_run(capsys, work):
     assert "no such run directory" in run_bad(["report", "runs/none"], capsys, work)
 
 
+def test_report_examples_refuses_what_it_would_ignore(capsys, work):
+    for flag in (["--json"], ["--markdown", "r.md"], ["--plot", "r.png"], ["--per-hop"]):
+        assert "does not combine" in run_bad(["report", "runs/none", "--examples", *flag], capsys, work)
+
+
 def test_run_refuses_to_overwrite(capsys, work):
     run_dir = work / "data" / "runs" / "quick"
     run_dir.mkdir(parents=True)
@@ -138,6 +143,65 @@ def test_run_refused_for_leaky_data_writes_no_run_dir(capsys, work, made):
     (made / "train.jsonl").write_text((made / "train.jsonl").read_text() + eval_row + "\n")
     shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
     assert "overlap the eval split" in run_bad(["run", "quick.toml"], capsys, work)
+
+
+def test_guard_compares_with_the_eval_split_before_it_is_made(capsys, work):
+    assert main(["data", "--output", "elsewhere"]) == 0  # the same default settings: the same eval split
+    capsys.readouterr()
+    ex = write(work / "leaky.jsonl", (work / "elsewhere" / "eval.jsonl").read_text().splitlines()[0] + "\n")
+    shutil.rmtree(work / "elsewhere")
+    line = run_bad(["sft", "--train", ex, "--model", "no-such-model"], capsys, work)
+    assert "overlap the eval split data/eval.jsonl (not made yet)" in line
+
+
+def test_run_refused_for_a_leaky_rsft_pool_writes_no_run_dir(capsys, work, made):
+    eval_row = (made / "eval.jsonl").read_text().splitlines()[0]
+    (made / "rsft.jsonl").write_text((made / "rsft.jsonl").read_text() + eval_row + "\n")
+    cfg = write(work / "q.toml", (ROOT / "configs" / "quick.toml").read_text())
+    # (--model: a missed overlap must fail fast here, not evaluate the default model)
+    line = run_bad(["run", cfg, "--model", "no-such-model"], capsys, work)
+    assert "rsft.jsonl: 1 training examples overlap the eval split" in line
+
+
+def test_failed_rsft_resume_leaves_the_runs_config_alone(capsys, work, made):
+    from tracer.config import load_config, to_toml
+
+    shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
+    run_dir = work / "data" / "runs" / "quick"
+    run_dir.mkdir(parents=True)
+    stored = write(run_dir / "config.toml", to_toml(load_config(work / "quick.toml")))
+    before = Path(stored).read_text()
+    line = run_bad(["rsft", "-c", "quick.toml", "--resume", "--rounds", "3", "--adapter", "nope"], capsys, work)
+    assert "nope" in line and Path(stored).read_text() == before
+
+
+def test_run_name_and_force_cannot_reach_outside_a_run_dir(capsys, work):
+    shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
+    (work / "data" / "runs" / "keep").mkdir(parents=True)
+    (work / "data" / "runs" / "keep" / "meta.json").write_text("{}")
+    # (--model: were "." taken, the run must fail fast, not run the default model)
+    line = run_bad(["run", "quick.toml", "--name", ".", "--force", "--model", "no-such-model"], capsys, work)
+    assert "run.name: expected a directory name" in line
+    (work / "data" / "notes").mkdir()
+    (work / "data" / "notes" / "mine.txt").write_text("x")
+    cfg = write(work / "r.toml", '[run]\nname = "notes"\nruns_dir = "data"\nphases = []\n')
+    assert "not a tracer run (no meta.json)" in run_bad(["run", cfg, "--force"], capsys, work)
+
+
+def test_corrupt_splits_record(capsys, work, made):
+    (made / "splits.json").write_text('{"seed": 12')
+    assert "splits.json: invalid JSON" in run_bad(["eval", "--model", "no-such-model"], capsys, work)
+
+
+def test_run_seed_seeds_every_phase_but_keeps_the_questions(capsys, work):
+    from tracer.config import load_config
+
+    cfg = write(work / "s.toml", '[run]\nname = "s"\nphases = []\n')
+    assert main(["run", cfg, "--seed", "7"]) == 0
+    resolved = load_config(work / "data" / "runs" / "s" / "config.toml")
+    assert [resolved.sft.seed, resolved.rsft.seed, resolved.consolidate.seed, resolved.eval.seed, resolved.run.seed] == [7] * 5
+    assert resolved.data.seed == load_config(cfg).data.seed
+    assert json.loads((work / "data" / "runs" / "s" / "meta.json").read_text())["seed"] == 7
 
 
 def test_eval_path_named_by_entities_alone_is_refused(capsys, work, made):

@@ -1,3 +1,4 @@
+import json
 import tomllib
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def test_override_and_toml_round_trip():
     assert again == cfg
     with pytest.raises(TracerError, match="command line: sft.iters"):
         override(cfg, sft__iters=0)
+
+
+def test_rsft_phase_needs_sft_before_it(tmp_path):
+    p = tmp_path / "x.toml"
+    for phases in ('["base", "rsft"]', '["rsft", "sft"]'):
+        p.write_text(f"[run]\nphases = {phases}\n")
+        with pytest.raises(TracerError, match="'sft' must come before it"):
+            load_config(p)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "..\\x"])
+def test_run_name_is_one_directory_name(tmp_path, name):
+    p = tmp_path / "x.toml"
+    p.write_text(f"[run]\nname = {json.dumps(name)}\n")
+    with pytest.raises(TracerError, match="run.name: expected a directory name"):
+        load_config(p)
 
 
 def test_consolidate_phase_needs_rsft_before_it(tmp_path):

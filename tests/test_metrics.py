@@ -121,9 +121,9 @@ def test_shuffle_agreement():
             ep("q2-shuf", 4, True, answer="D"),        # Z == Z: agree
             ep("q3-shuf", 4, False, valid=False, answer="B")]  # invalid: disagree
     assert shuffle_agreement(orig, shuf, orig_ex, shuf_ex) == 0.5
-    # unpaired questions are ignored; no pairs -> 0.0
+    # unpaired questions are ignored; no pairs -> None: nothing was measured (not 0% agreement)
     assert shuffle_agreement(orig[:2], shuf[:1], orig_ex, shuf_ex) == 1.0
-    assert shuffle_agreement(orig, [], orig_ex, shuf_ex) == 0.0
+    assert shuffle_agreement(orig, [], orig_ex, shuf_ex) is None
     # both invalid (None answers) is not agreement
     o = [ep("q0", 4, False, valid=False, answer=None)]
     s = [ep("q0-shuf", 4, False, valid=False, answer=None)]

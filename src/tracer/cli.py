@@ -304,7 +304,9 @@ def run_(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run, skipping finished phases."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (overrides run.name)."),
     model: Optional[str] = ModelOpt,
-    seed: Optional[int] = SeedOpt,
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed of the whole run: sets run.seed and the sft, rsft, consolidate and eval "
+                             "seeds (data.seed, which picks the questions, is kept)."),
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """The whole pipeline: data → base eval → SFT → eval → RSFT → eval (→ consolidate → eval) → report."""
@@ -312,7 +314,8 @@ def run_(
 
     if force and resume:
         raise TracerError("--force and --resume exclude each other")
-    cfg = _config(config, run__name=name, model__path=model, run__seed=seed)
+    cfg = _config(config, run__name=name, model__path=model, run__seed=seed, sft__seed=seed, rsft__seed=seed,
+                  consolidate__seed=seed, eval__seed=seed)
     out = service.run(cfg, force=force, resume=resume, allow_eval_overlap=allow_eval_overlap, progress=_progress())
     if out.get("data"):
         console.print(data_table(out["data"]["summary"]))
@@ -339,6 +342,9 @@ def report(
 
     from tracer import report as rep
 
+    if examples and (as_json or markdown or plot or per_hop):
+        raise TracerError("--examples shows wrong answers only; it does not combine with --json, --markdown, "
+                          "--plot or --per-hop")
     loaded = rep.load_runs(run_dirs)
     if examples:
         for run in loaded:

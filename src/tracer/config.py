@@ -179,6 +179,13 @@ class RunConfig(Section):
     )
     seed: int = Field(1234, description="Master seed recorded in meta.json.")
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        if v in ("", ".", "..") or "/" in v or "\\" in v:
+            raise ValueError("expected a directory name (not empty, '.' or '..', no path separators)")
+        return v
+
 
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Question generation.")
@@ -201,6 +208,8 @@ class Config(Section):
         if not self.data.eval_hops or min(self.data.eval_hops) < 1:
             raise ValueError("data.eval_hops: expected hop lengths >= 1")
         phases = self.run.phases
+        if "rsft" in phases and ("sft" not in phases or phases.index("sft") > phases.index("rsft")):
+            raise ValueError("run.phases: 'rsft' starts from the run's SFT adapter, so 'sft' must come before it")
         if "consolidate" in phases and ("rsft" not in phases or phases.index("rsft") > phases.index("consolidate")):
             raise ValueError("run.phases: 'consolidate' trains on RSFT winners, so 'rsft' must come before it")
         return self

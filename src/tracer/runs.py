@@ -76,6 +76,8 @@ def check_run_dir(run_dir: Path, config_toml: str, force: bool, resume: bool) ->
         return "resume"
     if not force:
         raise TracerError(f"{run_dir}: run directory exists; use --force to overwrite or --resume to continue it")
+    if not (run_dir / "meta.json").exists():
+        raise TracerError(f"{run_dir}: not a tracer run (no meta.json); --force deletes only run directories")
     return "overwrite"
 
 

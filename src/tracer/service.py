@@ -70,7 +70,9 @@ def ensure_data(cfg: Config) -> dict | None:
         return make_data(cfg)
     stored_file = Path(cfg.data.out_dir) / SETTINGS_FILE
     if stored_file.is_file():
-        stored, now = json.loads(stored_file.read_text()), data_settings(cfg)
+        stored, now = runs.read_json(stored_file), data_settings(cfg)
+        if not isinstance(stored, dict):
+            raise TracerError(f"{stored_file}: expected a JSON object; remake the splits with `tracer data -c CONFIG`")
         default = DataConfig().model_dump()  # a knob newer than the record: its default was in force
         changed = [k for k in now if stored.get(k, default.get(k)) != now[k]]
         if changed:
@@ -104,16 +106,26 @@ def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
 
 
 def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: KG | None = None) -> bool:
-    """Refuse training rows that overlap the eval split; returns True when the run is contaminated."""
-    eval_file = split_path(cfg, "eval")
-    if not eval_file.exists():
-        return False
-    overlap = eval_overlap(rows, load_split(cfg, "eval", kg=kg))
+    """Refuse training rows that overlap the eval split; returns True when the run is contaminated.
+
+    With no eval split on disk yet, the one the config would make (and a later ``tracer eval``
+    would evaluate on) is generated in memory to compare against; where the config can make none,
+    there is nothing to leak into.
+    """
+    eval_file, where = split_path(cfg, "eval"), ""
+    if eval_file.exists():
+        eval_rows = load_split(cfg, "eval", kg=kg)
+    else:
+        try:
+            eval_rows, where = dataset.generate_splits(kg or load_kg(cfg.data.kg), cfg.data)["eval"], " (not made yet)"
+        except TracerError:
+            return False
+    overlap = eval_overlap(rows, eval_rows)
     if not overlap:
         return False
     if not allow:
         raise TracerError(
-            f"{source}: {len(overlap)} training examples overlap the eval split {eval_file} "
+            f"{source}: {len(overlap)} training examples overlap the eval split {eval_file}{where} "
             f"(first: {overlap[0]}); refusing to train on eval questions (--allow-eval-overlap overrides)"
         )
     return True
@@ -436,18 +448,21 @@ def _round_stat(r: int, questions: list[dict], scored: list[dict], winners: list
     }
 
 
-def _check_rsft_resume(cfg: Config, run_path: Path) -> None:
-    """A resumed RSFT may add rounds, nothing else: the rest of the config must match the run's."""
+def _check_rsft_resume(cfg: Config, run_path: Path) -> bool:
+    """A resumed RSFT may add rounds, nothing else: the rest of the config must match the run's.
+
+    Returns whether the run has a config.toml, which the caller rewrites once its other checks pass.
+    """
     stored = run_path / "config.toml"
     if not stored.is_file():
-        return
+        return False
     old = load_config(stored).model_dump()
     new = cfg.model_dump()
     old["rsft"].pop("rounds"), new["rsft"].pop("rounds")
     if old != new:
         raise TracerError(f"{run_path}: cannot resume RSFT: the config differs from the run's config.toml "
                           "in more than rsft.rounds")
-    runs.write_text_atomic(stored, to_toml(cfg))
+    return True
 
 
 SAMPLE_CHUNK = 64  # questions per sampling call: what an interrupted round resumes from
@@ -478,7 +493,7 @@ def _read_partial(path: Path, r: int) -> dict[str, dict[int, dict]]:
     short by a kill is dropped; a chunk sampled again after one overrides its earlier rows."""
     have: dict[str, dict[int, dict]] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): see dataset._read_lines
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -587,8 +602,7 @@ def rsft(
     if pool is None:
         ensure_data(cfg)
     run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
-    if resume:
-        _check_rsft_resume(cfg, run_path)
+    rewrite_config = resume and _check_rsft_resume(cfg, run_path)
     adapter = adapter or str(runs.model_dir(run_path, "sft"))
     check_adapter_base(cfg, adapter, model)
     source = pool or str(split_path(cfg, "rsft"))
@@ -597,6 +611,8 @@ def rsft(
     replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
     if replay_pool:
         contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
+    if rewrite_config:  # the run now holds this many rounds
+        runs.write_text_atomic(run_path / "config.toml", to_toml(cfg))
     by_id = {q["id"]: q for q in pool_rows}
     samples_file = run_path / "rsft_samples.jsonl"
     previous = dataset.read_jsonl(samples_file) if resume and samples_file.is_file() else []
@@ -753,7 +769,9 @@ def run(cfg: Config, *, force: bool = False, resume: bool = False, allow_eval_ov
         runs.write_text_atomic(stored, config_toml)
     action = runs.check_run_dir(run_dir, config_toml, force=force, resume=resume)
     data_summary = ensure_data(cfg)  # bad data or a refused overlap stop the run before its directory is written
-    contaminated = guard_leakage(cfg, load_split(cfg, "train"), str(split_path(cfg, "train")), allow_eval_overlap)
+    contaminated = False
+    for split in ["train"] + (["rsft"] if "rsft" in cfg.run.phases else []):
+        contaminated |= guard_leakage(cfg, load_split(cfg, split), str(split_path(cfg, split)), allow_eval_overlap)
     runs.prepare_run(run_dir, config_toml, planned, cfg.run.seed, action)
     done = runs.finished_phases(run_dir) if resume else set()
     if contaminated:
