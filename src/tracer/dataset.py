@@ -905,9 +905,9 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
     facts = meta.get("facts")
     if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) for f in facts)):
         raise TracerError(f"{where}: 'meta.facts' must be a list of strings")
-    if meta.get("counterfactual") and not all(_FACT_RE.match(f) for f in facts or []):
-        bad = next(f for f in facts if not _FACT_RE.match(f))
-        raise TracerError(f"{where}: renamed row's fact {bad!r} is not written 'src -rel-> dst'")
+    unparsed = [f for f in facts or [] if not _FACT_RE.match(f)] if meta.get("counterfactual") else []
+    if unparsed:  # a renamed row's facts are its reward's KG
+        raise TracerError(f"{where}: renamed row's fact {unparsed[0]!r} is not written 'src -rel-> dst'")
     if not edges and isinstance(meta.get("relations"), list) and len(meta["relations"]) == len(ents) - 1:
         edges = [{"src": ents[i], "rel": r, "dst": ents[i + 1]} for i, r in enumerate(meta["relations"])]
     meta.setdefault("relations", [e["rel"] for e in edges])
