@@ -173,7 +173,7 @@ def test_top_p_keeps_nucleus():
 # --- stop rules (scripted model) ---------------------------------------------------------------
 
 
-def test_stop_after_answer_truncates_after_letter(tiny):
+def test_stop_after_answer_ends_with_the_answer_line(tiny):
     _, tok = tiny
     model = scripted(tok, "TRACE: E0 -caused_by-> E1\nANSWER: C\nTRACE: more text after")
     out = G.generate(model, tok, PROMPTS, max_tokens=80)
@@ -182,6 +182,20 @@ def test_stop_after_answer_truncates_after_letter(tiny):
     full = list(tok.encode("TRACE: E0 -caused_by-> E1\nANSWER: C\nTRACE: more text after",
                            add_special_tokens=False))
     assert len(toks) < len(full)  # decoding stopped early, not just the text cut
+
+
+@pytest.mark.parametrize("answer", ["Database timeout", "B and C", "C"])
+def test_the_answer_stop_keeps_the_verdict_of_the_whole_text(tiny, answer):
+    """A letter that starts a longer answer is not cut out of it: the stop waits for the line's end."""
+    from tracer.reward import EntityMatcher, parse_completion
+
+    _, tok = tiny
+    text = f"TRACE: E0 -caused_by-> E1\nANSWER: {answer}\nmore"
+    out = G.generate(scripted(tok, text), tok, PROMPTS[:1], max_tokens=80)[0]
+    assert out == f"TRACE: E0 -caused_by-> E1\nANSWER: {answer}"
+    m = EntityMatcher(["E0", "E1"])
+    want = parse_completion(text, m)
+    assert (parse_completion(out, m).valid_format, parse_completion(out, m).answer) == (want.valid_format, want.answer)
 
 
 def test_no_answer_stop_runs_to_max_tokens(tiny):
@@ -203,10 +217,10 @@ def test_stop_at_eos_excludes_stop_token(tiny):
     assert G.generate(model, tok, PROMPTS, max_tokens=50) == ["TRACE: E0"] * len(PROMPTS)
 
 
-def test_answer_regex():
-    assert G.answer_end("TRACE: x\nANSWER: D and more") == len("TRACE: x\nANSWER: D")
-    assert G.answer_end("ANSWER:B") == len("ANSWER:B")
-    assert G.answer_end("ANSWER: E") is None
+def test_answer_end_waits_for_the_answer_lines_newline():
+    assert G.answer_end("TRACE: x\nANSWER: D and more\nx") == len("TRACE: x\nANSWER: D and more")
+    assert G.answer_end("TRACE: x\nANSWER: D") is None  # the line may go on
+    assert G.answer_end("ANSWER: B\nTRACE: x\n") is None  # the reward reads an ANSWER line after TRACE
 
 
 @pytest.mark.parametrize("layers", ["cpu_ops", "grouped"])

@@ -5,8 +5,9 @@ Prompts are raw user messages; :func:`chat_prompt` wraps them in the tokenizer's
 with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so every row sees
 exactly the positions it would see alone) and decoded step by step. The token prefix every prompt
 shares (system prompt) is prefilled once per call, and a prompt repeated within a prefill (K
-samples of one question) once. A row stops at an end-of-turn / eos token, as soon as its text
-matches ``ANSWER:\\s*[A-D]`` (when ``stop_after_answer``) or at ``max_tokens``; finished rows are
+samples of one question) once. A row stops at an end-of-turn / eos token, at the newline that ends
+the ANSWER line the reward reads (when ``stop_after_answer``; the verdict is then the same as had
+it run on) or at ``max_tokens``; finished rows are
 dropped from the batch and cache, and waiting prompts take their places (continuous batching).
 Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
 so Python bookkeeping overlaps the model's compute.
@@ -14,7 +15,6 @@ so Python bookkeeping overlaps the model's compute.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Callable
 
@@ -27,16 +27,14 @@ from mlx_lm.models import llama  # noqa: E402
 
 from tracer import cpu_ops  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
+from tracer.reward import trace_and_answer  # noqa: E402
 
 try:  # dataset.py is pure Python; the fallback only guards against it being mid-edit
     from tracer.dataset import SYSTEM_PROMPT
 except ImportError:  # pragma: no cover
     SYSTEM_PROMPT = "You answer multi-hop questions about a software troubleshooting knowledge graph."
 
-ANSWER_RE = re.compile(r"ANSWER:\s*[A-D]")
-ANSWER_LETTERS = "ABCD"
-
-_LETTER_TOKENS: dict[int, frozenset[int]] = {}
+_NEWLINE_TOKENS: dict[int, frozenset[int]] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,31 +88,29 @@ def stop_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def letter_tokens(tokenizer) -> frozenset[int]:
-    """Ids whose text contains A-D: only after one of these can ``ANSWER: X`` newly match."""
+def newline_tokens(tokenizer) -> frozenset[int]:
+    """Ids whose text holds a newline: only after one of these can the ANSWER line newly end."""
     key = id(tokenizer)
-    if key not in _LETTER_TOKENS:
-        vocab = tokenizer.get_vocab()
-        # byte-level BPE maps ASCII letters to themselves, so the raw token strings suffice
-        _LETTER_TOKENS[key] = frozenset(
-            i for t, i in vocab.items() if any(c in t for c in ANSWER_LETTERS)
-        )
-    return _LETTER_TOKENS[key]
+    if key not in _NEWLINE_TOKENS:
+        # byte-level BPE writes the newline byte as "Ċ" in its token strings
+        _NEWLINE_TOKENS[key] = frozenset(i for t, i in tokenizer.get_vocab().items() if "\n" in t or "Ċ" in t)
+    return _NEWLINE_TOKENS[key]
 
 
 def answer_end(text: str) -> int | None:
-    """Index just after the first ``ANSWER: X`` in ``text``, or None."""
-    m = ANSWER_RE.search(text)
-    return m.end() if m else None
+    """End of the ANSWER line :func:`tracer.reward.parse_completion` reads (the first after the
+    first TRACE line), once a newline has finished it; None before. Nothing after it counts."""
+    _, a = trace_and_answer(text)
+    return a.end() if a is not None and a.end() < len(text) else None
 
 
 def finish_text(tokenizer, tokens: list[int], stop_after_answer: bool = True) -> str:
-    """Decode a completion (stop token already excluded), cut right after ``ANSWER: X``."""
+    """Decode a completion (stop token already excluded), cut at the end of the ANSWER line read."""
     text = tokenizer.decode(tokens)
     if stop_after_answer:
-        end = answer_end(text)
-        if end is not None:
-            text = text[:end]
+        _, a = trace_and_answer(text)
+        if a is not None:
+            text = text[:a.end()]
     return text
 
 
@@ -292,7 +288,7 @@ class RowStopper:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.stop_ids = stop_token_ids(tokenizer)
-        self.letters = letter_tokens(tokenizer) if stop_after_answer else frozenset()
+        self.line_ends = newline_tokens(tokenizer) if stop_after_answer else frozenset()
         self.stop_after_answer = stop_after_answer
 
     def push(self, out: list[int], tok: int) -> bool:
@@ -300,7 +296,7 @@ class RowStopper:
         if tok in self.stop_ids:
             return True
         out.append(tok)
-        if tok in self.letters and answer_end(self.tokenizer.decode(out)) is not None:
+        if tok in self.line_ends and answer_end(self.tokenizer.decode(out)) is not None:
             return True
         return len(out) >= self.max_tokens
 
@@ -449,7 +445,7 @@ def generate(
     """Completions (prompt and stop token excluded) for raw user ``prompts``, in input order.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling seeded by ``seed``.
-    With ``stop_after_answer`` a completion ends right after ``ANSWER: X``.
+    With ``stop_after_answer`` a completion ends with the ANSWER line the reward reads.
     """
     toks = generate_tokens(
         model, tokenizer, prompts, max_tokens, temperature, top_p, seed, batch_size, progress,

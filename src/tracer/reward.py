@@ -56,7 +56,7 @@ class Parsed:
     trace_entities: list[str] = field(default_factory=list)
 
 
-def _trace_and_answer(text: str) -> tuple[re.Match[str] | None, re.Match[str] | None]:
+def trace_and_answer(text: str) -> tuple[re.Match[str] | None, re.Match[str] | None]:
     """The first ``TRACE:`` line's match and the first ``ANSWER:`` line's after it (``None`` when absent)."""
     t = _TRACE_RE.search(text)
     return t, (_ANSWER_LINE_RE.search(text, t.end()) if t else None)
@@ -73,7 +73,7 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     the text when there is no ANSWER line (diagnostics only).
     """
     text = text or ""
-    t, a = _trace_and_answer(text)
+    t, a = trace_and_answer(text)
     if t is None:
         return Parsed(False, None, "", [])
     if a is None:
@@ -89,7 +89,7 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
 def answer_span(text: str) -> str:
     """The part of a completion :func:`parse_completion` reads: from its ``TRACE:`` line through the
     first ``ANSWER:`` line after it (the text stripped, as it is, when either is missing)."""
-    t, a = _trace_and_answer(text)
+    t, a = trace_and_answer(text)
     if a is None:
         return text.strip()
     return text[t.start():a.end()].strip()
