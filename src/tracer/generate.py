@@ -289,7 +289,6 @@ class RowStopper:
         self.max_tokens = max_tokens
         self.stop_ids = stop_token_ids(tokenizer)
         self.line_ends = newline_tokens(tokenizer) if stop_after_answer else frozenset()
-        self.stop_after_answer = stop_after_answer
 
     def push(self, out: list[int], tok: int) -> bool:
         """Record ``tok`` into ``out`` unless it is a stop token; True when the row is done."""

@@ -448,21 +448,18 @@ def _round_stat(r: int, questions: list[dict], scored: list[dict], winners: list
     }
 
 
-def _check_rsft_resume(cfg: Config, run_path: Path) -> bool:
-    """A resumed RSFT may add rounds, nothing else: the rest of the config must match the run's.
-
-    Returns whether the run has a config.toml, which the caller rewrites once its other checks pass.
-    """
+def _check_rsft_resume(cfg: Config, run_path: Path) -> None:
+    """A resumed RSFT may add rounds, nothing else: the rest of the config must match the run's
+    (the caller rewrites it once its other checks pass)."""
     stored = run_path / "config.toml"
     if not stored.is_file():
-        return False
+        return
     old = load_config(stored).model_dump()
     new = cfg.model_dump()
     old["rsft"].pop("rounds"), new["rsft"].pop("rounds")
     if old != new:
         raise TracerError(f"{run_path}: cannot resume RSFT: the config differs from the run's config.toml "
                           "in more than rsft.rounds")
-    return True
 
 
 SAMPLE_CHUNK = 64  # questions per sampling call: what an interrupted round resumes from
@@ -602,7 +599,8 @@ def rsft(
     if pool is None:
         ensure_data(cfg)
     run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
-    rewrite_config = resume and _check_rsft_resume(cfg, run_path)
+    if resume:
+        _check_rsft_resume(cfg, run_path)
     adapter = adapter or str(runs.model_dir(run_path, "sft"))
     check_adapter_base(cfg, adapter, model)
     source = pool or str(split_path(cfg, "rsft"))
@@ -611,7 +609,7 @@ def rsft(
     replay_pool = load_split(cfg, "train", kg=kg) if rc.replay > 0 and split_path(cfg, "train").exists() else []
     if replay_pool:
         contaminated |= guard_leakage(cfg, replay_pool, str(split_path(cfg, "train")), allow_eval_overlap, kg)
-    if rewrite_config:  # the run now holds this many rounds
+    if resume and (run_path / "config.toml").is_file():  # the run now holds this many rounds
         runs.write_text_atomic(run_path / "config.toml", to_toml(cfg))
     by_id = {q["id"]: q for q in pool_rows}
     samples_file = run_path / "rsft_samples.jsonl"
