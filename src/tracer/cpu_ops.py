@@ -47,9 +47,11 @@ def available(model=None) -> bool:
 
 @mx.compile
 def _reduce(x: mx.array) -> tuple[mx.array, mx.array]:
-    """x = n ln 2 + r with integer n and |r| <= ln 2 / 2 (x clipped to float32's normal range)."""
+    """x = n ln 2 + r with integer n and |r| <= ln 2 / 2 (x clipped to float32's normal range).
+    Below -87, n = -127: 2^n's exponent bits are then 0, so e^x comes out exactly 0."""
+    under = x < -87.0
     x = mx.minimum(mx.maximum(x, -87.0), 88.0)
-    n = (x * LOG2E + ROUND) - ROUND
+    n = mx.where(under, -127.0, (x * LOG2E + ROUND) - ROUND)
     return n, (x - n * LN2_HI) - n * LN2_LO
 
 
@@ -63,7 +65,9 @@ def _expand(n: mx.array, r: mx.array) -> mx.array:
 
 
 def exp(x: mx.array) -> mx.array:
-    """float32 e^x; below -87 it gives about 1.6e-38 instead of 0 (so e^-inf is not 0)."""
+    """float32 e^x; 0 below -87 (where float32's normal range ends). Not the smallest normal
+    float: a causal softmax's masked half would hold it, and on x86 every product that turns it
+    into a subnormal takes a microcode assist (a 330-token attention layer ran 3.8x slower)."""
     return _expand(*_reduce(x))
 
 
