@@ -183,6 +183,37 @@ def test_preload_openblas_disabled_by_env():
     assert "TRACER_NO_OPENBLAS" in r.stdout
 
 
+# ---------------------------------------------------------------- glibc heap (tracer.heap)
+
+HEAP_PROBE = """
+import ctypes, resource
+from tracer.heap import heap_info, retain_freed_memory
+retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6"); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):  # what MLX does with a large intermediate each step: malloc, write, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(heap_info()); print(*faults)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.parametrize("disabled", ["0", "1"])
+def test_retained_heap_reuses_freed_blocks_without_page_faults(disabled):
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TRACER_NO_MALLOPT": disabled}
+    r = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    status, faults = r.stdout.splitlines()
+    first, *later = map(int, faults.split())
+    assert first > 10_000  # 64 MB = 16,384 pages, faulted in once
+    if disabled == "1":  # glibc's default: mmap'd fresh and unmapped on free, so faulted in each time
+        assert status == "disabled by TRACER_NO_MALLOPT" and min(later) > 10_000
+    else:
+        assert status == "retained" and max(later) < 100
+
+
 # ---------------------------------------------------------------- loading a tiny model
 
 

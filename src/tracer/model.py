@@ -9,8 +9,10 @@ Hugging Face hub id (``org/name``). Aliases and GGUF files are converted once in
 from __future__ import annotations
 
 from tracer.blas import blas_info, preload_openblas, share_cores
+from tracer.heap import heap_info, retain_freed_memory
 
 preload_openblas()
+retain_freed_memory()  # every model loads through here or tiny.py
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -456,6 +458,7 @@ def device_info() -> dict:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm_version,
         "blas": blas_info(),
+        "malloc": heap_info(),
         "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
         "generation_workers": auto_workers(0),
         # compiled training steps (with sft.compile) and generation on tracer.cpu_ops, for float32 weights

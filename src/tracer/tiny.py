@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from tracer.blas import preload_openblas
+from tracer.heap import retain_freed_memory
 
 preload_openblas()
+retain_freed_memory()
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
