@@ -15,19 +15,15 @@ and reports its minor page faults and peak RSS. Losses and completions must matc
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 
-from common import attention_times, per_element_ns, print_ab_rows, sft_steps_and_greedy
+from common import ab_main, attention_times, per_element_ns, print_ab_rows, sft_steps_and_greedy
 
 VARIANTS = {"default": {"TRACER_NO_MALLOPT": "1"}, "retained": {"TRACER_NO_MALLOPT": "0"}}
 
 
-def worker(data: list[str], n_batches: int, n_prompts: int) -> dict:
+def worker(variant: str, data: list[str], n_batches: int, n_prompts: int) -> dict:
     from tracer.blas import preload_openblas
     from tracer.heap import heap_info, retain_freed_memory
 
@@ -49,23 +45,10 @@ def worker(data: list[str], n_batches: int, n_prompts: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="data/train.jsonl", help="closed-book training JSONL")
-    ap.add_argument("--facts", default="", help="open-book (data.context = 'facts') training JSONL")
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    data = [args.data] + ([args.facts] if args.facts else [])
-    if args.worker:
-        print(json.dumps(worker(data, args.batches, args.prompts)))
+    ran = ab_main(__doc__, VARIANTS, worker)
+    if ran is None:
         return
-    res = {}
-    for name, env in VARIANTS.items():
-        cmd = [sys.executable, __file__, "--data", args.data, "--facts", args.facts, "--batches",
-               str(args.batches), "--prompts", str(args.prompts), "--worker"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
-        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    args, data, res = ran
     a, b = res["default"], res["retained"]
     assert b["heap"] == "retained", b["heap"]
     print("| task | glibc default | retained | speedup | same result |\n|---|---|---|---|---|")

@@ -18,12 +18,9 @@ Losses and completions must match between the two variants.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 
-from common import attention_times, print_ab_rows, sft_steps_and_greedy
+from common import ab_main, attention_times, print_ab_rows, sft_steps_and_greedy
 
 
 def old_reduce(mx):
@@ -50,23 +47,10 @@ def worker(variant: str, data: list[str], n_batches: int, n_prompts: int) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="data/train.jsonl", help="closed-book training JSONL")
-    ap.add_argument("--facts", default="", help="open-book (data.context = 'facts') training JSONL")
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    data = [args.data] + ([args.facts] if args.facts else [])
-    if args.worker:
-        print(json.dumps(worker(args.worker, data, args.batches, args.prompts)))
+    ran = ab_main(__doc__, {"old": {}, "new": {}}, worker)
+    if ran is None:
         return
-    res = {}
-    for variant in ("old", "new"):
-        cmd = [sys.executable, __file__, "--data", args.data, "--facts", args.facts, "--batches",
-               str(args.batches), "--prompts", str(args.prompts), "--worker", variant]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    args, data, res = ran
     print("| task | old: exp = 1.6e-38 below -87 | new: 0 | speedup | same result |\n|---|---|---|---|---|")
     print_ab_rows(res["old"], res["new"], data, args.batches, args.prompts)
     for r in res.values():

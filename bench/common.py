@@ -112,3 +112,34 @@ def print_ab_rows(a: dict, b: dict, data: list[str], n_batches: int, n_prompts: 
     same = sum(p == q for p, q in zip(a["completions"], b["completions"]))
     print(f"| greedy, {n_prompts} eval prompts, base model, 64 tokens | {a['generate_s']:.1f} s | "
           f"{b['generate_s']:.1f} s | **{a['generate_s'] / b['generate_s']:.2f}x** | {same}/{len(a['completions'])} |")
+
+
+def ab_main(doc: str, variants: dict[str, dict], worker):
+    """The command line of an A/B bench over :func:`sft_steps_and_greedy`'s data: parse
+    ``--data --facts --batches --prompts``; as ``--worker NAME`` print ``worker(NAME, data,
+    batches, prompts)`` as JSON and return None; otherwise run each variant in its own process
+    (``variants``: name -> extra environment) and return ``(args, data, {name: result})``."""
+    import argparse
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--data", default="data/train.jsonl", help="closed-book training JSONL")
+    ap.add_argument("--facts", default="", help="open-book (data.context = 'facts') training JSONL")
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--worker", choices=list(variants), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    data = [args.data] + ([args.facts] if args.facts else [])
+    if args.worker:
+        print(json.dumps(worker(args.worker, data, args.batches, args.prompts)))
+        return None
+    res = {}
+    for name, env in variants.items():
+        cmd = [sys.executable, sys.argv[0], "--data", args.data, "--facts", args.facts, "--batches",
+               str(args.batches), "--prompts", str(args.prompts), "--worker", name]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
+        res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return args, data, res
