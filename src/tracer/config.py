@@ -106,6 +106,10 @@ class TrainConfig(Section):
         True,
         description="On CPU with g++: each step one compiled graph with polynomial-exp SiLU/softmax/log-sum-exp (1.14-1.16x per SFT step measured); batches padded to widths of 8, loss positions of 32.",
     )
+    answer_weight: float = Field(
+        1.0, ge=0,
+        description="Loss weight of the answer letter's token against 1 for every other completion token (1 = plain mean).",
+    )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
 
 

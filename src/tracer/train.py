@@ -53,6 +53,18 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> l
     return out
 
 
+def answer_indices(tokenizer, pairs: list[tuple[str, str]], examples: list[Example]) -> list[int]:
+    """Index in each example's ids of the answer's first token (the completion after its last
+    ``ANSWER:``), or -1 where the completion has none or truncation cut it off."""
+    out = []
+    for (_, completion), (ids, start) in zip(pairs, examples):
+        k = completion.rfind("ANSWER:")
+        tail = tokenizer.encode(completion[k + len("ANSWER:"):], add_special_tokens=False) if k >= 0 else []
+        at = len(ids) - 1 - len(tail)  # the answer's tokens come right before the end-of-turn token
+        out.append(at if tail and at >= start and ids[at:-1] == tail else -1)
+    return out
+
+
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
                   hop_lens: list[int] | None = None, curriculum: bool = False) -> list[list[int]]:
     """One epoch of length-grouped batches (indices), deterministic in (seed, epoch)."""
@@ -91,20 +103,22 @@ class Batch(NamedTuple):
     targets: mx.array  # the target token at each of ``positions``
     tokens: int  # real tokens in the batch, prefix counted once per row
     prefix: mx.array | None  # (1, P) token ids every row starts with, or None
-    weights: mx.array | None = None  # 1 per real loss position, 0 per padding one; None: all real
+    weights: mx.array | None = None  # per loss position: 0 padding, 1 (answer_weight at the answer); None: all 1
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, int] | None = None) -> Batch:
+def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, int] | None = None,
+            answers: list[int] | None = None, answer_weight: float = 1.0) -> Batch:
     """Right-padded rows and flat loss positions; the rows' common prompt prefix goes in ``prefix``.
 
     The prefix (system message, instructions, ...) is the same for every row, so the model runs
     it once with batch 1 and every row attends to its keys/values (see :func:`loss_fn`).
     ``pad = (w, p)`` rounds the row width up to a multiple of w and the loss positions up to a
     multiple of p (padding positions weigh 0), so a compiled step sees few distinct shapes.
+    ``answers`` (see :func:`answer_indices`): the target at each row's index weighs ``answer_weight``.
     """
     P = 0
     if share_prefix and len(examples) > 1:
@@ -114,20 +128,21 @@ def collate(examples: list[Example], share_prefix: bool = True, pad: tuple[int, 
     if pad:
         width = round_up(width, pad[0])
     inputs = np.zeros((len(examples), width), dtype=np.int32)
-    positions, targets = [], []
+    positions, targets, w = [], [], []
+    weigh = answers is not None and answer_weight != 1.0
     for row, (ids, start) in enumerate(examples):
         inputs[row, : len(ids) - 1 - P] = ids[P:-1]
         for t in range(start - 1, len(ids) - 1):  # position t predicts token t + 1
             positions.append(row * width + t - P)
             targets.append(ids[t + 1])
+            w.append(answer_weight if weigh and t + 1 == answers[row] else 1.0)
     tokens = sum(len(ids) for ids, _ in examples)
     prefix = mx.array([examples[0][0][:P]], dtype=mx.int32) if P else None
     weights = None
-    if pad:
-        n = len(positions)
-        extra = round_up(n, pad[1]) - n
+    if pad or weigh:
+        extra = round_up(len(positions), pad[1]) - len(positions) if pad else 0
         positions, targets = positions + [0] * extra, targets + [0] * extra
-        weights = mx.array([1.0] * n + [0.0] * extra)
+        weights = mx.array(w + [0.0] * extra)
     return Batch(mx.array(inputs), mx.array(positions, dtype=mx.int32), mx.array(targets, dtype=mx.int32),
                  tokens, prefix, weights)
 
@@ -372,6 +387,7 @@ def train(
 
     examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len)
     val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
+    answers = answer_indices(tokenizer, train_pairs, examples) if cfg.answer_weight != 1.0 else None
     lengths = [len(ids) for ids, _ in examples]
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     start, losses, val_losses, tokens, earlier_s = 0, [], [], 0, 0.0
@@ -397,7 +413,8 @@ def train(
     try:
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
-            batch = collate([examples[i] for i in idx], cfg.share_prefix, pad)
+            batch = collate([examples[i] for i in idx], cfg.share_prefix, pad,
+                            answers and [answers[i] for i in idx], cfg.answer_weight)
             step_seed = cfg.seed * 1_000_003 + step  # dropout noise is a function of the step
             snapshot = (model.parameters(), tree_map(lambda x: x, optimizer.state), step_seed)
             mx.random.seed(step_seed)
