@@ -139,6 +139,63 @@ def test_encode_pairs_keeps_the_completion_when_truncating(facts_model):
     assert completion[-1] == tok.eos_token_id
 
 
+def token_ce(model, b: train.Batch) -> mx.array:
+    """Cross-entropy at each of the batch's loss positions, from full logits."""
+    logits = model(b.inputs)
+    return nn.losses.cross_entropy(logits.reshape(-1, logits.shape[-1])[b.positions], b.targets, reduction="none")
+
+
+def answer_ce(model, tok, pairs) -> float:
+    """Mean cross-entropy of the answers' first tokens (what ``answer_weight`` weighs)."""
+    examples = train.encode_pairs(tok, pairs, 512)
+    b = train.collate(examples, False, None, train.answer_indices(tok, pairs, examples), 2.0)
+    at_answer = (b.weights == 2.0).astype(mx.float32)
+    return ((token_ce(model, b) * at_answer).sum() / at_answer.sum()).item()
+
+
+def test_answer_indices_and_weighted_loss(facts_model):
+    model, tok = fresh(facts_model)
+    pairs = PAIRS[:6] + [("Follow DiskFull -caused_by-> ?", "TRACE: DiskFull -caused_by-> CronJob")]
+    examples = train.encode_pairs(tok, pairs, 512)
+    answers = train.answer_indices(tok, pairs, examples)
+    assert answers[-1] == -1  # no ANSWER line
+    for (ids, start), at, (_, _, y) in zip(examples[:6], answers, FACTS):
+        assert start <= at < len(ids) - 1 and tok.decode(ids[at:-1]).strip() == y
+    cut = train.encode_pairs(tok, PAIRS[:1], 8)  # the completion's end (answer, end-of-turn) cut off
+    assert len(cut[0][0]) == 8 and train.answer_indices(tok, PAIRS[:1], cut) == [-1]
+
+    assert train.collate(examples, False, None, answers, 1.0).weights is None
+    b = train.collate(examples, False, None, answers, 5.0)
+    width = b.inputs.shape[1]
+    w = b.weights.tolist()
+    assert len(w) == b.positions.size and set(w) == {1.0, 5.0}
+    # 5 exactly where the position predicts an answer's first token
+    at_answer = {row * width + at - 1 for row, at in enumerate(answers) if at >= 0}
+    assert {p for p, x in zip(b.positions.tolist(), w) if x == 5.0} == at_answer and len(at_answer) == 6
+    # the loss is the weighted mean of the per-token cross-entropy
+    ce = token_ce(model, b)
+    expected = ((ce * b.weights).sum() / b.weights.sum()).item()
+    assert train.loss_fn(model, b.inputs, b.positions, b.targets, None, b.weights).item() == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(ce.mean().item(), rel=1e-3)
+    # padded for the compiled step: padding weighs 0, the answers still 5, the same loss
+    padded = train.collate(examples, False, train.COMPILED_PAD, answers, 5.0)
+    pw = padded.weights.tolist()
+    assert pw.count(5.0) == 6 and pw.count(0.0) == padded.positions.size - len(w)
+    assert train.loss_fn(model, padded.inputs, padded.positions, padded.targets, None, padded.weights).item() == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_answer_weight_trains_the_answer_token_faster(facts_model, tmp_path):
+    ce = {}
+    for weight in (1.0, 10.0):
+        model, tok = fresh(facts_model)
+        cfg = TrainConfig(iters=25, batch_size=20, learning_rate=2e-3, warmup=5, val_every=0, save_every=1000,
+                          answer_weight=weight)
+        train.train(model, tok, PAIRS, cfg, LoraConfig(rank=16, alpha=32.0), tmp_path / str(weight), "tiny")
+        ce[weight] = answer_ce(model, tok, PAIRS)
+    assert ce[10.0] < 0.5 * ce[1.0], ce
+
+
 def test_batches_are_length_grouped_and_deterministic():
     lengths = [10, 200, 11, 199, 12, 198, 13, 197] * 8
     a = train.epoch_batches(lengths, 4, seed=3, epoch=0)
