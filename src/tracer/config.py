@@ -108,7 +108,7 @@ class TrainConfig(Section):
     )
     answer_weight: float = Field(
         1.0, ge=0,
-        description="Loss weight of the answer letter's token against 1 for every other completion token (1 = plain mean).",
+        description="Loss weight of the answer letter's token against 1 for every other completion token (1 = plain mean; the training loss shown is the weighted mean).",
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
 

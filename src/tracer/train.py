@@ -414,7 +414,7 @@ def train(
         for step in range(start, cfg.iters):
             idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
             batch = collate([examples[i] for i in idx], cfg.share_prefix, pad,
-                            answers and [answers[i] for i in idx], cfg.answer_weight)
+                            None if answers is None else [answers[i] for i in idx], cfg.answer_weight)
             step_seed = cfg.seed * 1_000_003 + step  # dropout noise is a function of the step
             snapshot = (model.parameters(), tree_map(lambda x: x, optimizer.state), step_seed)
             mx.random.seed(step_seed)
