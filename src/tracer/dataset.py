@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
 
 LETTERS = ("A", "B", "C", "D")
+TRACE_TAG, ANSWER_TAG = "TRACE:", "ANSWER:"  # the completion format's two line prefixes
 SPLIT_FILES = ("train", "rsft", "eval", "eval_shuffled")
 DEFAULT_MIN_EDGE_COVERAGE = 3
 
@@ -34,8 +35,8 @@ SYSTEM_PROMPT = "You answer multi-hop questions about a software troubleshooting
 
 FORMAT_INSTRUCTIONS = (
     "Answer in exactly this format:\n"
-    "TRACE: <entity -relation-> entity ...>\n"
-    "ANSWER: <A|B|C|D>"
+    f"{TRACE_TAG} <entity -relation-> entity ...>\n"
+    f"{ANSWER_TAG} <A|B|C|D>"
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
     for i, e in enumerate(edges):
         _, rel, _ = _edge_tuple(e)
         text += f" -{rel}-> {entities[i + 1]}"
-    return f"TRACE: {text}\nANSWER: {letter}"
+    return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,18 +12,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tracer.dataset import parse_fact
+from tracer.dataset import ANSWER_TAG, TRACE_TAG, parse_fact
 from tracer.metrics import trace_nodes
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tracer.config import RewardConfig
     from tracer.kg import KG
 
-LETTERS = ("A", "B", "C", "D")
-
-_TRACE_RE = re.compile(r"^[ \t]*TRACE:", re.MULTILINE)
-_ANSWER_LINE_RE = re.compile(r"^[ \t]*ANSWER:[^\n]*$", re.MULTILINE)
-_ANSWER_OK_RE = re.compile(r"^\s*ANSWER:\s*([A-D])\s*\.?\s*$")
+_TRACE_RE = re.compile(rf"^[ \t]*{TRACE_TAG}", re.MULTILINE)
+_ANSWER_LINE_RE = re.compile(rf"^[ \t]*{ANSWER_TAG}[^\n]*$", re.MULTILINE)
+_ANSWER_OK_RE = re.compile(rf"^\s*{ANSWER_TAG}\s*([A-D])\s*\.?\s*$")
 _WORD = "A-Za-z0-9_"
 
 

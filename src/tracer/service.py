@@ -430,7 +430,7 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
             if not w["correct"]:
                 raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
                                   "its answer letter cannot be carried over")
-            trace = trace.rsplit("\n", 1)[0] + f"\nANSWER: {row['answer_star']}"
+            trace = trace.rsplit("\n", 1)[0] + f"\n{dataset.ANSWER_TAG} {row['answer_star']}"
         rows.append(dict(row, ref={"trace": trace}))
     return rows
 

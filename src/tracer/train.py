@@ -29,6 +29,7 @@ from mlx_lm.models.base import create_causal_mask  # noqa: E402
 
 from tracer import __version__, cpu_ops  # noqa: E402
 from tracer.config import LoraConfig, TrainConfig  # noqa: E402
+from tracer.dataset import ANSWER_TAG  # noqa: E402
 from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
 from tracer.generate import encode_chat, shared_prefix_len  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
@@ -58,8 +59,8 @@ def answer_indices(tokenizer, pairs: list[tuple[str, str]], examples: list[Examp
     ``ANSWER:``), or -1 where the completion has none or truncation cut it off."""
     out = []
     for (_, completion), (ids, start) in zip(pairs, examples):
-        k = completion.rfind("ANSWER:")
-        tail = tokenizer.encode(completion[k + len("ANSWER:"):], add_special_tokens=False) if k >= 0 else []
+        k = completion.rfind(ANSWER_TAG)
+        tail = tokenizer.encode(completion[k + len(ANSWER_TAG):], add_special_tokens=False) if k >= 0 else []
         at = len(ids) - 1 - len(tail)  # the answer's tokens come right before the end-of-turn token
         out.append(at if tail and at >= start and ids[at:-1] == tail else -1)
     return out
