@@ -368,3 +368,14 @@ def test_interrupt_while_the_compiled_step_is_traced_leaves_a_usable_model(facts
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-5).item(), k
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_warms_up_to_the_peak_and_ends_at_the_floor(kind):
+    cfg = TrainConfig(iters=50, warmup=5, learning_rate=1e-3, min_lr_ratio=0.1, schedule=kind)
+    lr = [float(train.schedule(cfg)(mx.array(s))) for s in range(cfg.iters)]
+    assert lr[0] == pytest.approx(2e-4)  # peak / warmup
+    assert all(a < b for a, b in zip(lr[:5], lr[1:6]))  # rising through the warmup
+    assert lr[5] == pytest.approx(1e-3) and max(lr) == pytest.approx(1e-3)  # the peak, once
+    assert all(a > b for a, b in zip(lr[5:], lr[6:]))  # then falling every step
+    assert lr[-1] == pytest.approx(1e-4)  # the floor at the last step, not one step above it

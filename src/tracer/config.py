@@ -94,7 +94,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup: int = Field(20, ge=0, description="Linear warmup steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Decay target as a fraction of the peak (the last step stays one decay step above it).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Decay target as a fraction of the peak, reached at the last step.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     max_seq_len: int = Field(512, ge=8, description="Longer examples are truncated.")
     val_every: int = Field(100, ge=0, description="Validation loss every N steps (0 = off).")

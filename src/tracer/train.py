@@ -240,8 +240,10 @@ def full_loss(model: nn.Module, inputs: mx.array, positions: mx.array, targets: 
 
 
 def schedule(cfg: TrainConfig):
+    """Learning rate by step (0-based): linear warmup to the peak at step ``warmup``, then decay
+    reaching ``min_lr_ratio`` x peak at the last step (``iters - 1``)."""
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    decay_steps = max(cfg.iters - cfg.warmup, 1)
+    decay_steps = max(cfg.iters - cfg.warmup - 1, 1)
     if cfg.schedule == "cosine":
         main = optim.cosine_decay(peak, decay_steps, end)
     elif cfg.schedule == "linear":
@@ -250,8 +252,7 @@ def schedule(cfg: TrainConfig):
         main = lambda step: mx.array(peak, dtype=mx.float32)  # noqa: E731
     if cfg.warmup == 0:
         return main
-    return optim.join_schedules([optim.linear_schedule(peak / cfg.warmup, peak, max(cfg.warmup - 1, 1)), main],
-                                [cfg.warmup])
+    return optim.join_schedules([optim.linear_schedule(peak / cfg.warmup, peak, cfg.warmup), main], [cfg.warmup])
 
 
 # ------------------------------------------------------------------------------ checkpoints
