@@ -78,6 +78,22 @@ def test_missing_kg(capsys, work):
     assert "missing.json: no such file" in run_bad(["data", "--kg", "missing.json"], capsys, work)
 
 
+def test_missing_exclude_file(capsys, work):
+    assert "gone.jsonl: no such file" in run_bad(["data", "--exclude", "gone.jsonl"], capsys, work)
+
+
+def test_data_exclude_makes_a_disjoint_pool(capsys, work):
+    from tracer import dataset as ds
+
+    assert main(["data", "-o", "first"]) == 0
+    assert main(["data", "-o", "second", "--seed", "7", "-x", "first/eval.jsonl", "-x", "first/rsft.jsonl"]) == 0
+    held = {ds.path_key(r) for s in ("eval", "rsft") for r in ds.load_examples(work / "first" / f"{s}.jsonl")}
+    for split in ("train", "rsft", "eval"):
+        rows = ds.load_examples(work / "second" / f"{split}.jsonl")
+        assert rows and not {ds.path_key(r) for r in rows} & held, split
+    assert json.loads((work / "second" / "splits.json").read_text())["exclude"] == ["first/eval.jsonl", "first/rsft.jsonl"]
+
+
 def test_kg_invalid_json(capsys, work):
     kg = write(work / "kg_bad.json", '{"entities": [\n')
     assert "kg_bad.json: invalid JSON at line" in run_bad(["data", "--kg", kg], capsys, work)

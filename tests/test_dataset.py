@@ -188,6 +188,15 @@ def test_splits_disjoint(splits):
     check_disjoint(splits)
 
 
+def test_exclude_keeps_paths_out_of_every_split(kg, cfg, splits):
+    held = frozenset(ds.path_key(r) for r in splits["eval"] + splits["rsft"])
+    other = ds.generate_splits(kg, cfg.model_copy(update={"seed": 99}), held)
+    for name, rows in other.items():
+        assert rows and not {ds.path_key(r) for r in rows} & held, name
+    plain = ds.generate_splits(kg, cfg.model_copy(update={"seed": 99}))
+    assert {ds.path_key(r) for r in plain["rsft"]} & held  # without exclude the seeds' pools meet
+
+
 def test_sizes_and_hop_mix(splits, cfg):
     assert len(splits["eval"]) == cfg.eval_size
     hops = [r["hop_len"] for r in splits["eval"]]

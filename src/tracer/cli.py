@@ -148,11 +148,17 @@ def data(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory for the JSONL splits (overrides data.out_dir)."),
     seed: Optional[int] = SeedOpt,
     context: Optional[str] = typer.Option(None, "--context", help="Prompt mode: closed (question only) or facts (lists KG facts)."),
+    exclude: Optional[list[str]] = typer.Option(
+        None, "--exclude", "-x",
+        help="Question JSONL whose paths no generated question may take (repeatable; overrides data.exclude), "
+             "e.g. another data directory's eval.jsonl and rsft.jsonl for a fresh RSFT pool.",
+    ),
 ) -> None:
     """Generate train (1-3 hops), RSFT-pool and held-out eval (4-5 hops) questions from the KG."""
     from tracer import service
 
-    cfg = _config(config, data__kg=kg, data__out_dir=output, data__seed=seed, data__context=context)
+    cfg = _config(config, data__kg=kg, data__out_dir=output, data__seed=seed, data__context=context,
+                  data__exclude=exclude or None)
     out = service.make_data(cfg)
     console.print(data_table(out["summary"]))
     for w in out["summary"].get("warnings", []):

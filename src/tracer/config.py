@@ -46,6 +46,9 @@ class DataConfig(Section):
         0.0, ge=0, le=1,
         description="'facts' mode: follow this share of RSFT-pool questions by a renamed copy (sampled and rewarded like them).",
     )
+    exclude: list[str] = Field(
+        [], description="Question JSONL files whose paths no generated question may take (e.g. another data directory's eval and rsft splits, for a fresh RSFT pool)."
+    )
     shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
     letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
 

@@ -539,8 +539,13 @@ def _even_quota(total: int, hops: list[int], avail: dict[int, int]) -> dict[int,
     return quota
 
 
-def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any]]]:
-    """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified."""
+def generate_splits(
+    kg: "KG", cfg: "DataConfig", exclude: frozenset[tuple[str, tuple[str, ...], str]] = frozenset()
+) -> dict[str, list[dict[str, Any]]]:
+    """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified.
+
+    ``exclude`` holds :func:`path_key` keys that no question of any split may take.
+    """
     rng = random.Random(cfg.seed)
     ctx = _Ctx(kg, cfg, rng)
     train_hops = sorted(set(cfg.train_hops))
@@ -556,6 +561,8 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
 
     multi = sorted({h for h in train_hops if h > 1} | set(eval_hops))
     pools = enumerate_paths(kg, multi)
+    if exclude:
+        pools = {h: [p for p in ps if _key(p) not in exclude] for h, ps in pools.items()}
     edges_1 = _unique_edges(kg)
 
     # ---- eval and rsft: distinct keys, hop lengths mixed evenly -------------------------------
@@ -586,7 +593,7 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
         )
     rng.shuffle(eval_paths)
     rng.shuffle(rsft_paths)
-    held = {_key(p) for p in eval_paths} | {_key(p) for p in rsft_paths}
+    held = {_key(p) for p in eval_paths} | {_key(p) for p in rsft_paths} | exclude
 
     # ---- train: multi-hop quotas, then 1-hop questions until every edge is covered ------------
     items: list[tuple[Path_, int]] = []  # (path, template)
@@ -652,7 +659,7 @@ def generate_splits(kg: "KG", cfg: "DataConfig") -> dict[str, list[dict[str, Any
         splits["eval_shuffled"] = [_shuffle_row(r, rng, counts) for r in splits["eval"]]
     verify_splits(kg, splits, cfg)
     # renamed copies draw from their own generators: without them the splits above stay as they are
-    held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]}
+    held_keys = {path_key(r) for r in splits["eval"] + splits["rsft"]} | exclude
     if cfg.counterfactual > 0:
         splits["train"] += counterfactual_rows(kg, splits["train"], cfg.counterfactual,
                                                random.Random(f"{cfg.seed}:counterfactual"), held_keys,

@@ -46,6 +46,11 @@ def data_settings(cfg: Config) -> dict:
     return {"kg_sha256": digest, **cfg.data.model_dump(exclude={"kg", "out_dir", "shuffled_eval"})}
 
 
+def excluded_keys(cfg: Config) -> frozenset:
+    """Path keys of the questions in ``data.exclude``'s files: no generated question may take them."""
+    return frozenset(dataset.path_key(r) for f in cfg.data.exclude for r in dataset.load_examples(f))
+
+
 def make_data(cfg: Config) -> dict:
     """Generate the question splits from the KG and write them; returns paths and the summary.
 
@@ -53,7 +58,7 @@ def make_data(cfg: Config) -> dict:
     whether the files still match their config.
     """
     kg = load_kg(cfg.data.kg)
-    splits = dataset.generate_splits(kg, cfg.data)
+    splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg))
     paths = dataset.write_splits(splits, cfg.data.out_dir)
     runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, data_settings(cfg))
     return {"paths": {k: str(v) for k, v in paths.items()}, "summary": dataset.summarize(splits, kg, cfg.data)}
@@ -116,8 +121,9 @@ def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: K
     if eval_file.exists():
         eval_rows = load_split(cfg, "eval", kg=kg)
     else:
+        exclude = excluded_keys(cfg)
         try:
-            eval_rows, where = dataset.generate_splits(kg or load_kg(cfg.data.kg), cfg.data)["eval"], " (not made yet)"
+            eval_rows, where = dataset.generate_splits(kg or load_kg(cfg.data.kg), cfg.data, exclude)["eval"], " (not made yet)"
         except TracerError:
             return False
     overlap = eval_overlap(rows, eval_rows)
