@@ -9,7 +9,7 @@ from tracer.service import consolidation_rows, round_questions, winner_rows
 
 
 def _row(qid: str, hop_len: int, prompt: str = "", answer: str = "A") -> dict:
-    return {"id": qid, "hop_len": hop_len, "prompt": prompt or f"q {qid}", "answer_star": answer,
+    return {"id": qid, "hop_len": hop_len, "path_star": {"entities": [qid, "end"]}, "prompt": prompt or f"q {qid}", "answer_star": answer,
             "ref": {"trace": "TRACE: gold\nANSWER: " + answer}}
 
 
@@ -63,6 +63,12 @@ def test_winners_drawn_under_another_prompt_take_the_rows_letter():
         winner_rows([_sample("p1", 1, True, "TRACE: a\nANSWER: A", correct=False)], {"p1": pool[0]})
     with pytest.raises(TracerError, match="not in the RSFT pool"):
         winner_rows([_sample("zz", 1, True, "TRACE: a\nANSWER: A")], {"p1": pool[0]})
+    # the same id in another pool is another question: refused, not trained under this row's prompt
+    other = _sample("p1", 1, True, "TRACE: a -r-> b\nANSWER: A") | {"parsed": {"path_entities": ["p9", "end"]}}
+    with pytest.raises(TracerError, match="another RSFT pool"):
+        winner_rows([other], {"p1": pool[0]})
+    same = other | {"parsed": {"path_entities": ["p1", "end"]}}
+    assert winner_rows([same], {"p1": pool[0]})[0]["ref"]["trace"].endswith("ANSWER: C")
 
 
 def test_winner_ties_go_to_the_trace_with_real_edges():

@@ -283,6 +283,7 @@ def consolidate(
     run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Run directory whose RSFT to consolidate (default runs_dir/run.name)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter to continue (default: the last RSFT round's)."),
     samples: Optional[str] = typer.Option(None, "--samples", "-s", help="RSFT samples JSONL (default: the run's rsft_samples.jsonl)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="RSFT question pool the samples were drawn from (default: the rsft split)."),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Adapter directory (default <run>/models/consolidate)."),
@@ -295,7 +296,7 @@ def consolidate(
     from tracer import service
 
     cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
-    out = service.consolidate(cfg, run_dir=run_dir, adapter=adapter, samples=samples, model=model, output=output,
+    out = service.consolidate(cfg, run_dir=run_dir, adapter=adapter, samples=samples, pool=pool, model=model, output=output,
                               allow_eval_overlap=allow_eval_overlap, resume=resume, progress=_progress())
     console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
                   "training questions")

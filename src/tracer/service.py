@@ -431,6 +431,10 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
         row = by_id.get(w["ex_id"])
         if row is None:
             raise TracerError(f"sample {w['ex_id']}: question is not in the RSFT pool")
+        drawn_on = (w.get("parsed") or {}).get("path_entities")
+        if drawn_on is not None and drawn_on != row["path_star"]["entities"]:
+            raise TracerError(f"sample {w['ex_id']}: drawn on another path than the pool's question {w['ex_id']} "
+                              "(sampled from another RSFT pool? consolidate --pool names it)")
         trace = reward.answer_span(w["completion"])
         if w["prompt"] != row["prompt"]:
             if not w["correct"]:
@@ -704,6 +708,7 @@ def consolidate(
     run_dir: str | Path | None = None,
     adapter: str | None = None,
     samples: str | None = None,
+    pool: str | None = None,
     model: str | None = None,
     output: str | Path | None = None,
     allow_eval_overlap: bool = False,
@@ -713,7 +718,8 @@ def consolidate(
 ) -> dict:
     """After RSFT: one SFT pass continuing the last round's adapter on its winners plus short questions.
 
-    Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``), continues the last round's
+    Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``, drawn from the rsft split or
+    ``pool``), continues the last round's
     adapter (or ``adapter``) into ``models/consolidate`` (or ``output``), then evaluates it as the
     phase ``consolidate``. When no round kept a winner, it trains on the short questions alone.
     """
@@ -726,7 +732,7 @@ def consolidate(
     ensure_data(cfg)
     train_source = str(split_path(cfg, "train"))
     scored = dataset.read_jsonl(samples_file)
-    parts = consolidation_rows(scored, load_split(cfg, "rsft", kg=kg), load_split(cfg, "train", kg=kg),
+    parts = consolidation_rows(scored, load_split(cfg, "rsft", pool, kg=kg), load_split(cfg, "train", kg=kg),
                                cfg.consolidate.hops)
     last = parts["round"]
     if last is None:  # every round carried its adapter over unchanged: rehearse the facts alone
