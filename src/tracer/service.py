@@ -719,9 +719,8 @@ def consolidate(
     """After RSFT: one SFT pass continuing the last round's adapter on its winners plus short questions.
 
     Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``, drawn from the rsft split or
-    ``pool``), continues the last round's
-    adapter (or ``adapter``) into ``models/consolidate`` (or ``output``), then evaluates it as the
-    phase ``consolidate``. When no round kept a winner, it trains on the short questions alone.
+    ``pool``), continues the last round's adapter (or ``adapter``) into ``models/consolidate`` (or
+    ``output``), then evaluates it as the phase ``consolidate``. When no round kept a winner, it trains on the short questions alone.
     """
     progress = progress or NullProgress()
     run_path = Path(run_dir) if run_dir else Path(cfg.run.runs_dir) / cfg.run.name
