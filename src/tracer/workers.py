@@ -3,10 +3,9 @@
 On a CPU, MLX runs every element-wise op (the ``exp`` in SiLU, softmax and the sampler's noise)
 on one thread; only matmuls use the OpenBLAS threads. A decode step spends most of its time
 outside the weight matmuls (element-wise ops, the small per-row attention products, per-op
-overhead), so one process leaves the other cores idle much of the time. Two processes with one
-BLAS thread each sampled RSFT completions 1.45x and ran a greedy eval 1.41x faster on the 2-core
-machine than one process with two (bench/bench_workers.py). A :class:`Pool` of size 1 generates
-in this process, as before.
+overhead), so one process leaves the other cores idle much of the time. Several processes with a
+share of the BLAS threads each keep the cores busy (measured in docs/performance.md,
+bench/bench_workers.py). A :class:`Pool` of size 1 generates in this process.
 
 Work is a list of jobs, each one :func:`tracer.generate.generate` call (its own prompts and
 seed), handed to whichever worker is free. A job's completions do not depend on which worker
@@ -32,7 +31,7 @@ from typing import Any, Callable  # noqa: E402
 from tracer.errors import TracerError  # noqa: E402
 from tracer.progress import NullProgress, Progress  # noqa: E402
 
-MAX_AUTO_WORKERS = 2  # measured on 2 cores only; more processes may help on bigger CPUs
+MAX_AUTO_WORKERS = 2  # only 2 cores were measured; more processes may help on bigger CPUs
 MIN_PROMPTS = 32  # a worker process is started only for at least this many prompts (a full batch)
 
 
