@@ -293,21 +293,29 @@ def test_rsft_shortfall_is_a_warning(kg):
 
 
 def test_non_functional_relations(kg):
-    """A relation with two targets: multi-hop chains through it are skipped, 1-hop stays valid."""
+    """A relation with several targets: chains through it become questions whose chain reaches
+    several entities, exactly one of them an option; every target answers a 1-hop question."""
     d = synth_kg_dict(extra_edges=[("Sym00", "caused_by", "Cause39"), ("Sym00", "caused_by", "Cause38")])
     nf = kg_from_dict(d, "nonfunctional")
-    assert len(nf.follow("Sym00", ["caused_by"])) >= 2
+    targets = set(nf.follow("Sym00", ["caused_by"]))
+    assert len(targets) >= 3
     cfg = DataConfig(eval_size=100, rsft_size=100, train_per_hop={"2": 200, "3": 200})
     sp = ds.generate_splits(nf, cfg)
+    branching = 0
     for name, rows in sp.items():
         for r in rows:
             ents, rels = r["path_star"]["entities"], rels_of(r)
             reach = nf.follow(ents[0], rels)
             hits = [L for L, e in r["options"].items() if e in reach]
             assert hits == [r["answer_star"]]
-            if r["hop_len"] > 1:
-                assert reach == {ents[-1]}
-                assert not (ents[0] == "Sym00" and rels[0] == "caused_by")
+            assert ds.canonical_path(nf, ents[0], tuple(rels), ents[-1]) == tuple(ents)  # the reference trace
+            branching += len(reach) > 1 and r["hop_len"] > 1
+    assert branching > 0  # multi-hop chains through the many-target pair are asked now
+    one_hop = [r for r in sp["train"] if r["hop_len"] == 1 and r["path_star"]["entities"][0] == "Sym00"
+               and rels_of(r) == ["caused_by"]]
+    assert {r["path_star"]["entities"][-1] for r in one_hop} == targets
+    for r in one_hop:  # distractors lie outside the pair's targets
+        assert not (set(r["options"].values()) - {r["options"][r["answer_star"]]}) & targets
     cov = ds.train_edge_coverage(sp["train"], nf)
     assert min(cov.values()) >= cfg.min_edge_coverage
 

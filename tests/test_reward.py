@@ -5,29 +5,26 @@ from __future__ import annotations
 import pytest
 
 from tracer.config import RewardConfig
+from tracer.kg import KG, Edge, Entity, Relation
 from tracer.reward import EntityMatcher, episode, parse_completion, score
 
 
-class FakeKG:
-    """Stand-in for tracer.kg.KG: ``entities`` and directed ``has_edge``."""
-
-    def __init__(self, edges):
-        self.edges = set(edges)
-        names = {x for e in edges for x in e} | {"DiskFull", "DiskFullError", "Other", "Noise"}
-        self.entities = {n: object() for n in names}
-
-    def has_edge(self, a, b):
-        return (a, b) in self.edges
+def graph(triples):
+    names = {x for s, _, d in triples for x in (s, d)} | {"DiskFull", "DiskFullError", "Other", "Noise"}
+    return KG("1.0", "test", {n: Entity(n, n, "t") for n in sorted(names)},
+              {r: Relation(r, r) for r in sorted({r for _, r, _ in triples})}, [Edge(*t) for t in triples])
 
 
-KG_ = FakeKG([("E0", "E1"), ("E1", "E2"), ("E2", "E3")])
+KG_ = graph([("E0", "a", "E1"), ("E1", "b", "E2"), ("E2", "c", "E3")])
 M = EntityMatcher(KG_.entities)
 CFG = RewardConfig()
 EX = {
     "id": "eval-00001", "split": "eval", "hop_len": 3, "prompt": "Q?",
     "options": {"A": "E3", "B": "Other", "C": "Noise", "D": "DiskFull"},
     "answer_star": "A",
-    "path_star": {"entities": ["E0", "E1", "E2", "E3"], "edges": []},
+    "path_star": {"entities": ["E0", "E1", "E2", "E3"],
+                  "edges": [{"src": "E0", "rel": "a", "dst": "E1"}, {"src": "E1", "rel": "b", "dst": "E2"},
+                            {"src": "E2", "rel": "c", "dst": "E3"}]},
 }
 
 
@@ -36,7 +33,7 @@ def run(text, cfg=CFG):
 
 
 def test_correct_with_path_is_positive_bonus():
-    r = run("TRACE: E0 -caused_by-> E1\nANSWER: A")
+    r = run("TRACE: E0 -a-> E1\nANSWER: A")
     assert r["valid_format"] and r["correct"]
     assert r["hits"] == 2
     assert r["path_coverage"] == pytest.approx(0.5)
@@ -53,12 +50,58 @@ def test_full_path_reward():
     assert r["hallucinated_hops"] == []
 
 
-@pytest.mark.parametrize("trace", ["E0", "Other -x-> Noise", "something"])
-def test_correct_with_few_path_entities_is_exactly_one(trace):
+@pytest.mark.parametrize("trace", ["E0", "Other -x-> Noise", "something", "E0 E1 E2 E3",
+                                   "E1 -b-> E2 -c-> E3"])
+def test_correct_with_no_chain_from_the_start_is_exactly_one(trace):
+    # entities named without the chain's arrows, or a chain that skips the start, earn no path credit
     r = run(f"TRACE: {trace}\nANSWER: A")
     assert r["correct"]
     assert r["path_reward"] == 0.0
     assert r["total"] == 1.0
+
+
+# --- many-to-many: judged against the graph, not one reference path ----------------------------
+
+# S -r-> {A, B}; A -s-> {T, X}; B -s-> {T}; X is a dead end of the right relation; S -q-> C -s-> T
+M2M = graph([("S", "r", "A"), ("S", "r", "B"), ("A", "s", "T"), ("A", "s", "X"), ("B", "s", "T"),
+             ("S", "q", "C"), ("C", "s", "T"), ("B", "s", "Y")])
+M2M_EX = {"id": "q", "hop_len": 2, "answer_star": "A", "options": {"A": "T", "B": "Other", "C": "Noise", "D": "Y2"},
+          "path_star": {"entities": ["S", "A", "T"], "edges": [{"src": "S", "rel": "r", "dst": "A"},
+                                                             {"src": "A", "rel": "s", "dst": "T"}]}}
+M2M_M = EntityMatcher(M2M.entities)
+
+
+def m2m(trace):
+    return score(f"TRACE: {trace}\nANSWER: A", M2M_EX, M2M_M, M2M, CFG)
+
+
+def test_another_valid_branch_gets_full_path_credit():
+    ref, alt = m2m("S -r-> A -s-> T"), m2m("S -r-> B -s-> T")  # the reference path, and the other branch
+    for r in (ref, alt):
+        assert r["hits"] == 3 and r["path_coverage"] == 1.0 and r["total"] == pytest.approx(1.5)
+        assert r["edge_precision"] == 1.0
+
+
+@pytest.mark.parametrize("trace, hits", [
+    ("S -r-> A -s-> X", 2),        # real edges, but the last one leaves the answer behind
+    ("S -r-> B -s-> Y", 2),        # the same on the other branch
+    ("S -q-> C -s-> T", 1),        # reaches the answer through another relation chain
+    ("S -r-> C -s-> T", 1),        # S -r-> C is no edge: the chain breaks at once
+    ("S -r-> Made_Up -s-> T", 1),  # a hallucinated middle
+    ("S -> A -> T", 1),            # bare arrows name no relation
+    ("A -s-> T", 0),               # does not start at the question's start
+])
+def test_a_path_that_breaks_the_chain_gets_no_credit_past_the_break(trace, hits):
+    r = m2m(trace)
+    assert r["hits"] == hits and r["path_coverage"] == pytest.approx(hits / 3)
+    assert r["path_reward"] == (pytest.approx(hits / 3) if hits >= CFG.min_hits else 0.0)
+
+
+def test_edge_precision_checks_the_relation_and_both_endpoints():
+    assert m2m("S -r-> B -s-> T")["edge_precision"] == 1.0
+    r = m2m("S -q-> A -s-> T")  # S -> A is an edge, but under r, not q
+    assert r["edge_precision"] == pytest.approx(0.5) and r["hallucinated_hops"] == [["S", "A"]]
+    assert m2m("S -> A -> T")["edge_precision"] == 0.0
 
 
 def test_wrong_with_all_path_entities_is_negative():
@@ -71,9 +114,9 @@ def test_wrong_with_all_path_entities_is_negative():
 
 
 def test_spam_penalty():
-    r = run("TRACE: E0 E1 E1 E1 E1 E1 E1 E2\nANSWER: A")
+    r = run("TRACE: E0 -a-> E1 -b-> E2, see E1 E1 E1\nANSWER: A")  # the last node is not E2 alone
     assert r["spam_penalty"] == 0.5
-    assert r["total"] == pytest.approx(1.0 + 0.5 * 0.75 - 0.5)
+    assert r["total"] == pytest.approx(1.0 + 0.5 * 0.5 - 0.5)
     ok = run("TRACE: E0 E1 E1 E2\nANSWER: A")  # twice is allowed (repeat_max = 2)
     assert ok["spam_penalty"] == 0.0
 
@@ -165,12 +208,14 @@ def test_edge_precision_direction_and_no_pairs():
 
 def test_renamed_question_hops_are_checked_against_its_facts():
     # the prompt states E2 -> E0 -> E1 (contradicting the KG); the KG's own E0 -> E1 is stated too
-    renamed = dict(EX, path_star={"entities": ["E2", "E0", "E1"], "edges": []},
+    renamed = dict(EX, path_star={"entities": ["E2", "E0", "E1"], "edges": [
+                       {"src": "E2", "rel": "a", "dst": "E0"}, {"src": "E0", "rel": "b", "dst": "E1"}]},
                    meta={"counterfactual": True, "facts": ["E2 -a-> E0", "E0 -b-> E1", "Noise -c-> E3"]})
-    r = score("TRACE: E2 -a-> E0 -b-> E1 -c-> E2\nANSWER: A", renamed, M, KG_, CFG)
+    r = score("TRACE: E2 -a-> E0 -b-> E1 -b-> E2\nANSWER: A", renamed, M, KG_, CFG)
     assert r["hallucinated_hops"] == [["E1", "E2"]]  # a KG edge, but not a stated fact
     assert r["edge_precision"] == pytest.approx(2 / 3)
-    assert run("TRACE: E2 -a-> E0 -b-> E1\nANSWER: A")["edge_precision"] == pytest.approx(0.5)  # vs the KG
+    assert run("TRACE: E2 -a-> E0 -a-> E1\nANSWER: A")["edge_precision"] == pytest.approx(0.5)  # vs the KG
+    assert r["hits"] == 3 and r["path_coverage"] == 1.0  # its chain is judged against its facts too
 
 
 def test_custom_weights_change_total():
@@ -178,7 +223,7 @@ def test_custom_weights_change_total():
                        spam_penalty=1.0, repeat_max=1)
     r = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: A", cfg)
     assert r["total"] == pytest.approx(0.5 * 2.0 + 2.0 * 0.6)
-    r = run("TRACE: E0 E0\nANSWER: A", cfg)  # 1 hit counts with min_hits=1; spam with repeat_max=1
+    r = run("TRACE: E0 -x-> E0\nANSWER: A", cfg)  # 1 hit counts with min_hits=1; spam with repeat_max=1
     assert r["total"] == pytest.approx(1.0 + 2.0 * 0.25 - 1.0)
     assert run("nope", RewardConfig(invalid=-5.0))["total"] == -5.0
 
@@ -192,7 +237,8 @@ def test_episode_row_format():
     assert row["phase"] == "sft" and row["ex_id"] == "eval-00001" and row["hop_len"] == 3
     assert row["correct"] is True
     assert row["parsed"] == {"valid_format": True, "answer": "A", "trace_text": "E0 -a-> E1 -b-> E3",
-                             "trace_entities": ["E0", "E1", "E3"], "path_entities": ["E0", "E1", "E2", "E3"]}
+                             "trace_entities": ["E0", "E1", "E3"], "path_entities": ["E0", "E1", "E2", "E3"],
+                             "chain_nodes": 2}
     assert set(row["reward"]) == {"correctness", "path_coverage", "path_reward", "spam_penalty", "total",
                                   "edge_precision"}
     assert row["hallucinated_hops"] == [["E1", "E3"]]

@@ -4,10 +4,11 @@ Pure Python (stdlib only).  Every random choice comes from one ``random.Random(c
 consumed in a fixed order, and every set is sorted before anything is chosen from it, so the
 same seed and KG give byte-identical files.
 
-A question names a start entity and a relation chain; the gold answer is the single entity the
-chain reaches (``kg.follow(start, rels) == {answer}``, and every prefix of the chain is
-deterministic too, so the gold trace is unique).  The three distractors are near misses that the
-chain does not reach.
+A question names a start entity and a relation chain. On a many-to-many graph the chain may reach
+several entities; exactly one of the four options is among them (the answer), and the three
+distractors are near misses the chain does not reach (``kg.follow``). The reference trace is the
+chain's lexicographically smallest simple path to the answer (:func:`canonical_path`). On a graph
+where every (entity, relation) has one target that path is the only one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from tracer.errors import TracerError
 from tracer.runs import write_text_atomic
@@ -184,6 +185,7 @@ def render_question(kg: "KG", start: str, rels: tuple[str, ...] | list[str], tem
 # ---------------------------------------------------------------------------------------------
 
 Path_ = tuple[tuple[str, ...], tuple[str, ...]]  # (entities, relations)
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def path_key(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
@@ -203,51 +205,118 @@ def _key(p: Path_) -> tuple[str, tuple[str, ...], str]:
     return (ents[0], rels, ents[-1])
 
 
-def enumerate_paths(kg: "KG", hops: Iterable[int], cap: int = 200_000) -> dict[int, list[Path_]]:
-    """Deterministic simple paths of the given hop lengths (> 1), in sorted DFS order.
+PATH_BUDGET = 3_000_000  # DFS extensions before enumeration gives way to sampling
 
-    A path qualifies when every step is functional (``targets(x, rel)`` has exactly one entity),
-    so ``kg.follow(start, rels)`` is exactly ``{end}`` and the gold trace is unique.  At most
-    ``cap`` paths are kept per hop length (the DFS is sorted, so the cut is deterministic).
-    """
-    wanted = sorted({h for h in hops if h >= 1})
-    out: dict[int, list[Path_]] = {h: [] for h in wanted}
-    if not wanted:
-        return out
-    max_h = wanted[-1]
-    wanted_set = set(wanted)
 
-    step_cache: dict[str, list[tuple[str, str]]] = {}
+def _step_table(kg: "KG") -> Callable[[str], list[tuple[str, str]]]:
+    """``x -> sorted (relation, target)`` pairs of the edges leaving x (cached)."""
+    cache: dict[str, list[tuple[str, str]]] = {}
 
     def steps(x: str) -> list[tuple[str, str]]:
-        s = step_cache.get(x)
+        s = cache.get(x)
         if s is None:
-            rels = sorted({e.rel for e in kg.out_edges(x)})
-            s = []
-            for rel in rels:
-                tg = kg.targets(x, rel)
-                if len(set(tg)) == 1:
-                    s.append((rel, tg[0]))
-            step_cache[x] = s
+            s = cache[x] = sorted({(e.rel, e.dst) for e in kg.out_edges(x)})
         return s
+    return steps
 
-    def dfs(ents: list[str], rels: list[str]) -> None:
+
+def enumerate_paths(kg: "KG", hops: Iterable[int], budget: int = PATH_BUDGET) -> dict[int, list[Path_]] | None:
+    """Every question key (start, relation chain, end) of the given hop lengths that a simple path
+    reaches, each with the first simple path of a sorted DFS: the path whose targets are
+    lexicographically smallest, :func:`canonical_path`. Keys come in order of discovery (starts
+    sorted, then relations, then targets). On a graph where every (entity, relation) has one target
+    the path is the only one and these are exactly the deterministic paths.
+
+    Returns None when the DFS would extend more than ``budget`` paths: the graph is too dense to
+    list, and :func:`sample_paths` draws from it instead.
+    """
+    wanted = sorted({h for h in hops if h >= 1})
+    found: dict[int, dict[tuple[str, tuple[str, ...], str], Path_]] = {h: {} for h in wanted}
+    if not wanted:
+        return {}
+    max_h, wanted_set = wanted[-1], set(wanted)
+    steps = _step_table(kg)
+    left = budget
+
+    def dfs(ents: list[str], rels: list[str]) -> bool:
+        nonlocal left
         d = len(rels)
-        if d in wanted_set and len(out[d]) < cap:
-            out[d].append((tuple(ents), tuple(rels)))
+        if d in wanted_set:
+            found[d].setdefault((ents[0], tuple(rels), ents[-1]), (tuple(ents), tuple(rels)))
         if d == max_h:
-            return
+            return True
         for rel, y in steps(ents[-1]):
             if y in ents:
                 continue
+            left -= 1
+            if left < 0:
+                return False
             ents.append(y)
             rels.append(rel)
-            dfs(ents, rels)
+            ok = dfs(ents, rels)
             ents.pop()
             rels.pop()
+            if not ok:
+                return False
+        return True
 
     for start in sorted(kg.entities):
-        dfs([start], [])
+        if not dfs([start], []):
+            return None
+    return {h: list(found[h].values()) for h in wanted}
+
+
+def canonical_path(kg: "KG", start: str, rels: tuple[str, ...], end: str) -> tuple[str, ...] | None:
+    """The simple path start -rels-> end whose targets are lexicographically smallest (None if no
+    simple path exists): the reference trace of a question, whichever way it was found."""
+    back: list[set[str]] = [set() for _ in rels] + [{end}]
+    for i in range(len(rels) - 1, -1, -1):
+        back[i] = {s for d in back[i + 1] for s in kg.sources(d, rels[i])}
+
+    def dfs(ents: list[str]) -> tuple[str, ...] | None:
+        i = len(ents) - 1
+        if i == len(rels):
+            return tuple(ents)
+        for t in sorted(set(kg.targets(ents[-1], rels[i]))):
+            if t in back[i + 1] and t not in ents:
+                found = dfs(ents + [t])
+                if found:
+                    return found
+        return None
+
+    return dfs([start]) if start in back[0] else None
+
+
+def sample_paths(kg: "KG", want: dict[int, int], rng: random.Random,
+                 progress: Progress | None = None) -> dict[int, list[Path_]]:
+    """Up to ``want[h]`` distinct question keys per hop length h, drawn by random walks along
+    simple paths from start entities taken round-robin in a shuffled order (so every entity with
+    an edge out starts about as many walks). Each key gets its :func:`canonical_path`."""
+    steps = _step_table(kg)
+    starts = sorted(x for x in kg.entities if steps(x))
+    out: dict[int, list[Path_]] = {}
+    for h in sorted(want):
+        found: dict[tuple[str, tuple[str, ...], str], Path_] = {}
+        order = list(starts)
+        rng.shuffle(order)
+        tries = 20 * want[h] + len(order)
+        for i in range(tries):
+            if len(found) >= want[h]:
+                break
+            if progress and i % 1000 == 0:
+                progress(f"{h}-hop paths", len(found), want[h])
+            ents, rels = [order[i % len(order)]], []
+            while len(rels) < h:
+                choices = [(r, y) for r, y in steps(ents[-1]) if y not in ents]
+                if not choices:
+                    break
+                r, y = rng.choice(choices)
+                ents.append(y)
+                rels.append(r)
+            key = (ents[0], tuple(rels), ents[-1])
+            if len(rels) == h and key not in found:
+                found[key] = (canonical_path(kg, *key), tuple(rels))
+        out[h] = list(found.values())
     return out
 
 
@@ -276,6 +345,7 @@ class _Ctx:
         for v in self.incident.values():
             v.sort()
         self._nb: dict[str, list[str]] = {}
+        self._near: dict[tuple[str, str], list[str]] = {}
         self._follow: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
 
     def neighbors(self, x: str) -> list[str]:
@@ -284,6 +354,29 @@ class _Ctx:
             n = sorted(self.kg.neighbors(x))
             self._nb[x] = n
         return n
+
+    def near(self, ents: Iterable[str], typ: str) -> list[str]:
+        """Entities of type ``typ`` within two undirected hops of any of ``ents``, sorted."""
+        out: set[str] = set()
+        for x in ents:
+            n = self._near.get((x, typ))
+            if n is None:
+                two = set(self.neighbors(x))
+                for y in self.neighbors(x):
+                    two.update(self.neighbors(y))
+                n = self._near[(x, typ)] = [e for e in two if self.kg.entities[e].type == typ]
+            out.update(n)
+        return sorted(out)
+
+    def step(self, frontier: Iterable[str], rel: str) -> set[str]:
+        """Entities one ``rel`` edge away from any of ``frontier``."""
+        return {d for x in frontier for d in self.kg.targets(x, rel)}
+
+    def answerable(self, p: "Path_") -> bool:
+        """At least three entities besides the start lie outside what the chain reaches."""
+        ents, rels = p
+        reach = self.follow(ents[0], rels)
+        return len(self.entity_ids) - len(reach) - (ents[0] not in reach) >= 3
 
     def follow(self, start: str, rels: tuple[str, ...]) -> frozenset[str]:
         k = (start, rels)
@@ -315,28 +408,27 @@ def _pick_distractors(ctx: _Ctx, ents: tuple[str, ...], rels: tuple[str, ...]) -
 
     # tier 0: reached by the chain with one relation swapped
     one_off: set[str] = set()
+    prefix = {start}
     for i in range(len(rels)):
         for r in ctx.rel_ids:
             if r == rels[i]:
                 continue
-            one_off |= ctx.follow(start, rels[:i] + (r,) + rels[i + 1:])
-    # tier 1: within two undirected hops of the path
-    near: set[str] = set()
-    for x in ents:
-        for y in ctx.neighbors(x):
-            near.add(y)
-            near.update(ctx.neighbors(y))
+            frontier = ctx.step(prefix, r)
+            for rel in rels[i + 1:]:
+                frontier = ctx.step(frontier, rel)
+            one_off |= frontier
+        prefix = ctx.step(prefix, rels[i])
     same_type = ctx.by_type.get(a_type, [])
-    tiers = [
-        sorted(e for e in one_off if kg.entities[e].type == a_type),
-        sorted(e for e in near if kg.entities[e].type == a_type),
-        same_type,
-        ctx.entity_ids,
-    ]
+    tiers = (  # lazily: most questions are settled by the first tiers
+        lambda: sorted(e for e in one_off if kg.entities[e].type == a_type),
+        lambda: ctx.near(ents, a_type),  # within two undirected hops of the path
+        lambda: same_type,
+        lambda: ctx.entity_ids,
+    )
     chosen: list[str] = []
     taken: set[str] = set()
     for tier in tiers:
-        cands = [e for e in tier if e not in banned and e not in taken]
+        cands = [e for e in tier() if e not in banned and e not in taken]
         need = 3 - len(chosen)
         if not cands:
             continue
@@ -539,12 +631,29 @@ def _even_quota(total: int, hops: list[int], avail: dict[int, int]) -> dict[int,
     return quota
 
 
+def question_pools(kg: "KG", cfg: "DataConfig", hops: list[int], ctx: "_Ctx | None" = None,
+                   progress: Progress | None = None) -> tuple[dict[int, list[Path_]], bool]:
+    """Answerable question paths per hop length, and whether they were sampled (the graph too
+    dense to list every path: :func:`sample_paths` draws about twice what ``cfg`` needs)."""
+    ctx = ctx or _Ctx(kg, cfg, random.Random(cfg.seed))
+    pools = enumerate_paths(kg, hops)
+    sampled = pools is None
+    if sampled:
+        per_eval_hop = -(-(cfg.eval_size + cfg.rsft_size) // max(1, len(cfg.eval_hops)))
+        want = {h: 2 * max(per_eval_hop if h in cfg.eval_hops else 0, int(cfg.train_per_hop.get(str(h), 0))) + 100
+                for h in hops}
+        pools = sample_paths(kg, want, random.Random(f"{cfg.seed}:paths"), progress)
+    return {h: [p for p in ps if ctx.answerable(p)] for h, ps in pools.items()}, sampled
+
+
 def generate_splits(
-    kg: "KG", cfg: "DataConfig", exclude: frozenset[tuple[str, tuple[str, ...], str]] = frozenset()
+    kg: "KG", cfg: "DataConfig", exclude: frozenset[tuple[str, tuple[str, ...], str]] = frozenset(),
+    progress: Progress | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified.
 
-    ``exclude`` holds :func:`path_key` keys that no question of any split may take.
+    ``exclude`` holds :func:`path_key` keys that no question of any split may take;
+    ``progress(stage, done, total)`` is called as rows are built.
     """
     rng = random.Random(cfg.seed)
     ctx = _Ctx(kg, cfg, rng)
@@ -560,7 +669,7 @@ def generate_splits(
             )
 
     multi = sorted({h for h in train_hops if h > 1} | set(eval_hops))
-    pools = enumerate_paths(kg, multi)
+    pools, _ = question_pools(kg, cfg, multi, ctx, progress)
     if exclude:
         pools = {h: [p for p in ps if _key(p) not in exclude] for h, ps in pools.items()}
     edges_1 = _unique_edges(kg)
@@ -574,8 +683,8 @@ def generate_splits(
     if sum(q_eval.values()) < cfg.eval_size:
         have = ", ".join(f"{avail[h]} {h}-hop" for h in eval_hops)
         raise TracerError(
-            f"KG has only {have} deterministic paths; data.eval_size={cfg.eval_size} needs more "
-            f"(add edges, lower eval_size, or change eval_hops)"
+            f"KG has only {have} answerable paths; data.eval_size={cfg.eval_size} needs more "
+            f"(add edges, lower eval_size, or change eval_hops; `tracer kg stats` counts them)"
         )
     eval_paths: list[Path_] = []
     for h in eval_hops:
@@ -606,7 +715,7 @@ def generate_splits(
             continue
         pool = [p for p in pools[h] if _key(p) not in held]
         if not pool:
-            raise TracerError(f"KG has no deterministic {h}-hop paths left for training (train_per_hop['{h}']={n})")
+            raise TracerError(f"KG has no answerable {h}-hop paths left for training (train_per_hop['{h}']={n})")
         order: list[Path_] = []
         while len(order) < n:
             batch = list(pool)
@@ -641,6 +750,8 @@ def generate_splits(
         letters = _letter_stream(rng)
         rows = []
         for i, (p, t) in enumerate(paths, 1):
+            if progress and i % 500 == 1:
+                progress(f"{split} questions", i - 1, len(paths))
             row = _make_row(ctx, p, next(letters), t, split)
             row["id"] = f"{split}-{i:05d}"
             rows.append(row)
@@ -798,12 +909,6 @@ def summarize(
         for name, bal in out["letters"].items():
             if splits[name] and max(abs(v - 0.25) for v in bal.values()) > cfg.letter_tolerance:
                 warnings.append(f"{name}: answer letters outside 25% ± {cfg.letter_tolerance:g}")
-    amb = sum(
-        1 for r in splits.get("train", []) if r["hop_len"] == 1
-        and len(kg.follow(r["path_star"]["entities"][0], [e["rel"] for e in r["path_star"]["edges"]])) > 1
-    )
-    if amb:
-        warnings.append(f"{amb} 1-hop train question(s) use a relation with several targets (one listed)")
     keys = {n: {path_key(r) for r in rows} for n, rows in splits.items() if n != "eval_shuffled"}
     names = sorted(keys)
     for i, a in enumerate(names):

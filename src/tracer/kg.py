@@ -1,10 +1,11 @@
-"""Knowledge graph: data model, validation, loading and saving."""
+"""Knowledge graph: data model, validation, loading (JSON or triples files) and saving."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,24 +54,38 @@ class KG:
     entities: dict[str, Entity]
     relations: dict[str, Relation]
     edges: list[Edge]
+    notes: list[str] = field(default_factory=list, compare=False)  # what loading changed, for `kg stats`
     _index: dict[tuple[str, str], list[str]] = field(init=False, repr=False, compare=False)
+    _rindex: dict[tuple[str, str], list[str]] = field(init=False, repr=False, compare=False)
     _out: dict[str, list[Edge]] = field(init=False, repr=False, compare=False)
     _adj: dict[str, set[str]] = field(init=False, repr=False, compare=False)
+    _triples: set[tuple[str, str, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index: dict[tuple[str, str], list[str]] = defaultdict(list)
+        rindex: dict[tuple[str, str], list[str]] = defaultdict(list)
         out: dict[str, list[Edge]] = defaultdict(list)
         adj: dict[str, set[str]] = defaultdict(set)
         for e in self.edges:
             index[(e.src, e.rel)].append(e.dst)
+            rindex[(e.dst, e.rel)].append(e.src)
             out[e.src].append(e)
             adj[e.src].add(e.dst)
             adj[e.dst].add(e.src)
-        self._index, self._out, self._adj = dict(index), dict(out), dict(adj)
+        self._index, self._rindex, self._out, self._adj = dict(index), dict(rindex), dict(out), dict(adj)
+        self._triples = {(e.src, e.rel, e.dst) for e in self.edges}
 
     def targets(self, src: str, rel: str) -> list[str]:
         """Entities reached from `src` by one `rel` edge, in file order."""
         return list(self._index.get((src, rel), ()))
+
+    def sources(self, dst: str, rel: str) -> list[str]:
+        """Entities with a `rel` edge into `dst`, in file order."""
+        return list(self._rindex.get((dst, rel), ()))
+
+    def has_triple(self, src: str, rel: str, dst: str) -> bool:
+        """True if the edge src -rel-> dst exists."""
+        return (src, rel, dst) in self._triples
 
     def out_edges(self, src: str) -> list[Edge]:
         """All edges leaving `src`, in file order."""
@@ -187,22 +202,181 @@ def kg_from_dict(data: Any, source: str = "<kg>") -> KG:
     )
 
 
-def load_kg(path: str | Path) -> KG:
-    """Load and validate a KG JSON file; raise TracerError on a missing or bad file."""
+def _read_text(path: str | Path) -> str:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TracerError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TracerError(f"{path}: cannot read: {exc}") from None
+    except IsADirectoryError:
+        raise TracerError(f"{path}: is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise TracerError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise TracerError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+TRIPLE_SUFFIXES = (".tsv", ".csv")
+KG_SUFFIXES = (".json",) + TRIPLE_SUFFIXES
+# a first row that names its columns is a header, not a triple
+TRIPLE_HEADERS = {
+    ("head", "relation", "tail"), ("head", "rel", "tail"), ("h", "r", "t"), ("src", "rel", "dst"),
+    ("source", "relation", "target"), ("subject", "predicate", "object"), ("from", "relation", "to"),
+}
+TYPE_HEADERS = {("entity", "type"), ("id", "type"), ("entity_id", "type"), ("name", "type")}
+
+
+def _rows(path: str | Path, columns: tuple[str, ...], headers: set[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a .tsv or .csv file with exactly ``columns``; a header row, blank
+    lines and ``#`` comment lines are skipped. Ragged rows and empty fields raise TracerError."""
+    text = _read_text(path)
+    tsv = Path(path).suffix.lower() == ".tsv"
+    reader = csv.reader(text.splitlines(), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    out: list[tuple[int, list[str]]] = []
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TracerError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-    return kg_from_dict(data, str(path))
+        for lineno, fields in enumerate(reader, 1):
+            if not fields or (len(fields) == 1 and not fields[0].strip()) or fields[0].lstrip().startswith("#"):
+                continue
+            fields = [f.strip() for f in fields]
+            if not out and tuple(f.lower() for f in fields) in headers:
+                continue
+            if len(fields) != len(columns):
+                raise TracerError(f"{path}:{lineno}: expected {len(columns)} columns ({', '.join(columns)}), "
+                                  f"got {len(fields)}")
+            for name, value in zip(columns, fields):
+                if not value:
+                    raise TracerError(f"{path}:{lineno}: empty {name}")
+            out.append((lineno, fields))
+    except csv.Error as exc:
+        raise TracerError(f"{path}:{reader.line_num}: {exc}") from None
+    return out
+
+
+def entity_id(name: str) -> str:
+    """An id the trace syntax keeps whole: whitespace and '->' become _, edge punctuation is dropped."""
+    return re.sub(r"\s+", "_", name.strip()).replace("->", "_").strip(NODE_TRIM)
+
+
+def relation_id(name: str) -> str:
+    """A relation id the trace syntax reads (`-rel->`): letters, digits and _."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name.strip()).strip("_")
+
+
+class _Ids:
+    """Names to ids, refusing two names that end up as one id."""
+
+    def __init__(self, path: str | Path, make, what: str):
+        self.path, self.make, self.what = path, make, what
+        self.label: dict[str, str] = {}
+
+    def __call__(self, name: str, lineno: int) -> str:
+        i = self.make(name)
+        if not i:
+            raise TracerError(f"{self.path}:{lineno}: {self.what} {name!r} has no letters or digits to make an id of")
+        other = self.label.setdefault(i, name)
+        if other != name:
+            raise TracerError(f"{self.path}:{lineno}: {self.what}s {other!r} and {name!r} both become id {i!r}")
+        return i
+
+
+def infer_types(entities: list[str], edges: list[Edge]) -> dict[str, str]:
+    """A type per entity from the relations around it, for graphs without types: ``in:REL`` for the
+    relation most often pointing at it (ties: alphabetical), ``out:REL`` for an entity nothing
+    points at. Tails of one relation then share a type, so distractors are of the answer's kind."""
+    incoming: dict[str, Counter] = defaultdict(Counter)
+    outgoing: dict[str, Counter] = defaultdict(Counter)
+    for e in edges:
+        incoming[e.dst][e.rel] += 1
+        outgoing[e.src][e.rel] += 1
+    out = {}
+    for x in entities:
+        c, side = (incoming[x], "in") if incoming[x] else (outgoing[x], "out")
+        out[x] = f"{side}:{min(c, key=lambda r: (-c[r], r))}" if c else "entity"
+    return out
+
+
+def load_types(path: str | Path, entities: dict[str, str]) -> dict[str, str]:
+    """``entity -> type`` from a two-column .tsv/.csv file (entity, type; names as in the KG file)."""
+    if Path(path).suffix.lower() not in TRIPLE_SUFFIXES:
+        raise TracerError(f"{path}: unknown types file format {Path(path).suffix or '(none)'!r} "
+                          f"(expected .tsv or .csv with columns entity, type)")
+    known = {name: i for i, name in entities.items()} | {i: i for i in entities}
+    types: dict[str, str] = {}
+    for lineno, (name, typ) in _rows(path, ("entity", "type"), TYPE_HEADERS):
+        eid = known.get(name)
+        if eid is None:
+            raise TracerError(f"{path}:{lineno}: unknown entity {name!r}")
+        if types.setdefault(eid, typ) != typ:
+            raise TracerError(f"{path}:{lineno}: entity {name!r} has two types, {types[eid]!r} and {typ!r}")
+    return types
+
+
+def load_triples(path: str | Path) -> KG:
+    """A KG from a head/relation/tail .tsv or .csv file (the PyKEEN / OpenKE layout), header optional.
+
+    Names become ids the trace syntax keeps (:func:`entity_id`, :func:`relation_id`); the names are
+    the labels. Duplicate triples and self-loops are dropped and noted. Types are inferred
+    (:func:`infer_types`) unless a types file is given to :func:`load_kg`.
+    """
+    ent, rel = _Ids(path, entity_id, "entity"), _Ids(path, relation_id, "relation")
+    edges: list[Edge] = []
+    seen: set[tuple[str, str, str]] = set()
+    dup = loops = 0
+    for lineno, (h, r, t) in _rows(path, ("head", "relation", "tail"), TRIPLE_HEADERS):
+        e = Edge(ent(h, lineno), rel(r, lineno), ent(t, lineno))
+        if e.src == e.dst:
+            loops += 1
+        elif (e.src, e.rel, e.dst) in seen:
+            dup += 1
+        else:
+            seen.add((e.src, e.rel, e.dst))
+            edges.append(e)
+    if not edges:
+        raise TracerError(f"{path}: no edges (expected rows of head, relation, tail)")
+    types = infer_types(list(ent.label), edges)
+    notes = [f"types inferred from relations (give a types file for real ones)"]
+    if dup:
+        notes.append(f"{dup} duplicate triple(s) dropped")
+    if loops:
+        notes.append(f"{loops} self-loop(s) dropped")
+    return KG(
+        version="1.0",
+        domain=Path(path).stem,
+        entities={i: Entity(i, name, types[i]) for i, name in ent.label.items()},
+        relations={i: Relation(i, name) for i, name in rel.label.items()},
+        edges=edges,
+        notes=notes,
+    )
+
+
+def load_kg(path: str | Path, types: str | Path | None = None) -> KG:
+    """Load and validate a KG: tracer's / the public project's JSON, or a .tsv/.csv triples file;
+    ``types`` is an optional entity/type file that sets (or overrides) the entities' types.
+    Raises TracerError naming the file (and line) on a missing or bad file."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TRIPLE_SUFFIXES:
+        kg = load_triples(path)
+    elif suffix == ".json":
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TracerError(
+                f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        kg = kg_from_dict(data, str(path))
+    else:
+        raise TracerError(f"{path}: unknown KG format {suffix or '(no extension)'!r} "
+                          f"(expected {', '.join(KG_SUFFIXES)})")
+    if types is not None:
+        given = load_types(types, {i: e.label for i, e in kg.entities.items()})
+        inferred = infer_types(list(kg.entities), kg.edges)
+        kg.entities = {i: Entity(i, e.label, given.get(i, inferred[i])) for i, e in kg.entities.items()}
+        kg.notes = [n for n in kg.notes if not n.startswith("types inferred")]
+        if len(given) < len(kg.entities):
+            kg.notes.append(f"{len(kg.entities) - len(given)} entities without a type in {types}: inferred")
+    return kg
 
 
 def kg_to_dict(kg: KG) -> dict:

@@ -36,6 +36,14 @@ def trace_nodes(trace_text: str) -> list[str]:
     return [node.strip(NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
 
 
+def trace_steps(trace_text: str) -> tuple[list[str], list[str]]:
+    """The trace's nodes (:func:`trace_nodes`) and the relation written in each arrow between them
+    (``""`` for a bare ``->``): ``len(rels) == len(nodes) - 1`` unless the trace is empty."""
+    nodes = trace_nodes(trace_text)
+    rels = [m.group(0).strip()[1:-2] for m in _ARROW_RE.finditer(trace_text.strip())] if nodes else []
+    return nodes, rels
+
+
 def parsed_nodes(parsed: dict[str, Any]) -> list[str]:
     """:func:`trace_nodes` of an episode's ``parsed`` block (rows without ``trace_text``: its
     named entities)."""
@@ -76,16 +84,27 @@ def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Recall of each hop position given a correct prefix, read from the trace's written nodes
     (:func:`trace_nodes`).
 
-    For hop i (1-based), ``n`` counts the episodes whose trace starts with gold path entities
-    0..i-1 in order (the question's start entity included); ``recall`` is the share of them whose
-    next node is gold entity i, ``stopped`` the share whose trace has no more hops (a node that is
-    no entity is a wrong hop, not a stop). Episodes of every format count (an invalid one's trace
-    runs to the end of its text). Keyed by ``str(i)``.
+    For hop i (1-based), ``n`` counts the episodes whose trace's first i nodes follow the
+    question's chain from its start through real edges toward the answer (``parsed.chain_nodes``
+    >= i, :func:`tracer.reward.chain_nodes`; episodes recorded before it existed: the first i
+    nodes are gold path entities 0..i-1); ``recall`` is the share of them whose next hop does too,
+    ``stopped`` the share whose trace has no more hops (a node that is no entity is a wrong hop,
+    not a stop). Episodes of every format count (an invalid one's trace runs to the end of its
+    text). Keyed by ``str(i)``.
     """
     reached: dict[int, list[int]] = {}  # hop -> [n, right, stopped]
     for e in episodes:
         p = e["parsed"]
         trace, gold = parsed_nodes(p), p.get("path_entities") or []
+        if "chain_nodes" in p:  # judged against the graph: any valid branch is right
+            for i in range(1, len(gold)):
+                if p["chain_nodes"] < i:
+                    break
+                c = reached.setdefault(i, [0, 0, 0])
+                c[0] += 1
+                c[1] += p["chain_nodes"] > i
+                c[2] += len(trace) == i
+            continue
         for i in range(1, len(gold)):
             if trace[:i] != gold[:i]:
                 break

@@ -1,8 +1,11 @@
 """KG reward: parse ``TRACE:``/``ANSWER:`` completions, match entities, score, build episode rows.
 
-Pure Python (no MLX). The knowledge graph is the reward model: the trace is checked against
-the gold path (coverage) and against the graph's edges (edge precision); a renamed
-(counterfactual) question's trace against the facts its prompt states.
+Pure Python (no MLX). The knowledge graph is the reward model: the trace is judged against the
+graph, not one reference path. Path credit is how far the trace follows the question's relation
+chain from its start through real edges that can still reach the answer (:func:`chain_nodes`),
+so any valid branch earns full credit; edge precision checks every written hop's relation and
+both endpoints. A renamed (counterfactual) question is judged against the facts its prompt
+states instead of the KG.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tracer.dataset import ANSWER_TAG, TRACE_TAG, parse_fact
-from tracer.metrics import trace_nodes
+from tracer.kg import KG, Edge
+from tracer.metrics import trace_steps
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tracer.config import RewardConfig
-    from tracer.kg import KG
 
 _TRACE_RE = re.compile(rf"^[ \t]*{TRACE_TAG}", re.MULTILINE)
 _ANSWER_LINE_RE = re.compile(rf"^[ \t]*{ANSWER_TAG}[^\n]*$", re.MULTILINE)
@@ -93,39 +96,67 @@ def answer_span(text: str) -> str:
     return text[t.start():a.end()].strip()
 
 
-def edge_check(nodes: list[str], kg: KG, example: dict[str, Any] | None = None) -> tuple[float, list[list[str]]]:
-    """Edge precision over the hops as written (:func:`tracer.metrics.trace_nodes`), and the hops
-    that are not KG edges.
-
-    Every hop counts: one to a name that is no entity, or from an entity to itself, is not an edge.
-    A renamed (counterfactual) ``example`` is checked against its own facts instead: its world
-    is the prompt, which contradicts the KG. No hops → precision 0.0.
-    """
-    pairs = list(zip(nodes, nodes[1:]))
-    if not pairs:
-        return 0.0, []
+def judging_graph(kg: KG, example: dict[str, Any] | None = None) -> KG:
+    """The graph a completion is judged against: the KG, or for a renamed (counterfactual)
+    ``example`` the facts its prompt states (its world contradicts the KG)."""
     meta = (example or {}).get("meta") or {}
-    if meta.get("counterfactual"):
-        stated = {(s, d) for s, _, d in map(parse_fact, meta.get("facts") or [])}
-        bad = [[a, b] for a, b in pairs if (a, b) not in stated]
-    else:
-        bad = [[a, b] for a, b in pairs if not kg.has_edge(a, b)]
-    return (len(pairs) - len(bad)) / len(pairs), bad
+    if not meta.get("counterfactual"):
+        return kg
+    edges = list(dict.fromkeys(Edge(*parse_fact(f)) for f in meta.get("facts") or []))
+    return KG("facts", "facts", {}, {}, edges)
+
+
+def edge_check(nodes: list[str], rels: list[str], graph: KG) -> tuple[float, list[list[str]]]:
+    """Edge precision over the hops as written (``nodes[i] -rels[i]-> nodes[i+1]``), and the
+    hops (endpoint pairs) that are not edges of ``graph`` (:func:`judging_graph`).
+
+    A hop counts when that exact edge, relation included, exists: one to a name that is no
+    entity, from an entity to itself, under another relation or a bare ``->`` does not.
+    No hops → precision 0.0.
+    """
+    hops = list(zip(nodes, rels, nodes[1:]))
+    if not hops:
+        return 0.0, []
+    bad = [[a, b] for a, r, b in hops if not graph.has_triple(a, r, b)]
+    return (len(hops) - len(bad)) / len(hops), bad
+
+
+def chain_nodes(nodes: list[str], rels: list[str], graph: KG, example: dict[str, Any]) -> int:
+    """How many of the trace's first nodes lie on a valid path of the question: 0 unless it starts
+    at the question's start entity; then one more for each hop that writes the chain's next
+    relation along a real edge to an entity from which the rest of the chain still reaches the
+    answer. ``hop_len + 1`` = the trace follows the chain to the answer (by any branch)."""
+    ps = example["path_star"]
+    ents = ps["entities"]
+    chain = [e["rel"] for e in ps.get("edges") or []] or list((example.get("meta") or {}).get("relations") or [])
+    if not nodes or not ents or nodes[0] != ents[0] or len(chain) != len(ents) - 1:
+        return 0
+    back = [set() for _ in chain] + [{ents[-1]}]  # back[i]: entities from which chain[i:] reaches the answer
+    for i in range(len(chain) - 1, -1, -1):
+        back[i] = {s for d in back[i + 1] for s in graph.sources(d, chain[i])}
+    n = 1
+    for i, rel in enumerate(chain):
+        if i + 1 >= len(nodes) or rels[i] != rel or nodes[i + 1] not in back[i + 1] \
+                or not graph.has_triple(nodes[i], rel, nodes[i + 1]):
+            break
+        n += 1
+    return n
 
 
 def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: KG,
           cfg: RewardConfig) -> dict[str, Any]:
     """Score one completion against its example; returns a flat breakdown dict.
 
-    Invalid format → total = ``cfg.invalid`` with correctness, path_reward and spam_penalty 0
-    (path_coverage, hits, edge_precision are still computed for diagnostics).
+    ``hits`` = :func:`chain_nodes`, ``path_coverage`` = hits / (hop_len + 1). Invalid format →
+    total = ``cfg.invalid`` with correctness, path_reward and spam_penalty 0 (path_coverage,
+    hits, edge_precision are still computed for diagnostics).
     """
     p = parse_completion(completion, matcher)
-    path = set(example["path_star"]["entities"])
-    named = set(p.trace_entities)
-    hits = len(path & named)
-    coverage = hits / len(path) if path else 0.0
-    edge_precision, hallucinated = edge_check(trace_nodes(p.trace_text), kg, example)
+    graph = judging_graph(kg, example)
+    nodes, rels = trace_steps(p.trace_text)
+    hits = chain_nodes(nodes, rels, graph, example)
+    coverage = hits / len(example["path_star"]["entities"])
+    edge_precision, hallucinated = edge_check(nodes, rels, graph)
     correct = p.valid_format and p.answer == example["answer_star"]
     if p.valid_format:
         correctness = cfg.correct if correct else cfg.incorrect
@@ -170,6 +201,7 @@ def episode(example: dict[str, Any], completion: str, phase: str, result: dict[s
             "trace_text": result["trace_text"],
             "trace_entities": list(result["trace_entities"]),
             "path_entities": list(example["path_star"]["entities"]),
+            "chain_nodes": int(result["hits"]),
         },
         "reward": {k: result[k] for k in
                    ("correctness", "path_coverage", "path_reward", "spam_penalty", "total", "edge_precision")},
