@@ -23,10 +23,26 @@ def test_every_field_has_a_description_and_default():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+SHIPPED = sorted((ROOT / "configs").glob("*.toml")) + sorted((ROOT / "configs" / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs").with_suffix("")))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.eval.max_tokens > 0 and (ROOT / cfg.data.kg).is_file()
+
+
+def test_experiment_configs_point_to_their_log_entry():
+    for path in sorted((ROOT / "configs" / "experiments").glob("*.toml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# Log: docs/experiments/"), f"{path.name}: first line {first!r}"
+        log = first.removeprefix("# Log: ").split(",")[0]
+        assert (ROOT / log).is_file(), f"{path.name}: {log} does not exist"
+
+
+def test_default_preset_is_the_code_defaults():
+    # configs/default.toml is the measured closed-book recipe, and so are the code defaults: it only names its run
+    assert load_config(ROOT / "configs" / "default.toml") == Config(run={"name": "default"})
 
 
 def test_unknown_key_names_file_and_key(tmp_path):

@@ -1,7 +1,9 @@
 """One validated configuration tree, loaded from TOML.
 
 Every knob has a type, a default and a one-line description (``Field(description=...)``).
-Unknown keys and wrong types are errors that name the file and the key.
+The defaults are the closed-book recipe (``configs/default.toml`` only names its run), so a preset
+lists just what differs from them. Unknown keys and wrong types are errors that name the file and
+the key.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class TrainConfig(Section):
     share_prefix: bool = Field(True, description="Run a batch's common prompt prefix once, not once per row.")
     compile: bool = Field(
         True,
-        description="On CPU with g++: each step one compiled graph with polynomial-exp SiLU/softmax/log-sum-exp (1.14-1.16x per SFT step measured); batches padded to widths of 8, loss positions of 32.",
+        description="On CPU with g++: each step one compiled graph with polynomial-exp SiLU/softmax/log-sum-exp (faster than MLX's element-wise exp); batches padded to widths of 8, loss positions of 32.",
     )
     answer_weight: float = Field(
         1.0, ge=0,
@@ -117,14 +119,19 @@ class TrainConfig(Section):
 
 
 class SFTConfig(TrainConfig):
-    pass
+    iters: int = Field(720, ge=1, description="Optimizer steps (720 x 16 is about 5 passes over the training questions: enough to recall their facts).")
+    warmup: int = Field(30, ge=0, description="Linear warmup steps.")
+    val_every: int = Field(120, ge=0, description="Validation loss every N steps (0 = off).")
+    save_every: int = Field(60, ge=1, description="Checkpoint every N steps.")
 
 
 class RSFTConfig(TrainConfig):
-    iters: int = Field(200, ge=1, description="Optimizer steps per RSFT round.")
+    iters: int = Field(40, ge=1, description="Optimizer steps per RSFT round.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
-    rounds: int = Field(1, ge=1, description="Sample → filter → fine-tune rounds, each from the latest adapter.")
-    k_samples: int = Field(8, ge=1, description="Completions sampled per question.")
+    warmup: int = Field(4, ge=0, description="Linear warmup steps.")
+    val_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = off).")
+    rounds: int = Field(6, ge=1, description="Sample → filter → fine-tune rounds, each from the latest adapter (many short rounds).")
+    k_samples: int = Field(4, ge=1, description="Completions sampled per question.")
     first_samples: int = Field(
         0, ge=0,
         description="Sample this many per question first, the rest of k_samples only where they hold fewer than keep_top winners (0 = all at once).",
@@ -132,13 +139,17 @@ class RSFTConfig(TrainConfig):
     temperature: float = Field(0.8, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
     keep_top: int = Field(1, ge=1, description="Winners kept per question.")
-    min_reward: float = Field(1.0, description="A sample must reach this reward to be kept.")
+    min_reward: float = Field(
+        1.5,
+        description="A sample must reach this reward to be kept (1.5 = right answer and every gold-path entity named; "
+                    "lower keeps right answers from traces cut short, which teaches stopping early).",
+    )
     require_correct: bool = Field(True, description="Keep only samples whose answer is correct.")
     max_questions: int = Field(0, ge=0, description="Sample at most this many RSFT-pool questions per round (0 = all).")
     rotate: bool = Field(
         True, description="With max_questions: each round takes the next questions of the pool (wrapping), not the first ones again."
     )
-    max_tokens: int = Field(160, ge=1, description="Token budget per sampled completion.")
+    max_tokens: int = Field(96, ge=1, description="Token budget per sampled completion (a 5-hop trace and its answer fit).")
     replay: float = Field(0.5, ge=0, description="SFT examples mixed in per winner, to keep earlier skills.")
 
     @model_validator(mode="after")
@@ -159,10 +170,10 @@ class ConsolidateConfig(TrainConfig):
 
 class EvalConfig(Section):
     max_examples: int = Field(0, ge=0, description="Evaluate at most this many questions (0 = all).")
-    max_tokens: int = Field(160, ge=1, description="Token budget per completion.")
+    max_tokens: int = Field(96, ge=1, description="Token budget per completion (a 5-hop trace and its answer fit).")
     batch_size: int = Field(32, ge=1, description="Prompts generated together.")
     workers: int = Field(0, ge=0, description="Generation processes for eval and RSFT sampling (0 = auto: one per core on CPU, at most 2).")
-    shuffled: bool = Field(False, description="Also evaluate eval_shuffled.jsonl and report shuffle agreement.")
+    shuffled: bool = Field(True, description="Also evaluate eval_shuffled.jsonl and report shuffle agreement.")
     seed: int = Field(0, description="Seed for generation (greedy decoding ignores it).")
 
 
@@ -182,7 +193,7 @@ class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("data/runs", description="Parent directory of run directories.")
     phases: list[Literal["base", "sft", "rsft", "consolidate"]] = Field(
-        ["base", "sft", "rsft"], description="Pipeline phases `tracer run` executes, in order."
+        ["base", "sft", "rsft", "consolidate"], description="Pipeline phases `tracer run` executes, in order."
     )
     seed: int = Field(1234, description="Master seed recorded in meta.json.")
 
