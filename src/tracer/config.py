@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,7 +22,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    kg: str = Field("data/kg.json", description="Knowledge graph file (kg.json schema).")
+    kg: str = Field("data/kg.json", description="Knowledge graph: tracer's JSON, or a .tsv/.csv file of head, relation, tail rows.")
+    types: Optional[str] = Field(
+        None, description="Entity types for the KG: a .tsv/.csv file of entity, type rows (default: the JSON's, or inferred from relations).",
+    )
     out_dir: str = Field("data", description="Directory the generated JSONL splits are written to.")
     seed: int = Field(1234, description="Seed for question generation.")
     train_hops: list[int] = Field([1, 2, 3], description="Hop lengths of training questions.")

@@ -646,6 +646,20 @@ def question_pools(kg: "KG", cfg: "DataConfig", hops: list[int], ctx: "_Ctx | No
     return {h: [p for p in ps if ctx.answerable(p)] for h, ps in pools.items()}, sampled
 
 
+def question_counts(kg: "KG", cfg: "DataConfig", hops: Iterable[int] = range(1, 6)) -> dict[str, Any]:
+    """Distinct answerable questions (start, chain, answer) per hop length, what ``cfg`` needs of
+    each, and whether the counts are a sample's (a lower bound: the graph is too dense to list)."""
+    hops = sorted(set(hops))
+    pools, sampled = question_pools(kg, cfg, hops)
+    need = {h: int(cfg.train_per_hop.get(str(h), 0)) for h in hops}
+    for h in hops:
+        if h in cfg.eval_hops:
+            need[h] += -(-(cfg.eval_size + cfg.rsft_size) // len(cfg.eval_hops))
+    if 1 in cfg.train_hops and 1 in need:
+        need[1] = max(need[1], len(_unique_edges(kg)))
+    return {"hops": {h: len(pools[h]) for h in hops}, "need": need, "sampled": sampled}
+
+
 def generate_splits(
     kg: "KG", cfg: "DataConfig", exclude: frozenset[tuple[str, tuple[str, ...], str]] = frozenset(),
     progress: Progress | None = None,

@@ -276,7 +276,7 @@ class _Ids:
             raise TracerError(f"{self.path}:{lineno}: {self.what} {name!r} has no letters or digits to make an id of")
         other = self.label.setdefault(i, name)
         if other != name:
-            raise TracerError(f"{self.path}:{lineno}: {self.what}s {other!r} and {name!r} both become id {i!r}")
+            raise TracerError(f"{self.path}:{lineno}: {self.what} names {other!r} and {name!r} both become id {i!r}")
         return i
 
 
@@ -387,4 +387,24 @@ def kg_to_dict(kg: KG) -> dict:
         "entities": [{"id": e.id, "label": e.label, "type": e.type} for e in kg.entities.values()],
         "relations": [{"id": r.id, "label": r.label} for r in kg.relations.values()],
         "edges": [{"src": e.src, "rel": e.rel, "dst": e.dst} for e in kg.edges],
+    }
+
+
+def describe(kg: KG) -> dict[str, Any]:
+    """Plain counts for ``tracer kg stats``: entities, relations, edges, types, and each relation's
+    fan-out (heads = (entity, relation) pairs; ``multi`` of them have more than one target)."""
+    fan: dict[str, Counter] = defaultdict(Counter)
+    for e in kg.edges:
+        fan[e.rel][e.src] += 1
+    relations = []
+    for rel in sorted(kg.relations):
+        c = fan.get(rel, Counter())
+        relations.append({"relation": rel, "edges": sum(c.values()), "heads": len(c),
+                          "multi": sum(v > 1 for v in c.values()), "max_targets": max(c.values(), default=0)})
+    types = Counter(e.type for e in kg.entities.values())
+    return {
+        "entities": len(kg.entities), "relations": len(kg.relations), "edges": len(kg.edges),
+        "types": dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "pairs": sum(r["heads"] for r in relations), "multi_pairs": sum(r["multi"] for r in relations),
+        "fanout": relations, "notes": list(kg.notes),
     }
