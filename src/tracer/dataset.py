@@ -205,7 +205,7 @@ def _key(p: Path_) -> tuple[str, tuple[str, ...], str]:
     return (ents[0], rels, ents[-1])
 
 
-PATH_BUDGET = 3_000_000  # DFS extensions before enumeration gives way to sampling
+PATH_BUDGET = 400_000  # DFS extensions before enumeration gives way to sampling (the public graph needs 100k)
 
 
 def _step_table(kg: "KG") -> Callable[[str], list[tuple[str, str]]]:
