@@ -128,3 +128,28 @@ def test_shuffle_agreement():
     o = [ep("q0", 4, False, valid=False, answer=None)]
     s = [ep("q0-shuf", 4, False, valid=False, answer=None)]
     assert shuffle_agreement(o, s, orig_ex, shuf_ex) == 0.0
+
+
+def test_failure_kinds_read_how_far_the_trace_follows_the_chain():
+    from tracer.metrics import failure, failures
+
+    def ep(trace, on_path, walked, valid=True, correct=False, hop=2):
+        return {"correct": correct, "hop_len": hop, "parsed": {
+            "valid_format": valid, "trace_text": trace, "chain_nodes": on_path, "walk_nodes": walked}}
+
+    cases = {
+        "format": ep("S -r-> A", 2, 2, valid=False),
+        "letter": ep("S -r-> A -s-> T", 3, 3),
+        "start": ep("A -s-> T", 0, 0),
+        "broken": ep("S -r-> Made_Up -s-> T", 1, 1),
+        "branch": ep("S -r-> A -s-> X", 2, 3),
+        "short": ep("S -r-> A", 2, 2),
+    }
+    for kind, e in cases.items():
+        assert failure(e) == kind
+    right = ep("S -r-> A -s-> T", 3, 3, correct=True)
+    old = {"correct": False, "hop_len": 2, "parsed": {"valid_format": True, "trace_text": "S"}}
+    assert failure(right) is None and failure(old) is None
+    assert failures(list(cases.values()) + [right, old, cases["branch"]]) == {
+        "format": 1, "start": 1, "broken": 1, "branch": 2, "short": 1, "letter": 1}
+    assert failures([cases["short"], right]) == {"short": 1}

@@ -82,18 +82,18 @@ def test_another_valid_branch_gets_full_path_credit():
         assert r["edge_precision"] == 1.0
 
 
-@pytest.mark.parametrize("trace, hits", [
-    ("S -r-> A -s-> X", 2),        # real edges, but the last one leaves the answer behind
-    ("S -r-> B -s-> Y", 2),        # the same on the other branch
-    ("S -q-> C -s-> T", 1),        # reaches the answer through another relation chain
-    ("S -r-> C -s-> T", 1),        # S -r-> C is no edge: the chain breaks at once
-    ("S -r-> Made_Up -s-> T", 1),  # a hallucinated middle
-    ("S -> A -> T", 1),            # bare arrows name no relation
-    ("A -s-> T", 0),               # does not start at the question's start
+@pytest.mark.parametrize("trace, hits, walked", [
+    ("S -r-> A -s-> X", 2, 3),        # real edges, but the last one leaves the answer behind
+    ("S -r-> B -s-> Y", 2, 3),        # the same on the other branch
+    ("S -q-> C -s-> T", 1, 1),        # reaches the answer through another relation chain
+    ("S -r-> C -s-> T", 1, 1),        # S -r-> C is no edge: the chain breaks at once
+    ("S -r-> Made_Up -s-> T", 1, 1),  # a hallucinated middle
+    ("S -> A -> T", 1, 1),            # bare arrows name no relation
+    ("A -s-> T", 0, 0),               # does not start at the question's start
 ])
-def test_a_path_that_breaks_the_chain_gets_no_credit_past_the_break(trace, hits):
+def test_a_path_that_breaks_the_chain_gets_no_credit_past_the_break(trace, hits, walked):
     r = m2m(trace)
-    assert r["hits"] == hits and r["path_coverage"] == pytest.approx(hits / 3)
+    assert r["hits"] == hits and r["path_coverage"] == pytest.approx(hits / 3) and r["walked"] == walked
     assert r["path_reward"] == (pytest.approx(hits / 3) if hits >= CFG.min_hits else 0.0)
 
 
@@ -238,7 +238,7 @@ def test_episode_row_format():
     assert row["correct"] is True
     assert row["parsed"] == {"valid_format": True, "answer": "A", "trace_text": "E0 -a-> E1 -b-> E3",
                              "trace_entities": ["E0", "E1", "E3"], "path_entities": ["E0", "E1", "E2", "E3"],
-                             "chain_nodes": 2}
+                             "chain_nodes": 2, "walk_nodes": 2}
     assert set(row["reward"]) == {"correctness", "path_coverage", "path_reward", "spam_penalty", "total",
                                   "edge_precision"}
     assert row["hallucinated_hops"] == [["E1", "E3"]]

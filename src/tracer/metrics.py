@@ -86,7 +86,7 @@ def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     For hop i (1-based), ``n`` counts the episodes whose trace's first i nodes follow the
     question's chain from its start through real edges toward the answer (``parsed.chain_nodes``
-    >= i, :func:`tracer.reward.chain_nodes`; episodes recorded before it existed: the first i
+    >= i, :func:`tracer.reward.chain_walk`; episodes recorded before it existed: the first i
     nodes are gold path entities 0..i-1); ``recall`` is the share of them whose next hop does too,
     ``stopped`` the share whose trace has no more hops (a node that is no entity is a wrong hop,
     not a stop). Episodes of every format count (an invalid one's trace runs to the end of its
@@ -116,13 +116,51 @@ def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for i, (n, right, stopped) in sorted(reached.items())}
 
 
+FAILURES = ("format", "start", "broken", "branch", "short", "letter")
+
+
+def failure(e: dict[str, Any]) -> str | None:
+    """Why an episode is wrong (None when right, or recorded before ``walk_nodes`` existed):
+
+    - ``format``: no well-formed TRACE/ANSWER (e.g. ran out of tokens);
+    - ``start``: the trace does not start at the question's start entity;
+    - ``broken``: a hop within the chain's length is no edge of the graph under the chain's
+      relation (a hallucinated hop or a wrong relation);
+    - ``branch``: every hop is a real chain edge, but one leads where the rest of the chain can no
+      longer reach the answer (the wrong branch of a many-target pair);
+    - ``short``: real chain edges that stop before the chain ends;
+    - ``letter``: the trace follows the chain to the answer, and the letter is wrong.
+    """
+    p = e["parsed"]
+    if e["correct"] or "walk_nodes" not in p:
+        return None
+    if not p["valid_format"]:
+        return "format"
+    h, on_path, walked = int(e["hop_len"]), p["chain_nodes"], p["walk_nodes"]
+    written = len(trace_nodes(p.get("trace_text") or ""))
+    if on_path == h + 1:
+        return "letter"
+    if walked == 0:
+        return "start"
+    if walked < min(written, h + 1):
+        return "broken"
+    return "branch" if written >= h + 1 else "short"
+
+
+def failures(episodes: list[dict[str, Any]]) -> dict[str, int]:
+    """Wrong episodes per :func:`failure` kind (kinds in :data:`FAILURES` order; empty for old rows)."""
+    kinds = [k for k in map(failure, episodes) if k]
+    return {k: kinds.count(k) for k in FAILURES if k in kinds}
+
+
 def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     """Phase entry for metrics.json (without wall_s, finished_at, shuffle_agreement).
 
     ``edge_precision`` is averaged over valid-format episodes only (0.0 if none).
     ``length_match`` is the share of episodes whose valid trace has exactly ``hop_len`` hops.
     ``per_hop`` is keyed by ``str(hop_len)`` in ascending hop order; each entry has the same
-    fields as the top level except ``correct``. ``hop_recall`` is :func:`hop_recall`.
+    fields as the top level except ``correct``. ``hop_recall`` is :func:`hop_recall`,
+    ``failures`` :func:`failures`.
     """
     out = _summary(episodes)
     by_hop: dict[int, list[dict[str, Any]]] = {}
@@ -135,6 +173,7 @@ def aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         per_hop[str(hop)] = s
     out["per_hop"] = per_hop
     out["hop_recall"] = hop_recall(episodes)
+    out["failures"] = failures(episodes)
     return out
 
 

@@ -121,40 +121,42 @@ def edge_check(nodes: list[str], rels: list[str], graph: KG) -> tuple[float, lis
     return (len(hops) - len(bad)) / len(hops), bad
 
 
-def chain_nodes(nodes: list[str], rels: list[str], graph: KG, example: dict[str, Any]) -> int:
-    """How many of the trace's first nodes lie on a valid path of the question: 0 unless it starts
-    at the question's start entity; then one more for each hop that writes the chain's next
-    relation along a real edge to an entity from which the rest of the chain still reaches the
-    answer. ``hop_len + 1`` = the trace follows the chain to the answer (by any branch)."""
+def chain_walk(nodes: list[str], rels: list[str], graph: KG, example: dict[str, Any]) -> tuple[int, int]:
+    """How far the trace follows the question, as two node counts, both 0 unless it starts at the
+    question's start entity. ``walked``: one more for each hop that writes the chain's next relation
+    along a real edge. ``on_path`` (<= walked): the same, as long as the rest of the chain still
+    reaches the answer from the node reached. ``on_path == hop_len + 1``: the trace follows the
+    chain to the answer, by any branch."""
     ps = example["path_star"]
     ents = ps["entities"]
     chain = [e["rel"] for e in ps.get("edges") or []] or list((example.get("meta") or {}).get("relations") or [])
     if not nodes or not ents or nodes[0] != ents[0] or len(chain) != len(ents) - 1:
-        return 0
+        return 0, 0
     back = [set() for _ in chain] + [{ents[-1]}]  # back[i]: entities from which chain[i:] reaches the answer
     for i in range(len(chain) - 1, -1, -1):
         back[i] = {s for d in back[i + 1] for s in graph.sources(d, chain[i])}
-    n = 1
+    on_path = walked = 1
     for i, rel in enumerate(chain):
-        if i + 1 >= len(nodes) or rels[i] != rel or nodes[i + 1] not in back[i + 1] \
-                or not graph.has_triple(nodes[i], rel, nodes[i + 1]):
+        if i + 1 >= len(nodes) or rels[i] != rel or not graph.has_triple(nodes[i], rel, nodes[i + 1]):
             break
-        n += 1
-    return n
+        walked += 1
+        on_path += on_path == walked - 1 and nodes[i + 1] in back[i + 1]
+    return on_path, walked
 
 
 def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: KG,
           cfg: RewardConfig) -> dict[str, Any]:
     """Score one completion against its example; returns a flat breakdown dict.
 
-    ``hits`` = :func:`chain_nodes`, ``path_coverage`` = hits / (hop_len + 1). Invalid format →
+    ``hits`` = the trace's nodes on a valid path (:func:`chain_walk`), ``path_coverage`` =
+    hits / (hop_len + 1). Invalid format →
     total = ``cfg.invalid`` with correctness, path_reward and spam_penalty 0 (path_coverage,
     hits, edge_precision are still computed for diagnostics).
     """
     p = parse_completion(completion, matcher)
     graph = judging_graph(kg, example)
     nodes, rels = trace_steps(p.trace_text)
-    hits = chain_nodes(nodes, rels, graph, example)
+    hits, walked = chain_walk(nodes, rels, graph, example)
     coverage = hits / len(example["path_star"]["entities"])
     edge_precision, hallucinated = edge_check(nodes, rels, graph)
     correct = p.valid_format and p.answer == example["answer_star"]
@@ -178,6 +180,7 @@ def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: 
         "answer": p.answer,
         "correct": bool(correct),
         "hits": hits,
+        "walked": walked,
         "trace_text": p.trace_text,
         "trace_entities": list(p.trace_entities),
         "hallucinated_hops": hallucinated,
@@ -202,6 +205,7 @@ def episode(example: dict[str, Any], completion: str, phase: str, result: dict[s
             "trace_entities": list(result["trace_entities"]),
             "path_entities": list(example["path_star"]["entities"]),
             "chain_nodes": int(result["hits"]),
+            "walk_nodes": int(result["walked"]),
         },
         "reward": {k: result[k] for k in
                    ("correctness", "path_coverage", "path_reward", "spam_penalty", "total", "edge_precision")},
