@@ -98,7 +98,9 @@ def test_override_and_toml_round_trip():
     cfg = override(Config(), sft__iters=7, data__context="facts", eval__seed=None)
     assert cfg.sft.iters == 7 and cfg.data.context == "facts"
     again = config_from_dict(tomllib.loads(to_toml(cfg)))
-    assert again == cfg
+    assert again == cfg and cfg.data.types is None  # an unset optional key round-trips (TOML has no null)
+    typed = override(cfg, data__types="types.tsv")
+    assert config_from_dict(tomllib.loads(to_toml(typed))) == typed
     with pytest.raises(TracerError, match="command line: sft.iters"):
         override(cfg, sft__iters=0)
 

@@ -290,7 +290,8 @@ def to_toml(cfg: Config) -> str:
     for section, values in cfg.model_dump().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if value is not None:  # TOML has no null: an unset optional key is left out
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
