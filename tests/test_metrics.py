@@ -153,3 +153,19 @@ def test_failure_kinds_read_how_far_the_trace_follows_the_chain():
     assert failures(list(cases.values()) + [right, old, cases["branch"]]) == {
         "format": 1, "start": 1, "broken": 1, "branch": 2, "short": 1, "letter": 1}
     assert failures([cases["short"], right]) == {"short": 1}
+
+
+def test_mcnemar_exact_pairs_by_question():
+    from tracer.metrics import mcnemar
+
+    def eps(flags, prefix="q"):
+        return [{"ex_id": f"{prefix}{i}", "correct": c} for i, c in enumerate(flags)]
+
+    a = eps([False] * 6 + [True] * 4)
+    b = eps([True] * 6 + [True] * 3 + [False])  # fixes 6, breaks 1
+    r = mcnemar(a, b)
+    assert (r["n"], r["fixed"], r["broken"]) == (10, 6, 1)
+    assert r["p"] == pytest.approx(2 * (1 + 7) / 2 ** 7)  # two-sided binomial tail, hand-computed: 0.125
+    assert mcnemar(a, a)["p"] == 1.0 and mcnemar(a, a)["fixed"] == 0
+    assert mcnemar(a, eps([True], "other"))["n"] == 0  # no shared questions
+    assert mcnemar(eps([False] * 10), eps([True] * 10))["p"] == pytest.approx(2 / 2 ** 10)

@@ -23,6 +23,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mcnemar(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact (binomial) two-sided McNemar test of runs ``a`` and ``b`` on the questions both answered
+    (episodes paired by ``ex_id``): ``fixed`` = wrong in a, right in b; ``broken`` = the reverse;
+    ``p`` = the chance of a split at least this uneven if neither run were better."""
+    right_a = {e["ex_id"]: bool(e["correct"]) for e in a}
+    pairs = [(right_a[e["ex_id"]], bool(e["correct"])) for e in b if e["ex_id"] in right_a]
+    fixed = sum(1 for x, y in pairs if not x and y)
+    broken = sum(1 for x, y in pairs if x and not y)
+    n = fixed + broken
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2 ** n if n else 1.0
+    return {"n": len(pairs), "fixed": fixed, "broken": broken, "p": min(1.0, 2 * tail)}
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
