@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="Base model.")
     args = ap.parse_args()
 
+    from tracer import backend
+
+    backend.setup()  # before mlx
     from tracer import model as models
 
     rows = [json.loads(line) for line in open(args.rows)]

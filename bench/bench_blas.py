@@ -23,9 +23,10 @@ MODEL = "smollm2-135m-instruct"
 
 
 def worker(args) -> dict:
-    from tracer.blas import blas_info, preload_openblas
+    from tracer import backend
+    from tracer.blas import blas_info
 
-    preload_openblas()  # no-op under TRACER_NO_OPENBLAS=1
+    backend.setup()  # no OpenBLAS under TRACER_NO_OPENBLAS=1
     import mlx.core as mx
 
     out = {"blas": blas_info()}

@@ -20,9 +20,10 @@ import time
 
 
 def worker(args) -> None:
-    from tracer.blas import preload_openblas, share_cores
+    from tracer import backend
+    from tracer.blas import share_cores
 
-    preload_openblas()
+    backend.setup()
     import mlx.core as mx
 
     from tracer import generate as G

@@ -56,9 +56,9 @@ def part1() -> list[tuple[str, float, str]]:
 
 
 def step_worker(compiled: bool, data: str, n_batches: int) -> dict:
-    from tracer.blas import preload_openblas
+    from tracer import backend
 
-    preload_openblas()
+    backend.setup()
     import mlx.core as mx
     import mlx.optimizers as optim
 

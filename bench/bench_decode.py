@@ -14,9 +14,9 @@ import argparse
 import json
 import time
 
-from tracer.blas import preload_openblas
+from tracer import backend
 
-preload_openblas()
+backend.setup()
 
 import mlx.core as mx  # noqa: E402
 from common import per_element_ns  # noqa: E402

@@ -16,9 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from tracer.blas import blas_info, preload_openblas
+from tracer import backend
+from tracer.blas import blas_info
 
-preload_openblas()
+backend.setup()
 
 from tracer import generate as G  # noqa: E402
 from tracer import model as M  # noqa: E402

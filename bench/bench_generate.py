@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tracer.blas import blas_info, preload_openblas
+from tracer import backend
+from tracer.blas import blas_info
 
-preload_openblas()
+backend.setup()
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402

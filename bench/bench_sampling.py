@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tracer.blas import blas_info, preload_openblas
+from tracer import backend
+from tracer.blas import blas_info
 
-preload_openblas()
+backend.setup()
 
 from tracer import generate as new_generate  # noqa: E402
 from tracer import model as tm  # noqa: E402

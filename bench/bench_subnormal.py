@@ -34,9 +34,9 @@ def old_reduce(mx):
 
 
 def worker(variant: str, data: list[str], n_batches: int, n_prompts: int) -> dict:
-    from tracer.blas import preload_openblas
+    from tracer import backend
 
-    preload_openblas()
+    backend.setup()
     import mlx.core as mx
 
     from tracer import cpu_ops

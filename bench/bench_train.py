@@ -115,9 +115,10 @@ def worker_stock(args) -> dict:
 
 
 def worker_tracer(args) -> dict:
-    from tracer.blas import blas_info, preload_openblas
+    from tracer import backend
+    from tracer.blas import blas_info
 
-    preload_openblas()
+    backend.setup()
     import mlx.core as mx
 
     from tracer import model as M

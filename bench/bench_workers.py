@@ -17,9 +17,10 @@ import json
 import os
 import time
 
-from tracer.blas import THREAD_ENV, blas_info, preload_openblas
+from tracer import backend
+from tracer.blas import THREAD_ENV, blas_info
 
-preload_openblas()
+backend.setup()
 
 from tracer import workers  # noqa: E402
 

@@ -13,13 +13,14 @@ import json
 import math
 import time
 
-from tracer.blas import preload_openblas
+from tracer import backend
 
-preload_openblas()
+backend.setup()
 
 import mlx.core as mx  # noqa: E402
 
 from tracer import model as tm  # noqa: E402
+from tracer.doctor import device_info  # noqa: E402
 
 TEXT = [
     "The history of the city goes back more than two thousand years. It was founded as a small "
@@ -73,7 +74,7 @@ def main() -> None:
     t = time.perf_counter()
     model, tokenizer = tm.load(args.spec, args.cache_dir)
     load_s = time.perf_counter() - t
-    info = tm.device_info()
+    info = device_info()
     t = time.perf_counter()
     ppl = perplexity(model, tokenizer, TEXT)
     ppl_s = time.perf_counter() - t

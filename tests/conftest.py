@@ -1,13 +1,13 @@
-"""Load OpenBLAS before any test module imports MLX (the reference BLAS is ~50x slower); shared fixtures."""
+"""Set up the backend (OpenBLAS, heap) before any test module imports MLX, as the CLI does; shared fixtures."""
 
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tracer.blas import preload_openblas
+from tracer import backend
 
-preload_openblas()
+backend.setup()
 
 ROOT = Path(__file__).resolve().parents[1]
 

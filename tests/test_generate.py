@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
-from tracer import generate as G  # first: preloads OpenBLAS before mlx
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-
-from tracer.tiny import build_tiny_model  # noqa: E402
+from tracer import generate as G
+from tracer.tiny import build_tiny_model
 
 CHAT_EXAMPLE = (
     "<|im_start|>system\nYou answer multi-hop questions about a software troubleshooting knowledge "

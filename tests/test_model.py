@@ -302,7 +302,9 @@ def test_load_adapter_missing_config(tiny_dir, tmp_path):
 
 
 def test_device_info():
-    info = tm.device_info()
+    from tracer.doctor import device_info
+
+    info = device_info()
     assert info["backend"] in ("cpu", "gpu") and info["matmul_gflops_fp32"] > 0
     assert "openblas" in info["blas"]
     from tracer.blas import THREAD_ENV

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
-from tracer import workers  # first: preloads OpenBLAS before mlx
-
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from tracer.errors import TracerError  # noqa: E402
-from tracer.tiny import build_tiny_model  # noqa: E402
+from tracer import workers
+from tracer.errors import TracerError
+from tracer.tiny import build_tiny_model
 
 PROMPTS = [f"Question: What fixes E{i}?\nA) E{i + 1}\nB) E{i + 2}\nC) E{i + 3}\nD) E{i + 4}" * (1 + i % 3)
            for i in range(12)]

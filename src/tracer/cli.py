@@ -402,9 +402,9 @@ def model_pull(
 @app.command()
 def doctor() -> None:
     """Backend, device, BLAS in use, measured matmul GFLOP/s, generation workers and versions."""
-    from tracer import model as models
+    from tracer.doctor import device_info
 
-    info = models.device_info()
+    info = device_info()
     table = Table(title=f"tracer {__version__}", show_header=False)
     for key, value in info.items():
         for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
@@ -412,11 +412,19 @@ def doctor() -> None:
     console.print(table)
 
 
+NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
+
+
 @app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+def _root(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:
         console.print(f"tracer {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand and ctx.invoked_subcommand not in NO_MLX_COMMANDS:
+        from tracer import backend
+
+        backend.setup()  # OpenBLAS and the heap, before the command first imports MLX
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,16 +18,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from tracer.blas import preload_openblas, share_cores
+import mlx.core as mx
+from mlx_lm.models import llama
 
-preload_openblas()
-
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models import llama  # noqa: E402
-
-from tracer import cpu_ops  # noqa: E402
-from tracer.progress import NullProgress, Progress  # noqa: E402
-from tracer.reward import trace_and_answer  # noqa: E402
+from tracer import cpu_ops
+from tracer.blas import share_cores
+from tracer.progress import NullProgress, Progress
+from tracer.reward import trace_and_answer
 
 try:  # dataset.py is pure Python; the fallback only guards against it being mid-edit
     from tracer.dataset import SYSTEM_PROMPT

@@ -8,28 +8,21 @@ Hugging Face hub id (``org/name``). Aliases and GGUF files are converted once in
 
 from __future__ import annotations
 
-from tracer.blas import blas_info, preload_openblas, share_cores
-from tracer.heap import heap_info, retain_freed_memory
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
 
-preload_openblas()
-retain_freed_memory()  # every model loads through here or tiny.py
+import mlx.core as mx
+import mlx.nn as nn
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-
-from tracer.errors import TracerError  # noqa: E402
+from tracer.errors import TracerError
 
 ALIASES = {
     "smollm2-135m-instruct": {
@@ -424,43 +417,3 @@ def load(spec: str, cache_dir: str | Path = "~/.cache/tracer", adapter: str | No
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
-
-
-# ---------------------------------------------------------------- device
-
-
-def measure_matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """fp32 ``n×n @ n×n`` throughput on the default device, GFLOP/s."""
-    a = mx.random.normal((n, n))
-    b = mx.random.normal((n, n))
-    mx.eval(a, b, a @ b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        mx.eval(a @ b)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-
-def device_info() -> dict:
-    """Backend, device, versions, BLAS and a quick fp32 matmul benchmark."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        mlx_lm_version = version("mlx-lm")
-    except PackageNotFoundError:  # pragma: no cover
-        mlx_lm_version = None
-    from tracer import cpu_ops
-    from tracer.workers import auto_workers
-
-    share_cores(0)  # as many threads as a training step in this situation gets
-    return {
-        "backend": "cpu" if _on_cpu() else "gpu",
-        "device": str(mx.default_device()),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm_version,
-        "blas": blas_info(),
-        "malloc": heap_info(),
-        "matmul_gflops_fp32": round(measure_matmul_gflops(), 1),
-        "generation_workers": auto_workers(0),
-        # compiled training steps (with sft.compile) and generation on tracer.cpu_ops, for float32 weights
-        "cpu_ops": cpu_ops.available(),
-    }

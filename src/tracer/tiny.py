@@ -11,14 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tracer.blas import preload_openblas
-from tracer.heap import retain_freed_memory
-
-preload_openblas()
-retain_freed_memory()
-
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+import mlx.core as mx
+from mlx.utils import tree_flatten
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

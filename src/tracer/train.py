@@ -7,33 +7,30 @@ Adapters are saved in mlx-lm's format (``adapters.safetensors`` + ``adapter_conf
 
 from __future__ import annotations
 
-from tracer.blas import preload_openblas, share_cores
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
 
-preload_openblas()
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.base import create_causal_mask
 
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import NamedTuple  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
-from mlx_lm.models.base import create_causal_mask  # noqa: E402
-
-from tracer import __version__, cpu_ops  # noqa: E402
-from tracer.config import LoraConfig, TrainConfig  # noqa: E402
-from tracer.dataset import ANSWER_TAG  # noqa: E402
-from tracer.errors import TracerError, TrainingInterrupted  # noqa: E402,F401  (re-exported)
-from tracer.generate import encode_chat, shared_prefix_len  # noqa: E402
-from tracer.progress import NullProgress, Progress  # noqa: E402
-from tracer.runs import read_json  # noqa: E402
+from tracer import __version__, cpu_ops
+from tracer.blas import share_cores
+from tracer.config import LoraConfig, TrainConfig
+from tracer.dataset import ANSWER_TAG
+from tracer.errors import TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
+from tracer.generate import encode_chat, shared_prefix_len
+from tracer.progress import NullProgress, Progress
+from tracer.runs import read_json
 
 Example = tuple[list[int], int]  # token ids, index where the completion starts
 

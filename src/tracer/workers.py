@@ -14,22 +14,20 @@ ran it, so results do not depend on the pool's size.
 
 from __future__ import annotations
 
-from tracer.blas import THREAD_ENV, cpu_cores, preload_openblas, share_cores, step_aside
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
 
-preload_openblas()
-
-import ctypes  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import queue  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-from tracer.errors import TracerError  # noqa: E402
-from tracer.progress import NullProgress, Progress  # noqa: E402
+from tracer import backend
+from tracer.blas import THREAD_ENV, cpu_cores, share_cores, step_aside
+from tracer.errors import TracerError
+from tracer.progress import NullProgress, Progress
 
 MAX_AUTO_WORKERS = 2  # only 2 cores were measured; more processes may help on bigger CPUs
 MIN_PROMPTS = 32  # a worker process is started only for at least this many prompts (a full batch)
@@ -70,6 +68,7 @@ class _Ticks:
 def _serve(worker: int, parent: int, load_args: dict, tasks, results) -> None:
     """A worker process: load the model once, then run jobs until told to stop (None) or the
     ``parent`` process is gone."""
+    backend.setup()  # before this process first imports MLX
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
     if sys.platform.startswith("linux"):  # our parent thread killed outright takes us along (PR_SET_PDEATHSIG)
