@@ -244,3 +244,30 @@ def test_episode_row_format():
     assert row["hallucinated_hops"] == [["E1", "E3"]]
     import json
     json.dumps(row)
+
+
+def test_repetition_factor_hand_computed():
+    from tracer.reward import repetition_factor
+
+    assert repetition_factor("") == 1.0 and repetition_factor("the and of") == 1.0  # stop words only
+    assert repetition_factor("a1 b2 c3 d4") == 1.0  # top share 0.25 <= 0.35
+    # x x x x y: top share 0.8 -> 1 - 3 x 0.45 < 0; clipped to 0
+    assert repetition_factor("x x x x y") == 0.0
+    # x y x y z w v u t s: top share 0.2, no run: 1.0; runs of 5: 1 - 2 x 0.05
+    assert repetition_factor("x x x x x y z w v u t s r q p o n m l k") == pytest.approx(
+        (1 - 3 * max(0, 5 / 20 - 0.35)) * 0.9)
+
+
+def test_paper_reward_preset():
+    from tracer.config import load_config
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper_reward.toml").reward
+    full = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: A", cfg)
+    assert full["total"] == pytest.approx(0.1 + 1.5)  # min(1.2 x 1 + 0.3, 1.5)
+    # wrong, 2 of 4 nodes on the chain; words e0, e1 ("a" is a stop word): top share 0.5 -> factor 0.55
+    half = run("TRACE: E0 -a-> E1\nANSWER: B", cfg)
+    assert half["total"] == pytest.approx(-1.0 + (1.2 * 0.5 + 0.3) * 0.55)
+    one = run("TRACE: E0 -x-> Foo_Bar\nANSWER: A", cfg)  # below min_hits: coverage counts, no bonus
+    assert one["total"] == pytest.approx(0.1 + 1.2 * 0.25)  # words e0 x foo bar: factor 1
+    assert run("no format", cfg)["total"] == -1.0

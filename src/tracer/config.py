@@ -186,8 +186,12 @@ class RewardConfig(Section):
     invalid: float = Field(-2.0, description="Total reward of an unparseable completion.")
     w_correct: float = Field(1.0, description="Weight of correctness in the total.")
     w_path: float = Field(0.5, description="Weight of path reward in the total.")
-    min_hits: int = Field(2, ge=0, description="Path entities the trace must name before path reward counts.")
+    min_hits: int = Field(2, ge=0, description="Trace nodes on the question's chain (its start included) before path reward counts.")
     max_path_reward: float = Field(1.0, description="Cap on the path reward.")
+    path_scale: float = Field(1.0, description="Path reward = path_scale x path coverage (+ hit_bonus), capped at max_path_reward.")
+    hit_bonus: float = Field(0.0, description="Added to the path reward when at least min_hits trace nodes are on the chain.")
+    gate_coverage: bool = Field(True, description="Path reward only with at least min_hits nodes on the chain (false: coverage always counts).")
+    repetition_factor: bool = Field(False, description="Multiply the path reward by the paper's token-repetition factor of the trace.")
     repeat_max: int = Field(2, ge=1, description="An entity named more often than this is spam.")
     spam_penalty: float = Field(0.5, ge=0, description="Penalty subtracted when any entity is spammed.")
 

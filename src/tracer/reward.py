@@ -144,6 +144,42 @@ def chain_walk(nodes: list[str], rels: list[str], graph: KG, example: dict[str, 
     return on_path, walked
 
 
+_STOP_WORDS = frozenset(
+    "the and or but in on at to for of with by a an is are was were be been have has had do does did will "
+    "would could should may might can this that these those".split()
+)
+
+
+def repetition_factor(text: str, threshold: float = 0.35) -> float:
+    """The paper's token-repetition factor (jha-lab/kg-implicit-reward-compositional-rl): over the
+    text's lower-case alphanumeric words without stop words, 1 - 3 x (share of the most common word
+    above ``threshold``), times 1 - 0.05 per repeat of one word beyond 3 in a row; 1.0 for no words."""
+    words = [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w and w not in _STOP_WORDS]
+    if not words:
+        return 1.0
+    top = Counter(words).most_common(1)[0][1] / len(words)
+    base = max(0.0, 1.0 - max(0.0, top - threshold) * 3.0)
+    longest = run = 1
+    for a, b in zip(words, words[1:]):
+        run = run + 1 if a == b else 1
+        longest = max(longest, run)
+    return max(0.0, base * (1.0 - max(0, longest - 3) * 0.05))
+
+
+def path_score(coverage: float, hits: int, trace_text: str, cfg: RewardConfig) -> float:
+    """The path reward of a valid completion: ``min((path_scale x coverage + hit_bonus x [hits >=
+    min_hits]) x repetition, max_path_reward)``, 0 below ``min_hits`` when ``gate_coverage``.
+    tracer's default is min(coverage, 1) from 2 chain nodes; the paper's preset
+    (configs/paper_reward.toml) is min((1.2 x coverage + 0.3 x [hits >= 2]) x repetition, 1.5)."""
+    enough = hits >= cfg.min_hits
+    if cfg.gate_coverage and not enough:
+        return 0.0
+    raw = cfg.path_scale * coverage + cfg.hit_bonus * enough
+    if cfg.repetition_factor:
+        raw *= repetition_factor(trace_text)
+    return min(raw, cfg.max_path_reward)
+
+
 def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: KG,
           cfg: RewardConfig) -> dict[str, Any]:
     """Score one completion against its example; returns a flat breakdown dict.
@@ -162,7 +198,7 @@ def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: 
     correct = p.valid_format and p.answer == example["answer_star"]
     if p.valid_format:
         correctness = cfg.correct if correct else cfg.incorrect
-        path_reward = min(coverage, cfg.max_path_reward) if hits >= cfg.min_hits else 0.0
+        path_reward = path_score(coverage, hits, p.trace_text, cfg)
         counts = Counter(p.trace_entities)
         spammed = any(c > cfg.repeat_max for c in counts.values())
         spam = cfg.spam_penalty if spammed else 0.0
