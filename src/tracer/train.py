@@ -259,12 +259,7 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig | dict, base_model: str) -> Path:
-    """Write adapters.safetensors (trainable LoRA weights only) + adapter_config.json (mlx-lm format)."""
-    if isinstance(config, LoraConfig):
-        config = lora_config(config, model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_adapter(model: nn.Module, out: Path, config: dict, base_model: str) -> None:
     tmp = out / ".adapters.tmp.safetensors"
     mx.save_safetensors(str(tmp), adapter_weights(model))
     os.replace(tmp, out / "adapters.safetensors")
@@ -272,36 +267,87 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig | dic
     tmp_cfg = out / ".adapter_config.tmp.json"
     tmp_cfg.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_cfg, out / "adapter_config.json")
+
+
+def _cannot_write(where: Path, exc: Exception, kept: str) -> TracerError:
+    reason = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+    return TracerError(f"cannot write {where}: {reason}; {kept}")
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig | dict, base_model: str) -> Path:
+    """Write adapters.safetensors (trainable LoRA weights only) + adapter_config.json (mlx-lm format).
+    A failed write (a full disk) removes its temporary files and raises TracerError."""
+    if isinstance(config, LoraConfig):
+        config = lora_config(config, model)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_adapter(model, out, config, base_model)
+    except (OSError, RuntimeError) as exc:  # MLX reports a failed write as RuntimeError
+        for name in (".adapters.tmp.safetensors", ".adapter_config.tmp.json"):
+            (out / name).unlink(missing_ok=True)
+        raise _cannot_write(out, exc, "files already there are unchanged") from None
     return out
+
+
+CHECKPOINTS = ("checkpoint", "checkpoint.prev", "checkpoint.old")  # newest first; .old: older tracers
 
 
 def save_checkpoint(model: nn.Module, optimizer, out_dir: Path, config: dict, base_model: str,
                     state: dict) -> Path:
-    """``out_dir/checkpoint``: adapter, optimizer state and progress, swapped in atomically."""
-    final = out_dir / "checkpoint"
-    tmp = out_dir / "checkpoint.tmp"
+    """``out_dir/checkpoint``: adapter, optimizer state and progress, swapped in atomically; the one
+    it replaces stays as ``checkpoint.prev``, to resume from if the newer one is damaged. A failed
+    write (a full disk) removes the partial checkpoint and raises TracerError."""
+    final, prev, tmp = (out_dir / n for n in ("checkpoint", "checkpoint.prev", "checkpoint.tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, config, base_model)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    old = out_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_adapter(model, tmp, config, base_model)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cannot_write(final, exc, "the last good checkpoint is intact") from None
     if final.exists():
-        final.rename(old)
+        shutil.rmtree(prev, ignore_errors=True)
+        final.rename(prev)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(out_dir / "checkpoint.old", ignore_errors=True)
     return final
 
 
-def load_checkpoint(model: nn.Module, optimizer, out_dir: Path) -> dict:
-    ckpt = out_dir / "checkpoint"
-    if not ckpt.exists() and (out_dir / "checkpoint.old" / "state.json").is_file():
-        ckpt = out_dir / "checkpoint.old"  # killed between the two renames of save_checkpoint
-    if not (ckpt / "state.json").is_file():
-        raise TracerError(f"{out_dir}: no checkpoint to resume from")
-    model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
-    return json.loads((ckpt / "state.json").read_text())
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(adapter weights, optimizer arrays, state) of a checkpoint, all read and checked."""
+    state = json.loads((ckpt / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("state.json has no step")
+    adapter, opt = mx.load(str(ckpt / "adapters.safetensors")), mx.load(str(ckpt / "optimizer.safetensors"))
+    mx.eval(list(adapter.values()), list(opt.values()))
+    return adapter, opt, state
+
+
+def load_checkpoint(model: nn.Module, optimizer, out_dir: Path, log=None) -> dict:
+    """Load the newest readable checkpoint of ``out_dir`` into ``model`` and ``optimizer``; returns
+    its state. A damaged newest one (a truncated file) falls back to the previous one, said through
+    ``log``; none readable raises TracerError naming why."""
+    damaged = []
+    for name in CHECKPOINTS:
+        ckpt = out_dir / name
+        if not ckpt.is_dir():
+            continue
+        try:
+            adapter, opt, state = _read_checkpoint(ckpt)
+        except (OSError, ValueError, RuntimeError) as exc:  # json's errors are ValueErrors
+            damaged.append(f"{ckpt} is damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+            continue
+        model.load_weights(list(adapter.items()), strict=False)
+        optimizer.state = tree_unflatten(list(opt.items()))
+        if damaged and log:
+            log(f"{damaged[0]}; resuming from {ckpt.name} at step {state['step']}")
+        return state
+    if damaged:
+        raise TracerError(f"{'; '.join(damaged)}; no checkpoint to resume from")
+    raise TracerError(f"{out_dir}: no checkpoint to resume from")
 
 
 # ------------------------------------------------------------------------------------- loop
@@ -391,7 +437,7 @@ def train(
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     start, losses, val_losses, tokens, earlier_s = 0, [], [], 0, 0.0
     if resume:
-        state = load_checkpoint(model, optimizer, out)
+        state = load_checkpoint(model, optimizer, out, progress.log)
         start, losses, val_losses, tokens = state["step"], state["losses"], state["val_losses"], state["tokens"]
         earlier_s = state.get("wall_s", 0.0)  # training time before the interruption(s)
 
