@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,9 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from tracer import generate as G  # noqa: E402
-from tracer.tiny import build_tiny_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_model import build_tiny_model  # noqa: E402  (the tests' tiny model builder)
 
 ENTS = ["DiskFull", "LogRotation", "CronJob", "OOMKill", "MemoryLimit", "CacheEviction",
         "TLSHandshake", "CertExpiry", "DNSTimeout", "ResolverConfig", "PoolExhausted", "ConnLeak"]

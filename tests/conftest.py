@@ -10,15 +10,31 @@ from tracer import backend
 backend.setup()
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TINY_MODEL_PATH = 'path = "tiny-model"'  # fixtures/tiny.toml's model.path, a stand-in for the built model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random llama of fixtures/tiny.toml, built once per session (tests/tiny_model.py)."""
+    from tiny_model import build_for_config
+
+    from tracer.config import load_config, override
+
+    work = tmp_path_factory.mktemp("tiny_model")
+    cfg = override(load_config(FIXTURES / "tiny.toml"), data__kg=str(FIXTURES / "tiny_kg.json"),
+                   data__out_dir=str(work / "data"))
+    return build_for_config(cfg, work / "model")
 
 
 @pytest.fixture
-def tiny_work(tmp_path, monkeypatch):
-    """A scratch directory with the tiny KG and a tiny config whose caches stay inside it."""
+def tiny_work(tmp_path, monkeypatch, tiny_model):
+    """A scratch directory with the tiny KG and a tiny config on the tiny model, its caches inside it."""
     (tmp_path / "data").mkdir()
-    shutil.copy(ROOT / "data" / "tiny_kg.json", tmp_path / "data" / "tiny_kg.json")
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    text = text.replace('path = "tiny"', f'path = "tiny"\ncache_dir = "{tmp_path / "cache"}"')
+    shutil.copy(FIXTURES / "tiny_kg.json", tmp_path / "data" / "tiny_kg.json")
+    text = (FIXTURES / "tiny.toml").read_text()
+    assert TINY_MODEL_PATH in text
+    text = text.replace(TINY_MODEL_PATH, f'path = "{tiny_model}"\ncache_dir = "{tmp_path / "cache"}"')
     (tmp_path / "tiny.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -8,7 +8,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from tracer import generate as G
-from tracer.tiny import build_tiny_model
+
+from tiny_model import build_tiny_model  # tests/tiny_model.py
 
 CHAT_EXAMPLE = (
     "<|im_start|>system\nYou answer multi-hop questions about a software troubleshooting knowledge "

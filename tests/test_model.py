@@ -219,7 +219,7 @@ def test_retained_heap_reuses_freed_blocks_without_page_faults(disabled):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tiny = pytest.importorskip("tracer.tiny")
+    tiny = pytest.importorskip("tiny_model")
     return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, vocab_size=300)
 
 

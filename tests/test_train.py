@@ -16,9 +16,10 @@ from tracer.config import LoraConfig, TrainConfig, load_config, override, to_tom
 from tracer.errors import TrainingInterrupted
 from tracer.generate import SYSTEM_PROMPT, generate
 from tracer.progress import NullProgress
-from tracer.tiny import build_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny_model import build_tiny_model  # tests/tiny_model.py
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 ENTS = ["DiskFull", "LogRotation", "CronJob", "OOMKill", "MemoryLimit", "CacheEviction", "TLSHandshake",
         "CertExpiry", "DNSTimeout", "ResolverConfig", "PoolExhausted", "ConnLeak", "HighLatency",
@@ -287,12 +288,13 @@ def test_init_adapter_continues_from_its_weights(facts_model, tmp_path):
     assert train.read_adapter_config(tmp_path / "b")["lora_parameters"]["rank"] == 4
 
 
-def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys):
+def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys, tiny_model):
     work = tmp_path / "w"
     (work / "data").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "tiny_kg.json", work / "data" / "tiny_kg.json")
-    cfg = override(load_config(ROOT / "configs" / "tiny.toml"), data__kg=str(work / "data" / "tiny_kg.json"),
-                   data__out_dir=str(work / "data" / "tiny"), model__cache_dir=str(work / "cache"))
+    shutil.copy(FIXTURES / "tiny_kg.json", work / "data" / "tiny_kg.json")
+    cfg = override(load_config(FIXTURES / "tiny.toml"), data__kg=str(work / "data" / "tiny_kg.json"),
+                   data__out_dir=str(work / "data" / "tiny"), model__path=str(tiny_model),
+                   model__cache_dir=str(work / "cache"))
     service.make_data(cfg)
     adapter = tmp_path / "other"
     adapter.mkdir()

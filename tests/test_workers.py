@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 
 from tracer import workers
 from tracer.errors import TracerError
-from tracer.tiny import build_tiny_model
+
+from tiny_model import build_tiny_model  # tests/tiny_model.py
 
 PROMPTS = [f"Question: What fixes E{i}?\nA) E{i + 1}\nB) E{i + 2}\nC) E{i + 3}\nD) E{i + 4}" * (1 + i % 3)
            for i in range(12)]

@@ -140,32 +140,8 @@ def guard_leakage(cfg: Config, rows: list[dict], source: str, allow: bool, kg: K
 # ------------------------------------------------------------------------------------ models
 
 
-def tiny_model_dir(cfg: Config) -> Path:
-    """Build (once) the tiny random model of tests and configs/tiny.toml, its tokenizer fitted to the data."""
-    from tracer import tiny
-
-    kg_bytes = Path(cfg.data.kg).read_bytes()
-    key = hashlib.sha256(kg_bytes + str(cfg.data.seed).encode()).hexdigest()[:12]
-    out = Path(cfg.model.cache_dir).expanduser() / "models" / f"tiny-{key}"
-    if (out / "config.json").exists():
-        return out
-    ensure_data(cfg)
-    rows = load_split(cfg, "train") + load_split(cfg, "eval")
-    texts = [
-        f"<|im_start|>system\n{dataset.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
-        f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
-        for r in rows
-    ]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tiny.build_tiny_model(tmp, texts, seed=cfg.run.seed)
-    tmp.rename(out)
-    return out
-
-
 def model_spec(cfg: Config, model: str | None = None) -> str:
-    spec = model or cfg.model.path
-    return str(tiny_model_dir(cfg)) if spec == "tiny" else spec
+    return model or cfg.model.path
 
 
 def _load_args(cfg: Config, model: str | None, adapter: str | None) -> dict:

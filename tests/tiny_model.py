@@ -3,7 +3,8 @@
 ``build_tiny_model`` trains a small byte-level BPE tokenizer on the given texts, builds a
 randomly initialised llama with mlx-lm's own model class and saves both as an mlx-lm model
 directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) with a
-ChatML chat template like SmolLM2's.
+ChatML chat template like SmolLM2's. ``build_for_config`` builds the one ``fixtures/tiny.toml``
+runs on. Import it after ``tracer.backend.setup()`` (conftest.py does).
 """
 
 from __future__ import annotations
@@ -96,3 +97,19 @@ def build_tiny_model(
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
+
+
+def build_for_config(cfg, out_dir: str | Path) -> Path:
+    """The tiny model of a config (a :class:`tracer.config.Config`): its tokenizer fitted to the
+    config's train and eval questions (generated into ``data.out_dir`` when missing), in the chat
+    format the model is trained and asked in; its weights seeded by ``run.seed``."""
+    from tracer import dataset, service
+
+    service.ensure_data(cfg)
+    rows = service.load_split(cfg, "train") + service.load_split(cfg, "eval")
+    texts = [
+        f"<|im_start|>system\n{dataset.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
+        f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
+        for r in rows
+    ]
+    return build_tiny_model(out_dir, texts, seed=cfg.run.seed)
