@@ -85,7 +85,7 @@ EPISODES = [
     episode("eval-00001", 2, False, "B", "C", "E0 -caused_by-> E7 -fixed_by-> E2",
             ["E0", "E7", "E2"], ["E0", "E1", "E2"], [["E0", "E7"]]),
     episode("eval-00002", 4, True, "D", "D", "E3 -caused_by-> E4", ["E3", "E4"], ["E3", "E4", "E5", "E6", "E0"], []),
-    episode("eval-00003", 4, False, None, "B", "E3 -a-> E4 -b-> E10", ["E3", "E4", "E10"],
+    episode("eval-00003", 4, False, None, "B", "E3 -caused_by-> E4 -b-> E10", ["E3", "E4", "E10"],
             ["E3", "E4", "E5", "E6", "E1"], [["E4", "E10"]], valid=False),
     episode("eval-00004", 2, False, "A", "D", "E1 -fixed_by-> E2", ["E1", "E2"], ["E1", "E2", "E3"], []),
 ]
@@ -372,7 +372,7 @@ def test_wrong_examples(run_a):
 
 def test_wrong_examples_with_kg(run_a):
     rows = report.wrong_examples(report.load_run(run_a), "sft", 3, kg=small_kg())
-    # E4 -> E10 is not an edge in the KG, E3 -> E4 is
+    # E4 -b-> E10 is not an edge in the KG, E3 -caused_by-> E4 is
     assert rows[1]["hops"] == [{"src": "E3", "dst": "E4", "real": True}, {"src": "E4", "dst": "E10", "real": False}]
     assert rows[0]["labels"]["E7"] == "thing 7"
 
@@ -396,3 +396,23 @@ def test_examples_renderables(run_a):
     styled = render_styled(panels[0])
     assert "\x1b[1;31m -caused_by-> E7" in styled  # hallucinated hop in red
     assert "\x1b[32m -fixed_by-> E2" in styled  # real KG edge in green
+
+
+def test_examples_check_the_written_relation(tmp_path):
+    ep = {"ex_id": "q", "hop_len": 2, "correct": False, "answer_star": "A",
+          "parsed": {"valid_format": True, "answer": "B", "trace_text": "E0 -fixed_by-> E1 -fixed_by-> E2",
+                     "trace_entities": ["E0", "E1", "E2"], "path_entities": ["E0", "E1", "E2"]}}
+    # E0 -> E1 is an edge under caused_by, not fixed_by
+    assert report._hop_list(ep, small_kg()) == [{"src": "E0", "dst": "E1", "real": False},
+                                               {"src": "E1", "dst": "E2", "real": True}]
+
+
+def test_episodes_that_are_not_utf8_are_one_error(run_a):
+    path = Path(run_a) / "episodes" / "sft.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"ex_id": "\xff"}\n')
+    lines = path.read_bytes().count(b"\n")
+    with pytest.raises(TracerError, match=rf"sft.jsonl:{lines}: not UTF-8 text"):
+        report.wrong_examples(report.load_run(run_a), "sft", 5)
+    (Path(run_a) / "metrics.json").write_bytes(b'{"phases": {"\xff": 1}}')
+    with pytest.raises(TracerError, match="metrics.json: not UTF-8 text"):
+        report.load_run(run_a)

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.errors import TracerError
-from tracer.metrics import parsed_nodes
+from tracer.metrics import parsed_nodes, trace_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
@@ -53,6 +53,8 @@ def _read_json(path: Path, run_dir: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TracerError(f"{run_dir}/{path.name}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise TracerError(f"{run_dir}/{path.name}: not UTF-8 text") from None
     except OSError as e:
         raise TracerError(f"{run_dir}/{path.name}: cannot read: {e.strerror or e}") from None
 
@@ -661,8 +663,12 @@ def read_episodes(run: dict[str, Any], phase: str) -> list[dict[str, Any]]:
         hint = f" (available: {', '.join(avail)})" if avail else ""
         raise TracerError(f"{path}: no episodes for phase '{phase}'{hint}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TracerError(f"{path}:{i}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -673,10 +679,19 @@ def read_episodes(run: dict[str, Any], phase: str) -> list[dict[str, Any]]:
 
 
 def _hop_list(ep: dict[str, Any], kg: KG | None) -> list[dict[str, Any]]:
-    nodes = parsed_nodes(ep.get("parsed") or {})
+    """The trace's written hops, each marked real when the graph has that edge, relation included
+    (with ``kg``; else read from the episode's ``hallucinated_hops``)."""
+    parsed = ep.get("parsed") or {}
+    nodes = parsed_nodes(parsed)
+    rels = trace_steps(parsed["trace_text"] or "")[1] if "trace_text" in parsed else [""] * len(nodes)
     bad = {tuple(h) for h in ep.get("hallucinated_hops") or [] if len(h) == 2}
-    return [{"src": a, "dst": b, "real": bool(kg.has_edge(a, b) if kg is not None else (a, b) not in bad)}
-            for a, b in zip(nodes, nodes[1:])]
+
+    def real(a: str, r: str, b: str) -> bool:
+        if kg is None:
+            return (a, b) not in bad
+        return kg.has_triple(a, r, b) if "trace_text" in parsed else kg.has_edge(a, b)
+
+    return [{"src": a, "dst": b, "real": real(a, r, b)} for a, r, b in zip(nodes, rels, nodes[1:])]
 
 
 def wrong_examples(run: dict[str, Any] | str | Path, phase: str, n: int,

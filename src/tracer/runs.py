@@ -50,6 +50,8 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TracerError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise TracerError(f"{p}: not UTF-8 text") from None
 
 
 def versions() -> dict[str, str]:
