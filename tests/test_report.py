@@ -416,3 +416,19 @@ def test_episodes_that_are_not_utf8_are_one_error(run_a):
     (Path(run_a) / "metrics.json").write_bytes(b'{"phases": {"\xff": 1}}')
     with pytest.raises(TracerError, match="metrics.json: not UTF-8 text"):
         report.load_run(run_a)
+
+
+def test_paired_test_between_runs(run_a, run_b):
+    path = Path(run_b) / "episodes" / "sft.jsonl"
+    eps = [dict(e) for e in EPISODES]
+    eps[1]["correct"], eps[3]["correct"], eps[4]["correct"], eps[0]["correct"] = True, True, True, False
+    path.write_text("\n".join(json.dumps(e) for e in eps) + "\n")  # run-b fixes 3, breaks 1
+    runs = [report.load_run(run_a), report.load_run(run_b)]
+    (row,) = report.paired_rows(runs)
+    assert (row["n"], row["fixed"], row["broken"]) == (5, 3, 1) and row["vs"] == "run-a/sft"
+    assert row["p"] == pytest.approx(2 * (1 + 4) / 16)
+    out = render(*report.report_renderables(runs))
+    assert "Paired test vs run-a/sft" in out and "0.625" in out
+    assert "| run-b | sft | 5 | 3 | 1 | 0.625 |" in report.to_markdown(runs)
+    assert report.to_json(runs)["paired"][0]["fixed"] == 3
+    assert report.paired_rows([runs[0]]) == []

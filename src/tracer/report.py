@@ -16,13 +16,15 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from rich.console import Group, RenderableType
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from tracer.errors import TracerError
-from tracer.metrics import parsed_nodes, trace_steps
+from tracer.metrics import mcnemar, parsed_nodes, trace_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
@@ -250,6 +252,39 @@ def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run after the first against the first, question by question (:func:`tracer.metrics.mcnemar`
+    on their latest finished phases' episodes): ``fixed`` = questions the first run gets wrong and
+    this one right, ``broken`` the reverse, ``p`` the exact two-sided p-value. Runs without
+    episodes for that phase are left out."""
+    def episodes(run: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
+        last = latest_done(run)
+        path = Path(run["dir"]) / "episodes" / f"{(last or {}).get('phase')}.jsonl"
+        return (last["phase"], read_episodes(run, last["phase"])) if last and path.is_file() else None
+
+    first = episodes(runs[0]) if runs else None
+    rows = []
+    for run in runs[1:] if first else []:
+        other = episodes(run)
+        if other is not None:
+            rows.append({"run": run["name"], "phase": other[0], "vs": f"{runs[0]['name']}/{first[0]}",
+                         **mcnemar(first[1], other[1])})
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=Text(f"Paired test vs {rows[0]['vs']} (exact McNemar)", style="bold"), title_justify="left")
+    for h in ("Run", "Phase", "n", "fixed", "broken", "p"):
+        table.add_column(h, justify="left" if h in ("Run", "Phase") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*_paired_cells(r))
+    return table
+
+
+def _paired_cells(r: dict[str, Any]) -> list[str]:
+    return [r["run"], r["phase"], str(r["n"]), str(r["fixed"]), str(r["broken"]), f"{r['p']:.3g}"]
+
+
 _BEST_KEYS = ("accuracy", "delta_base", "path_coverage", "reward", "format_rate", "edge_precision",
               "shuffle_agreement")
 
@@ -353,6 +388,31 @@ _HEADERS = ["Phase", "n", "Accuracy"] + [c[0] for c in _METRIC_COLS] + ["Time"]
 # rich tables
 
 
+# A narrow terminal gets each table without its vertical rules and with short headers, so a whole
+# number fits in every cell; a table that still does not fit wraps only between words.
+_COMPACT = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "collapse_padding": True}
+_SHORT_HEADERS = {"Path cov.": "Cov.", "Avg reward": "Reward", "Edge prec.": "Edges", "Shuffle": "Shuf."}
+
+
+class Fit:
+    """Renders the first of ``layouts`` that fits the console's width without wrapping, else the
+    last one: the boxed table on a wide terminal, the compact one on a narrow terminal."""
+
+    def __init__(self, *layouts: RenderableType):
+        self.layouts = layouts
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update_width(10_000)  # a measurement is capped at the width it is given
+        for layout in self.layouts[:-1]:
+            if Measurement.get(console, unbounded, layout).maximum <= options.max_width:
+                yield layout
+                return
+        yield self.layouts[-1]
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.layouts[-1])
+
+
 def _title(run: dict[str, Any]) -> Text:
     t = Text(run["name"], style="bold")
     if is_contaminated(run):
@@ -360,20 +420,30 @@ def _title(run: dict[str, Any]) -> Text:
     return t
 
 
-def run_table(run: dict[str, Any], per_hop: bool = False) -> Table | Group:
+def run_table(run: dict[str, Any], per_hop: bool = False) -> Fit | Group:
     """Phase table for one run; with ``per_hop`` (and per-hop data) a Group of it and ``per_hop_table(run)``."""
-    table = Table(title=_title(run), title_justify="left")
-    for i, h in enumerate(_HEADERS):  # only the phase never wraps: narrow terminals wrap headers and CIs
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold")
+    table = Fit(_phase_table(run, compact=False), _phase_table(run, compact=True))
+    if per_hop and per_hop_rows(run):
+        extra = [hop_recall_table(run)] if hop_recall_rows(run) else []
+        return Group(table, per_hop_table(run), *extra)
+    return table
+
+
+def _phase_table(run: dict[str, Any], compact: bool) -> Table:
+    """One row per phase; ``compact``: short headers, and only the accuracy wraps (its CI below it)."""
+    table = Table(title=_title(run), title_justify="left", **(_COMPACT if compact else {}))
+    for i, h in enumerate(_HEADERS):
+        if compact:
+            table.add_column(_SHORT_HEADERS.get(h, h), justify="left" if i == 0 else "right",
+                             no_wrap=h != "Accuracy", overflow="ellipsis", min_width=12 if h == "Accuracy" else None)
+        else:
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold")
     for row in phase_rows(run):
         if row["status"] != "done":
             table.add_row(Text(row["phase"], style="dim"), Text("pending", style="dim italic"),
                           *[Text("", style="dim")] * (len(_HEADERS) - 2))
         else:
             table.add_row(row["phase"], *_cells(row))
-    if per_hop and per_hop_rows(run):
-        extra = [hop_recall_table(run)] if hop_recall_rows(run) else []
-        return Group(table, per_hop_table(run), *extra)
     return table
 
 
@@ -385,15 +455,20 @@ def _hops(run: dict[str, Any]) -> list[Any]:
     return sorted(hops, key=_hop_key)
 
 
-def per_hop_table(run: dict[str, Any]) -> Table:
+def per_hop_table(run: dict[str, Any]) -> Fit:
     """Phase × hop length: accuracy, path coverage and full-length traces per hop length (finished phases)."""
+    return Fit(_per_hop_table(run, compact=False), _per_hop_table(run, compact=True))
+
+
+def _per_hop_table(run: dict[str, Any], compact: bool) -> Table:
+    """``compact``: the cells wrap between words (an accuracy above its n)."""
     title = f"{run['name']}: per hop length"
     hops = _hops(run)
     table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2,
-                  caption=None if hops else "no per-hop metrics recorded")
+                  caption=None if hops else "no per-hop metrics recorded", **(_COMPACT if compact else {}))
     table.add_column("Phase", no_wrap=True)
     for header in _per_hop_headers(hops):
-        table.add_column(header, justify="right", no_wrap=True)
+        table.add_column(header, justify="right", no_wrap=not compact, overflow="ellipsis")
     cells = _per_hop_cells(run, hops)
     for phase, vals in cells:
         table.add_row(phase, *vals)
@@ -411,14 +486,18 @@ def _hop_recall_cells(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["Phase"] + [f"hop {h}" for h in hops], cells
 
 
-def hop_recall_table(run: dict[str, Any]) -> Table:
+def hop_recall_table(run: dict[str, Any]) -> Fit:
     """Phase × hop position: how often the next hop is right when every hop before it was."""
+    return Fit(_hop_recall_table(run, compact=False), _hop_recall_table(run, compact=True))
+
+
+def _hop_recall_table(run: dict[str, Any], compact: bool) -> Table:
     title = f"{run['name']}: hop recall given a correct prefix"
     headers, rows = _hop_recall_cells(run)
     table = Table(title=Text(title, style="bold"), title_justify="left", min_width=len(title) + 2,
-                  caption="recall (episodes whose trace reached the hop)")
+                  caption="recall (episodes whose trace reached the hop)", **(_COMPACT if compact else {}))
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="ellipsis")
     for row in rows:
         table.add_row(*row)
     return table
@@ -466,23 +545,48 @@ def _cmp_cell(row: dict[str, Any], key: str, f: Any) -> str:
     return fmt_acc(row) if key == "accuracy" else f(row.get(key))
 
 
-def comparison_table(runs: Sequence[dict[str, Any]]) -> Table:
-    """One row per run: latest finished phase, accuracy delta vs base; best values bold green."""
-    table = Table(title=Text("Comparison (latest finished phase per run)", style="bold"), title_justify="left")
+def comparison_table(runs: Sequence[dict[str, Any]]) -> Fit:
+    """One row per run: latest finished phase, accuracy delta vs base; best values bold green. On a
+    terminal too narrow for that, one column per run."""
+    rows = comparison_rows(runs)
+    return Fit(_comparison_by_run(rows), _comparison_by_metric(rows))
+
+
+_CMP_TITLE = "Comparison (latest finished phase per run)"
+
+
+def _comparison_cells(row: dict[str, Any]) -> tuple[Text, list[Text]]:
+    """A comparison row's run name and its cells: phase, then :data:`_CMP_COLS`."""
+    name = Text(row["run"])
+    if row["contaminated"]:
+        name.append(" [contaminated]", style="red")
+    cells = [Text(row["phase"] or "—", style="" if row["phase"] else "dim")]
+    for _, key, f in _CMP_COLS:
+        style = BEST_STYLE if key in row["best"] else ("dim" if row["status"] != "done" else "")
+        cells.append(Text(_cmp_cell(row, key, f), style=style))
+    return name, cells
+
+
+def _comparison_by_run(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=Text(_CMP_TITLE, style="bold"), title_justify="left")
     table.add_column("Run", no_wrap=True)
     table.add_column("Phase", no_wrap=True)
     for h, _, _ in _CMP_COLS:
         table.add_column(h, justify="right", no_wrap=True)
-    for row in comparison_rows(runs):
-        name = Text(row["run"])
-        if row["contaminated"]:
-            name.append(" [contaminated]", style="red")
-        phase = Text(row["phase"] or "—", style="" if row["phase"] else "dim")
-        cells = []
-        for _, key, f in _CMP_COLS:
-            style = BEST_STYLE if key in row["best"] else ("dim" if row["status"] != "done" else "")
-            cells.append(Text(_cmp_cell(row, key, f), style=style))
-        table.add_row(name, phase, *cells)
+    for row in rows:
+        name, cells = _comparison_cells(row)
+        table.add_row(name, *cells)
+    return table
+
+
+def _comparison_by_metric(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=Text(_CMP_TITLE, style="bold"), title_justify="left", **_COMPACT)
+    table.add_column("", no_wrap=True)
+    by_run = [_comparison_cells(row) for row in rows]
+    for name, _ in by_run:
+        table.add_column(name, justify="right", overflow="ellipsis")
+    for i, label in enumerate(["Phase"] + [h for h, _, _ in _CMP_COLS]):
+        table.add_row(label, *[cells[i] for _, cells in by_run])
     return table
 
 
@@ -507,6 +611,9 @@ def report_renderables(runs: Sequence[dict[str, Any]], per_hop: bool = False) ->
         out.append(run_table(run, per_hop=per_hop))
     if len(runs) > 1:
         out.append(comparison_table(runs))
+        paired = paired_rows(runs)
+        if paired:
+            out.append(paired_table(paired))
         diff = config_diff_table(runs)
         out.append(diff if diff is not None else Text("No config differences.", style="dim"))
     return out
@@ -558,6 +665,11 @@ def to_markdown(runs: Sequence[dict[str, Any]], per_hop: bool = False) -> str:
                 cells.append(f"**{c}**" if key in row["best"] and c else c)
             rows.append([name, row["phase"] or "—"] + cells)
         parts += ["## Comparison (latest finished phase per run)", _md_table(headers, rows, right_from=2)]
+        paired = paired_rows(runs)
+        if paired:
+            parts += [f"## Paired test vs {paired[0]['vs']} (exact McNemar)",
+                      _md_table(["Run", "Phase", "n", "fixed", "broken", "p"],
+                                [_paired_cells(r) for r in paired], right_from=2)]
         diff = config_diff(runs)
         parts.append("## Config differences")
         if diff:
@@ -592,6 +704,7 @@ def to_json(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for r in runs
         ],
         "comparison": comparison_rows(runs),
+        "paired": paired_rows(runs),
         "config_diff": [{"key": k, "values": dict(zip([r["name"] for r in runs], vals))}
                         for k, vals in config_diff(runs)],
     }
