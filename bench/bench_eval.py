@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_eval.py --examples data/eval.jsonl
     .venv/bin/python bench/bench_eval.py --examples ... --adapter data/runs/run/sft --limit 64
 
-Uses ``tracer.generate.generate`` exactly as ``tracer.service.evaluate`` calls it (max_tokens from
+Uses ``tracer.generate.generate`` exactly as ``tracer.pipeline.evaluate`` calls it (max_tokens from
 ``--max-tokens``, default both 160 and 96; batch_size 32; stop at the end of the ANSWER line). Prints wall
 time, generated tokens and tokens/s per setting; with ``--limit`` also a linear extrapolation to
 all questions in the file.

@@ -4,7 +4,7 @@
 
 The old side is ``src/tracer/generate.py`` as of ``--old-rev`` (``git show``) on the adapter
 loaded unmerged (merged too with ``--old-fused``); the new side is this checkout's ``tracer.generate`` on the adapter merged into
-the weights (``tracer.model.load(fuse=True)``, what the service does). Same questions, seeds,
+the weights (``tracer.model.load(fuse=True)``, what the pipeline does). Same questions, seeds,
 batch size and stop rules; both sides run ``--reps`` times, interleaved, and the fastest run counts.
 """
 

@@ -228,17 +228,6 @@ def test_eval_path_named_by_entities_alone_is_refused(capsys, work, made):
     assert "mine-1" in run_bad(["sft", "--train", ex, "--model", "no-such-model"], capsys, work)
 
 
-def test_entity_chain_counts_only_for_rows_without_relations():
-    from tracer.service import eval_overlap
-
-    def row(rid, rels):
-        edges = [{"src": s, "rel": r, "dst": d} for s, r, d in zip("ab", rels, "bc")]
-        return {"id": rid, "path_star": {"entities": ["a", "b", "c"], "edges": edges}, "meta": {}}
-
-    # the eval path a -r-> b -r-> c; the same entities by another relation are another question
-    assert eval_overlap([row("bare", ""), row("other", "sr"), row("same", "rr")], [row("e1", "rr")]) == ["bare", "same"]
-
-
 def test_training_row_without_a_trace(capsys, work, made):
     row = json.loads((made / "train.jsonl").read_text().splitlines()[0])
     row = dict(row, id="bare-1", path_star={"entities": row["path_star"]["entities"][::-1]}, meta={}, ref={})
@@ -291,12 +280,12 @@ def test_progress_off_a_terminal_prints_plain_status_lines():
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):
-    from tracer import service
+    from tracer.pipeline import data
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(service, "make_data", interrupted)
+    monkeypatch.setattr(data, "make_data", interrupted)
     assert main(["data"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from tracer import service, train
+from tracer import train
 from tracer.cli import main
 from tracer.config import LoraConfig, TrainConfig, load_config, override, to_toml
 from tracer.errors import TrainingInterrupted
 from tracer.generate import SYSTEM_PROMPT, generate
+from tracer.pipeline.data import make_data
 from tracer.progress import NullProgress
 
 from tiny_model import build_tiny_model  # tests/tiny_model.py
@@ -295,7 +296,7 @@ def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys, tiny_m
     cfg = override(load_config(FIXTURES / "tiny.toml"), data__kg=str(work / "data" / "tiny_kg.json"),
                    data__out_dir=str(work / "data" / "tiny"), model__path=str(tiny_model),
                    model__cache_dir=str(work / "cache"))
-    service.make_data(cfg)
+    make_data(cfg)
     adapter = tmp_path / "other"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "base_model": "someone/else"}))

@@ -1,4 +1,4 @@
-"""The `tracer` command line: parses options, calls the service layer, prints rich tables.
+"""The `tracer` command line: parses options, calls the pipeline stages (tracer.pipeline), prints rich tables.
 
 Bad input is reported as one line on stderr with exit code 2 and no traceback.
 """
@@ -109,6 +109,13 @@ def _progress() -> RichProgress:
     return RichProgress(console)
 
 
+def _workspace(cfg: Config, **kwargs: Any):
+    """The workspace a pipeline command works in (``run_dir``, ``model``), reporting on the console."""
+    from tracer.pipeline.workspace import Workspace
+
+    return Workspace.open(cfg, progress=_progress(), **kwargs)
+
+
 # ------------------------------------------------------------------------------------- tables
 
 
@@ -155,11 +162,11 @@ def data(
     ),
 ) -> None:
     """Generate train (1-3 hops), RSFT-pool and held-out eval (4-5 hops) questions from the KG."""
-    from tracer import service
+    from tracer.pipeline import data as stage
 
     cfg = _config(config, data__kg=kg, data__out_dir=output, data__seed=seed, data__context=context,
                   data__exclude=exclude or None)
-    out = service.make_data(cfg)
+    out = stage.make_data(cfg)
     console.print(data_table(out["summary"]))
     for w in out["summary"].get("warnings", []):
         err_console.print(f"warning: {w}")
@@ -182,13 +189,11 @@ def eval_(
     seed: Optional[int] = SeedOpt,
 ) -> None:
     """Evaluate a model (optionally with an adapter) on held-out questions, scored by the KG reward."""
-    from tracer import service
+    from tracer.pipeline.evaluate import evaluate
 
     cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__max_tokens=max_tokens, eval__seed=seed)
-    out = service.evaluate(
-        cfg, examples=examples, model=model, adapter=adapter, phase=phase, output=output, shuffled=shuffled,
-        progress=_progress(),
-    )
+    ws = _workspace(cfg, run_dir=output, model=model)
+    out = evaluate(ws, examples=examples, adapter=adapter, phase=phase, shuffled=shuffled)
     print_phase(out["run_dir"])
     console.print(f"episodes: {out['episodes']}")
 
@@ -214,11 +219,11 @@ def sft(
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """LoRA SFT on reference traces (loss on the completion only)."""
-    from tracer import service
+    from tracer.pipeline.finetune import sft as train_sft
 
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
-    _print_train(service.sft(cfg, train=train, model=model, output=output, resume=resume,
-                             allow_eval_overlap=allow_eval_overlap, progress=_progress()))
+    _print_train(train_sft(_workspace(cfg, model=model), train=train, adapter_out=output, resume=resume,
+                           allow_eval_overlap=allow_eval_overlap))
 
 
 @app.command("continue")
@@ -234,11 +239,11 @@ def continue_(
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """Continue training an existing adapter on new examples (refuses another base model's adapter)."""
-    from tracer import service
+    from tracer.pipeline.finetune import continue_ as train_on
 
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
-    _print_train(service.continue_(cfg, adapter=adapter, train=train, output=output, model=model,
-                                   allow_eval_overlap=allow_eval_overlap, progress=_progress()))
+    _print_train(train_on(_workspace(cfg, model=model), adapter=adapter, train=train, adapter_out=output,
+                          allow_eval_overlap=allow_eval_overlap))
 
 
 @app.command()
@@ -259,12 +264,12 @@ def rsft(
                                 "(after an interruption, or to add rounds by raising --rounds)."),
 ) -> None:
     """Rejection sampling: sample K answers per question, keep KG-rewarded winners, fine-tune, evaluate."""
-    from tracer import service
+    from tracer.pipeline.rsft import rsft as sample_and_train
 
     cfg = _config(config, data__kg=kg, rsft__iters=iters, rsft__k_samples=k_samples, rsft__rounds=rounds,
                   rsft__max_questions=max_examples, rsft__seed=seed)
-    out = service.rsft(cfg, adapter=adapter, pool=train, model=model, output=output,
-                       allow_eval_overlap=allow_eval_overlap, resume=resume, progress=_progress())
+    out = sample_and_train(_workspace(cfg, model=model), adapter=adapter, pool=train, adapter_out=output,
+                           allow_eval_overlap=allow_eval_overlap, resume=resume)
     table = Table(title="RSFT rounds")
     for col in ("round", "questions", "with winner", "mean sample reward", "sample acc.", "winners kept"):
         table.add_column(col, justify="right")
@@ -293,11 +298,11 @@ def consolidate(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
 ) -> None:
     """After RSFT: fine-tune on the last round's winners plus short training questions (restores fact recall), evaluate."""
-    from tracer import service
+    from tracer.pipeline.consolidate import consolidate as train_consolidation
 
     cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
-    out = service.consolidate(cfg, run_dir=run_dir, adapter=adapter, samples=samples, pool=pool, model=model, output=output,
-                              allow_eval_overlap=allow_eval_overlap, resume=resume, progress=_progress())
+    out = train_consolidation(_workspace(cfg, run_dir=run_dir, model=model), adapter=adapter, samples=samples,
+                              pool=pool, adapter_out=output, allow_eval_overlap=allow_eval_overlap, resume=resume)
     console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
                   "training questions")
     _print_train(out["train"])
@@ -317,13 +322,13 @@ def run_(
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """The whole pipeline: data → base eval → SFT → eval → RSFT → eval (→ consolidate → eval) → report."""
-    from tracer import service
+    from tracer.pipeline.run import run as run_pipeline
 
     if force and resume:
         raise TracerError("--force and --resume exclude each other")
     cfg = _config(config, run__name=name, model__path=model, run__seed=seed, sft__seed=seed, rsft__seed=seed,
                   consolidate__seed=seed, eval__seed=seed)
-    out = service.run(cfg, force=force, resume=resume, allow_eval_overlap=allow_eval_overlap, progress=_progress())
+    out = run_pipeline(_workspace(cfg), force=force, resume=resume, allow_eval_overlap=allow_eval_overlap)
     if out.get("data"):
         console.print(data_table(out["data"]["summary"]))
     print_phase(out["run_dir"])

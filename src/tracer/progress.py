@@ -33,3 +33,23 @@ class NullProgress:
 
     def log(self, message: str) -> None:
         pass
+
+
+class OneBar:
+    """Relays several calls' updates to ``progress``, whose task the caller starts and stops: one
+    bar for all of them (each call's own start and stop are dropped)."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def update(self, advance: int = 1, **info: Any) -> None:
+        self.progress.update(advance, **info)
+
+    def stop(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.progress.log(message)

@@ -6,9 +6,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tracer import service
 from tracer.config import config_from_dict, load_config
-from tracer.kg import load_kg
+from tracer.pipeline import rsft
+from tracer.pipeline.workspace import Workspace
 
 
 def _script(questions: dict[str, dict], solves: dict[str, set[int]], calls: list[dict]):
@@ -42,10 +42,16 @@ def _script(questions: dict[str, dict], solves: dict[str, set[int]], calls: list
 
 @pytest.fixture
 def pool_questions(tiny_work):
-    cfg = load_config(tiny_work / "tiny.toml")
-    service.ensure_data(cfg)
-    questions = service.load_split(cfg, "rsft")[:6]
-    return cfg, questions, load_kg(cfg.data.kg)
+    ws = Workspace.open(load_config(tiny_work / "tiny.toml"))
+    ws.ensure_data()
+    return ws.cfg, ws.load_split("rsft")[:6]
+
+
+def _sample(cfg, questions, r, partial, pool, *, reuse):
+    """rsft.sample_round of round ``r`` in a workspace of ``cfg`` whose generation pool is ``pool``."""
+    ws = Workspace.open(cfg)
+    ws.generation_pool = pool
+    return rsft.sample_round(ws, adapter="adapter", questions=questions, round_index=r, partial=partial, reuse=reuse)
 
 
 def _cfg(cfg, **rsft):
@@ -55,16 +61,15 @@ def _cfg(cfg, **rsft):
 
 
 def test_first_samples_resample_only_questions_without_a_winner(pool_questions, tmp_path, monkeypatch):
-    cfg, questions, kg = pool_questions
+    cfg, questions = pool_questions
     ids = [q["id"] for q in questions]
     # q0-q2 win at once; q3 only in the second stage; q4, q5 never
     solves = {i: ({0, 1} if n < 3 else {1} if n == 3 else set()) for n, i in enumerate(ids)}
     calls: list[dict] = []
-    monkeypatch.setattr(service, "generation_pool", _script({q["id"]: q for q in questions}, solves, calls))
-    monkeypatch.setattr(service, "SAMPLE_CHUNK", 4)
+    pool = _script({q["id"]: q for q in questions}, solves, calls)
+    monkeypatch.setattr(rsft, "SAMPLE_CHUNK", 4)
     staged = _cfg(cfg, k_samples=4, first_samples=1, min_reward=1.5)
-    scored, reused = service._sample_round(staged, None, "adapter", questions, kg, 2, service.NullProgress(),
-                                           tmp_path / "partial.jsonl", reuse=False)
+    scored, reused = _sample(staged, questions, 2, tmp_path / "partial.jsonl", pool, reuse=False)
     assert not reused
     # per question in pool order, by sample index
     assert [(s["ex_id"], s["sample"]) for s in scored] == [
@@ -72,28 +77,26 @@ def test_first_samples_resample_only_questions_without_a_winner(pool_questions, 
     # stage 1: 6 questions x 1 in chunks of 4; stage 2: the 3 without a winner x 3, one chunk
     assert calls == [{"seed": cfg.rsft.seed + 2, "prompts": 4}, {"seed": cfg.rsft.seed + 2 + 1000, "prompts": 2},
                      {"seed": cfg.rsft.seed + 2 + 1_000_000, "prompts": 9}]
-    winners = service.select_winners(scored, 1, 1.5)
+    winners = rsft.select_winners(scored, 1, 1.5)
     assert sorted(w["ex_id"] for w in winners) == sorted(ids[:4])
     assert [w["sample"] for w in winners if w["ex_id"] == ids[3]] == [1]  # the first second-stage sample
 
     # all at once (first_samples = 0): every question K samples, in one stage, as before
     calls.clear()
-    scored, _ = service._sample_round(_cfg(cfg, k_samples=4, min_reward=1.5), None, "adapter", questions, kg, 2,
-                                      service.NullProgress(), tmp_path / "all.jsonl", reuse=False)
+    scored, _ = _sample(_cfg(cfg, k_samples=4, min_reward=1.5), questions, 2, tmp_path / "all.jsonl", pool, reuse=False)
     assert [(s["ex_id"], s["sample"]) for s in scored] == [(i, k) for i in ids for k in range(4)]
     assert calls == [{"seed": cfg.rsft.seed + 2, "prompts": 16}, {"seed": cfg.rsft.seed + 2 + 1000, "prompts": 8}]
 
 
 def test_a_round_killed_in_its_second_stage_resumes_with_the_same_samples(pool_questions, tmp_path, monkeypatch):
-    cfg, questions, kg = pool_questions
+    cfg, questions = pool_questions
     ids = [q["id"] for q in questions]
     solves = {i: ({0} if n % 2 else {1}) for n, i in enumerate(ids)}
-    monkeypatch.setattr(service, "SAMPLE_CHUNK", 2)
+    monkeypatch.setattr(rsft, "SAMPLE_CHUNK", 2)
     staged = _cfg(cfg, k_samples=3, first_samples=1, min_reward=1.5)
     calls: list[dict] = []
-    monkeypatch.setattr(service, "generation_pool", _script({q["id"]: q for q in questions}, solves, calls))
-    want, _ = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(),
-                                    tmp_path / "full.jsonl", reuse=False)
+    pool = _script({q["id"]: q for q in questions}, solves, calls)
+    want, _ = _sample(staged, questions, 1, tmp_path / "full.jsonl", pool, reuse=False)
 
     class Killed(Exception):
         pass
@@ -115,47 +118,42 @@ def test_a_round_killed_in_its_second_stage_resumes_with_the_same_samples(pool_q
 
     # killed in the first stage (its third chunk): the second stage has not started
     partial = tmp_path / "partial.jsonl"
-    monkeypatch.setattr(service, "generation_pool", dies_at(cfg.rsft.seed + 1 + 2000))
+    pool = dies_at(cfg.rsft.seed + 1 + 2000)
     with pytest.raises(Killed):
-        service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial, reuse=False)
+        _sample(staged, questions, 1, partial, pool, reuse=False)
     assert len(partial.read_text().splitlines()) == 4
     calls.clear()
-    monkeypatch.setattr(service, "generation_pool", real_script)
-    got, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
-                                        reuse=True)
+    pool = real_script
+    got, reused = _sample(staged, questions, 1, partial, pool, reuse=True)
     assert got == want and not reused
     assert [c["seed"] for c in calls] == [cfg.rsft.seed + 1 + 2000, cfg.rsft.seed + 1 + 1_000_000,
                                           cfg.rsft.seed + 1 + 1_000_000 + 1000]
     # killed in the second stage (its second chunk)
     partial.unlink()
-    monkeypatch.setattr(service, "generation_pool", dies_at(cfg.rsft.seed + 1 + 1_000_000 + 1000))
+    pool = dies_at(cfg.rsft.seed + 1 + 1_000_000 + 1000)
     with pytest.raises(Killed):
-        service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial, reuse=False)
+        _sample(staged, questions, 1, partial, pool, reuse=False)
     # stage 1 (6 x 1) and the second stage's first chunk (2 questions x 2) are on disk
     assert len(partial.read_text().splitlines()) == 6 + 4
     calls.clear()
-    monkeypatch.setattr(service, "generation_pool", real_script)
-    got, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
-                                        reuse=True)
+    pool = real_script
+    got, reused = _sample(staged, questions, 1, partial, pool, reuse=True)
     assert not reused and calls == [{"seed": cfg.rsft.seed + 1 + 1_000_000 + 1000, "prompts": 2}]
     assert got == want
     calls.clear()
-    again, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
-                                          reuse=True)
+    again, reused = _sample(staged, questions, 1, partial, pool, reuse=True)
     assert reused and calls == [] and again == want
     # a row past k_samples (a partial file drawn under a larger K): the chunks of its question, in
     # both stages, are drawn again
     with partial.open("a") as f:
         f.write(json.dumps(dict(want[0], sample=3)) + "\n")
     calls.clear()
-    got, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
-                                        reuse=True)
+    got, reused = _sample(staged, questions, 1, partial, pool, reuse=True)
     assert not reused and got == want and [c["seed"] for c in calls] == [cfg.rsft.seed + 1, cfg.rsft.seed + 1_000_001]
     # ... once: the stale row is gone from the file, so the next resume reuses everything
     assert all(json.loads(line)["sample"] < 3 for line in partial.read_text().splitlines())
     calls.clear()
-    again, reused = service._sample_round(staged, None, "a", questions, kg, 1, service.NullProgress(), partial,
-                                          reuse=True)
+    again, reused = _sample(staged, questions, 1, partial, pool, reuse=True)
     assert reused and calls == [] and again == want
 
 

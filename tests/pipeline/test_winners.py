@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tracer.errors import TracerError
-from tracer.service import consolidation_rows, round_questions, winner_rows
+from tracer.pipeline.consolidate import consolidation_rows
+from tracer.pipeline.rsft import read_partial, round_questions, select_winners, winner_rows
 
 
 def _row(qid: str, hop_len: int, prompt: str = "", answer: str = "A") -> dict:
@@ -72,8 +73,6 @@ def test_winners_drawn_under_another_prompt_take_the_rows_letter():
 
 
 def test_winner_ties_go_to_the_trace_with_real_edges():
-    from tracer.service import select_winners
-
     def scored(sample, total, edge_precision, completion, correct=True):
         return {"ex_id": "q", "sample": sample, "correct": correct, "completion": completion,
                 "parsed": {"valid_format": True}, "reward": {"total": total, "edge_precision": edge_precision}}
@@ -99,15 +98,13 @@ def test_rounds_rotate_through_the_pool():
 
 
 def test_partial_samples_drop_a_cut_line_and_keep_the_latest_draw(tmp_path):
-    from tracer.service import _read_partial
-
     rows = [{"ex_id": "q1", "sample": 0, "round": 2, "completion": "old"},
             {"ex_id": "q1", "sample": 1, "round": 2, "completion": "b"},
             {"ex_id": "q9", "sample": 0, "round": 1, "completion": "another round"},
             {"ex_id": "q1", "sample": 0, "round": 2, "completion": "new"}]  # the chunk drawn again
     path = tmp_path / "rsft_r2_samples.partial.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"ex_id": "q2", "sam')  # killed mid-line
-    have = _read_partial(path, 2)
+    have = read_partial(path, 2)
     assert set(have) == {"q1"} and sorted(have["q1"]) == [0, 1]
     assert have["q1"][0]["completion"] == "new"
-    assert _read_partial(tmp_path / "missing.jsonl", 2) == {}
+    assert read_partial(tmp_path / "missing.jsonl", 2) == {}

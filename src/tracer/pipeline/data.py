@@ -1,0 +1,127 @@
+"""The question splits: generated from the KG, written with a record of what made them, checked
+against the config before any later command reuses them; and the leakage guard, which refuses
+training rows that overlap the eval split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tracer import dataset, runs
+from tracer.config import Config, DataConfig
+from tracer.errors import TracerError
+from tracer.kg import KG, load_kg
+
+if TYPE_CHECKING:
+    from tracer.pipeline.workspace import Workspace
+
+SPLIT_FILES = {"train": "train.jsonl", "rsft": "rsft.jsonl", "eval": "eval.jsonl", "eval_shuffled": "eval_shuffled.jsonl"}
+SETTINGS_FILE = "splits.json"
+
+
+def split_path(cfg: Config, split: str) -> Path:
+    return Path(cfg.data.out_dir) / SPLIT_FILES[split]
+
+
+def data_settings(cfg: Config) -> dict:
+    """What the splits are a function of: the KG's content and every [data] knob that shapes them."""
+    kg = Path(cfg.data.kg)
+    digest = None
+    if kg.is_file():
+        raw = kg.read_bytes()
+        try:  # the content, not its formatting
+            raw = json.dumps(json.loads(raw), sort_keys=True).encode()
+        except ValueError:
+            pass
+        digest = hashlib.sha256(raw).hexdigest()
+    return {"kg_sha256": digest, **cfg.data.model_dump(exclude={"kg", "out_dir", "shuffled_eval"})}
+
+
+def excluded_keys(cfg: Config) -> frozenset:
+    """Path keys of the questions in ``data.exclude``'s files: no generated question may take them."""
+    return frozenset(dataset.path_key(r) for f in cfg.data.exclude for r in dataset.load_examples(f))
+
+
+def make_data(cfg: Config, kg: KG | None = None) -> dict:
+    """Generate the question splits from the KG (``kg``, or ``data.kg`` loaded) and write them;
+    returns paths and the summary.
+
+    ``splits.json`` beside them records :func:`data_settings`, so later commands can tell
+    whether the files still match their config.
+    """
+    kg = kg or load_kg(cfg.data.kg)
+    splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg))
+    paths = dataset.write_splits(splits, cfg.data.out_dir)
+    runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, data_settings(cfg))
+    return {"paths": {k: str(v) for k, v in paths.items()}, "summary": dataset.summarize(splits, kg, cfg.data)}
+
+
+def ensure_data(cfg: Config, kg: KG | None = None) -> dict | None:
+    """Generate the splits if any of them is missing; returns the summary when it generated.
+
+    Splits made under other [data] settings (or another KG) are refused, not silently reused.
+    Splits without ``splits.json`` (written before it existed) are taken as they are.
+    """
+    needed = ["train", "rsft", "eval"] + (["eval_shuffled"] if cfg.data.shuffled_eval else [])
+    if not all(split_path(cfg, s).exists() for s in needed):
+        return make_data(cfg, kg)
+    stored_file = Path(cfg.data.out_dir) / SETTINGS_FILE
+    if stored_file.is_file():
+        stored, now = runs.read_json(stored_file), data_settings(cfg)
+        if not isinstance(stored, dict):
+            raise TracerError(f"{stored_file}: expected a JSON object; remake the splits with `tracer data -c CONFIG`")
+        default = DataConfig().model_dump()  # a knob newer than the record: its default was in force
+        changed = [k for k in now if stored.get(k, default.get(k)) != now[k]]
+        if changed:
+            what = ", ".join("the KG" if k == "kg_sha256" else f"data.{k}" for k in changed)
+            raise TracerError(f"{cfg.data.out_dir}: the splits there were made under other settings ({what} differ); "
+                              "remake them with `tracer data -c CONFIG` or set data.out_dir to a new directory")
+    return None
+
+
+# ------------------------------------------------------------------------------ leakage guard
+
+
+def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
+    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split.
+
+    A row that names no relations is matched by its entity chain instead.
+    """
+    eval_ids = {r["id"] for r in eval_rows}
+    eval_keys = {dataset.path_key(r) for r in eval_rows}
+    eval_chains = {tuple(r["path_star"]["entities"]) for r in eval_rows}
+
+    def leaks(r: dict) -> bool:
+        key = dataset.path_key(r)
+        return r["id"] in eval_ids or key in eval_keys or (not key[1] and tuple(r["path_star"]["entities"]) in eval_chains)
+
+    return [r["id"] for r in train_rows if leaks(r)]
+
+
+def guard_leakage(ws: Workspace, rows: list[dict], source: str, *, allow: bool) -> bool:
+    """Refuse training rows that overlap the eval split; returns True when the run is contaminated.
+
+    With no eval split on disk yet, the one the config would make (and a later ``tracer eval``
+    would evaluate on) is generated in memory to compare against; where the config can make none,
+    there is nothing to leak into.
+    """
+    eval_file, where = ws.split_path("eval"), ""
+    if eval_file.exists():
+        eval_rows = ws.load_split("eval")
+    else:
+        exclude = excluded_keys(ws.cfg)
+        try:
+            eval_rows, where = dataset.generate_splits(ws.kg, ws.cfg.data, exclude)["eval"], " (not made yet)"
+        except TracerError:
+            return False
+    overlap = eval_overlap(rows, eval_rows)
+    if not overlap:
+        return False
+    if not allow:
+        raise TracerError(
+            f"{source}: {len(overlap)} training examples overlap the eval split {eval_file}{where} "
+            f"(first: {overlap[0]}); refusing to train on eval questions (--allow-eval-overlap overrides)"
+        )
+    return True

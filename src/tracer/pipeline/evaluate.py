@@ -1,0 +1,96 @@
+"""Evaluation: answer the eval questions (greedy), score each answer with the KG reward, and record
+the phase (metrics and episodes) in the run directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tracer import dataset, runs
+from tracer.config import to_toml
+from tracer.pipeline.finetune import adapter_contaminated
+from tracer.pipeline.workspace import Workspace
+from tracer.progress import OneBar
+
+
+def score_rows(ws: Workspace, rows: list[dict], completions: list[str], phase: str) -> list[dict]:
+    """One scored episode per row and its completion."""
+    from tracer import reward
+
+    matcher = reward.EntityMatcher(ws.kg.entities)
+    return [
+        reward.episode(row, text, phase, reward.score(text, row, matcher, ws.kg, ws.cfg.reward))
+        for row, text in zip(rows, completions)
+    ]
+
+
+def evaluate(
+    ws: Workspace,
+    *,
+    examples: str | None = None,
+    adapter: str | None = None,
+    phase: str = "eval",
+    shuffled: bool | None = None,
+    contaminated: bool = False,
+) -> dict:
+    """Generate answers for the eval questions (or ``examples``), score them with the KG and record
+    the phase in ``ws.run_dir``; ``shuffled`` (default ``eval.shuffled``) also answers the
+    option-permuted copies and records how often both answers agree."""
+    from tracer import metrics
+
+    cfg = ws.cfg
+    contaminated = contaminated or adapter_contaminated(adapter)
+    rows = _eval_rows(ws, examples)
+    pool = ws.generation_pool(adapter)
+    t0 = time.perf_counter()
+    with pool:
+        episodes = score_rows(ws, rows, _answer(ws, pool, rows), phase)
+        entry = metrics.aggregate(episodes)
+        entry["shuffle_agreement"] = None
+        if cfg.eval.shuffled if shuffled is None else shuffled:
+            entry["shuffle_agreement"] = _shuffle_agreement(ws, pool, examples, rows, episodes, phase)
+    entry["wall_s"] = round(time.perf_counter() - t0, 2)  # model loading included
+    entry["workers"] = pool.used
+    entry["finished_at"] = runs.now()
+    entry["model"] = ws.model_spec()
+    entry["adapter"] = adapter
+    entry["examples"] = str(examples or ws.split_path("eval"))
+    _record(ws, phase, entry, episodes, contaminated)
+    return {"phase": phase, "entry": entry, "run_dir": str(ws.run_dir), "episodes": str(runs.episodes_path(ws.run_dir, phase))}
+
+
+def _eval_rows(ws: Workspace, examples: str | None) -> list[dict]:
+    if examples is None:
+        ws.ensure_data()
+    rows = ws.load_split("eval", examples)
+    return rows[: ws.cfg.eval.max_examples] if ws.cfg.eval.max_examples else rows
+
+
+def _answer(ws: Workspace, pool, rows: list[dict]) -> list[str]:
+    """Greedy completions of ``rows``' prompts, on one progress bar."""
+    ec = ws.cfg.eval
+    ws.progress.start("generate", total=len(rows))
+    texts = pool.generate([r["prompt"] for r in rows], progress=OneBar(ws.progress), max_tokens=ec.max_tokens,
+                          batch_size=ec.batch_size, seed=ec.seed)
+    ws.progress.stop()
+    return texts
+
+
+def _shuffle_agreement(ws: Workspace, pool, examples: str | None, rows: list[dict], episodes: list[dict],
+                       phase: str) -> float | None:
+    """Answers the option-permuted copies of ``rows`` (``eval_shuffled.jsonl`` beside them) and
+    returns how often they pick the same entity as ``episodes``."""
+    from tracer import metrics
+
+    path = Path(examples).with_name("eval_shuffled.jsonl") if examples else ws.split_path("eval_shuffled")
+    wanted = {r["id"] + "-shuf" for r in rows}
+    shuf_rows = [r for r in ws.load_split("eval_shuffled", path) if r["id"] in wanted]
+    shuf_eps = score_rows(ws, shuf_rows, _answer(ws, pool, shuf_rows), phase + "_shuffled")
+    return metrics.shuffle_agreement(episodes, shuf_eps, rows, shuf_rows)
+
+
+def _record(ws: Workspace, phase: str, entry: dict, episodes: list[dict], contaminated: bool) -> None:
+    if not (ws.run_dir / "meta.json").exists():
+        runs.init_run(ws.run_dir, to_toml(ws.cfg), [phase], ws.cfg.run.seed)
+    dataset.write_jsonl(runs.episodes_path(ws.run_dir, phase), episodes)
+    runs.record_phase(ws.run_dir, phase, entry, contaminated=contaminated)

@@ -1,0 +1,99 @@
+"""The whole pipeline into one run directory: data → base eval → SFT → eval → RSFT rounds (each
+evaluated) → consolidation → eval, the phases ``run.phases`` names; ``resume`` skips finished ones."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tracer import runs
+from tracer.config import Config, load_config, to_toml
+from tracer.pipeline.consolidate import consolidate
+from tracer.pipeline.data import guard_leakage
+from tracer.pipeline.evaluate import evaluate
+from tracer.pipeline.finetune import sft
+from tracer.pipeline.rsft import rsft, rsft_phase_name
+from tracer.pipeline.workspace import Workspace
+
+
+def planned_phases(cfg: Config) -> list[str]:
+    """The phases a run records, RSFT's rounds each under its own name."""
+    phases = []
+    for p in cfg.run.phases:
+        if p == "rsft":
+            phases += [rsft_phase_name(r) for r in range(1, cfg.rsft.rounds + 1)]
+        else:
+            phases.append(p)
+    return phases
+
+
+@dataclass
+class _Run:
+    """One :func:`run` call, once its directory is prepared."""
+
+    ws: Workspace
+    contaminated: bool
+    done: set[str]  # phases finished before (resume)
+
+    def wanted(self, phase: str) -> bool:
+        return phase in self.ws.cfg.run.phases and phase not in self.done
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        runs.update_meta(self.ws.run_dir, timings={name: round(time.perf_counter() - t0, 2)})
+        return out
+
+    def evaluate(self, phase: str, adapter: str | None = None) -> dict:
+        return self.timed(phase, lambda: evaluate(self.ws, adapter=adapter, phase=phase, contaminated=self.contaminated))
+
+
+def run(ws: Workspace, *, force: bool = False, resume: bool = False, allow_eval_overlap: bool = False) -> dict:
+    """The whole pipeline into ``ws.run_dir``; ``resume`` skips finished phases, ``force``
+    overwrites an existing run."""
+    data_summary, r = _open(ws, force=force, resume=resume, allow_eval_overlap=allow_eval_overlap)
+    results: dict[str, Any] = {"run_dir": str(ws.run_dir), "data": data_summary, "phases": {}}
+    if r.wanted("base"):
+        results["phases"]["base"] = r.evaluate("base")
+    sft_dir = runs.model_dir(ws.run_dir, "sft")
+    if r.wanted("sft"):
+        if not runs.has_adapter(sft_dir):
+            stats = sft(ws, adapter_out=sft_dir, resume=resume and (sft_dir / "checkpoint").exists(),
+                        allow_eval_overlap=allow_eval_overlap)
+            runs.update_meta(ws.run_dir, timings={"sft_train": stats["wall_s"]})  # across interruptions
+        results["phases"]["sft"] = r.evaluate("sft", str(sft_dir))
+    rsft_phases = [p for p in planned_phases(ws.cfg) if p.startswith("rsft")]
+    if "rsft" in ws.cfg.run.phases and not set(rsft_phases) <= r.done:
+        results["rsft"] = r.timed("rsft", lambda: rsft(ws, adapter=str(sft_dir), allow_eval_overlap=allow_eval_overlap,
+                                                       resume=resume))
+    cons_dir = runs.model_dir(ws.run_dir, "consolidate")
+    if r.wanted("consolidate"):
+        if not runs.has_adapter(cons_dir):
+            out = consolidate(ws, adapter_out=cons_dir, resume=resume and (cons_dir / "checkpoint").exists(),
+                              allow_eval_overlap=allow_eval_overlap, evaluate_after=False)
+            runs.update_meta(ws.run_dir, timings={"consolidate_train": out["train"]["wall_s"]})
+        results["phases"]["consolidate"] = r.evaluate("consolidate", str(cons_dir))
+    runs.update_meta(ws.run_dir, finished_at=runs.now())
+    results["metrics"] = runs.read_json(ws.run_dir / "metrics.json", default={})
+    return results
+
+
+def _open(ws: Workspace, *, force: bool, resume: bool, allow_eval_overlap: bool) -> tuple[dict | None, _Run]:
+    """Check the run directory, the data and the leakage guard, then prepare the directory;
+    returns the data summary (when the splits were made now) and the run."""
+    cfg, run_dir = ws.cfg, ws.run_dir
+    stored, config_toml = run_dir / "config.toml", to_toml(cfg)
+    if resume and stored.is_file() and load_config(stored) == cfg:
+        # the same settings, written by a tracer that had fewer knobs: not a config change
+        runs.write_text_atomic(stored, config_toml)
+    action = runs.check_run_dir(run_dir, config_toml, force=force, resume=resume)
+    data_summary = ws.ensure_data()  # bad data or a refused overlap stop the run before its directory is written
+    contaminated = False
+    for split in ["train"] + (["rsft"] if "rsft" in cfg.run.phases else []):
+        contaminated |= guard_leakage(ws, ws.load_split(split), str(ws.split_path(split)), allow=allow_eval_overlap)
+    runs.prepare_run(run_dir, config_toml, planned_phases(cfg), cfg.run.seed, action)
+    done = runs.finished_phases(run_dir) if resume else set()
+    if contaminated:
+        runs.update_meta(run_dir, contaminated=True)
+    return data_summary, _Run(ws, contaminated, done)

@@ -1,0 +1,94 @@
+"""The splits and the leakage guard: splits of other settings are refused, training rows that
+overlap the eval split are refused or mark everything they reach."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tracer.cli import main
+from tracer.pipeline.data import ensure_data, eval_overlap
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
+    assert main(["data", "--config", "tiny.toml"]) == 0
+    data = tiny_work / "data" / "tiny"
+    eval_rows = read_jsonl(data / "eval.jsonl")
+    leaky = data / "leaky.jsonl"
+    leaky.write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    capsys.readouterr()
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap the eval split" in err and eval_rows[0]["id"] in err
+    assert not (tiny_work / "data" / "runs").exists()
+    # a leaked path under a new id is caught as well
+    renamed = dict(eval_rows[1], id="innocent-looking-id")
+    leaky.write_text(json.dumps(renamed) + "\n")
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
+    # overriding trains; the adapter carries the mark into every eval that uses it
+    leaky.write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2", "-o", "leaky_adapter",
+                 "--allow-eval-overlap"]) == 0
+    assert json.loads((tiny_work / "leaky_adapter" / "adapter_config.json").read_text())["contaminated"] is True
+    assert main(["eval", "--config", "tiny.toml", "--adapter", "leaky_adapter", "-o", "leaky_run"]) == 0
+    assert json.loads((tiny_work / "leaky_run" / "metrics.json").read_text())["contaminated"] is True
+    # ... and so does a whole run trained on a leaky train split
+    (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft", "consolidate"]', 'phases = ["sft"]')
+    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 2"))
+    assert main(["run", "tiny.toml", "--allow-eval-overlap"]) == 0
+    run = tiny_work / "data" / "runs" / "tiny"
+    assert json.loads((run / "metrics.json").read_text())["contaminated"] is True
+    assert json.loads((run / "meta.json").read_text())["contaminated"] is True
+
+
+def test_splits_of_other_data_settings_are_refused_not_reused(tiny_work, capsys):
+    from tracer.config import load_config
+    from tracer.errors import TracerError
+
+    assert main(["data", "-c", "tiny.toml"]) == 0
+    cfg = load_config(tiny_work / "tiny.toml")
+    assert ensure_data(cfg) is None  # same settings: the files are reused
+    split = tiny_work / "data" / "tiny" / "eval.jsonl"
+    before = split.read_text()
+
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "other.toml").write_text(text.replace("seed = 7", "seed = 8", 1))
+    code = main(["eval", "-c", "other.toml"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.seed" in err and len(err.strip().splitlines()) == 1, err
+    assert split.read_text() == before
+
+    kg_file = tiny_work / "data" / "tiny_kg.json"
+    original = kg_file.read_text()
+    kg = json.loads(original)
+    kg_file.write_text(json.dumps(kg))  # reformatted only: still the same KG
+    assert ensure_data(cfg) is None
+    kg["edges"] = kg["edges"][1:]
+    kg_file.write_text(json.dumps(kg))
+    with pytest.raises(TracerError, match=r"\(the KG differ\)"):
+        ensure_data(cfg)
+
+    settings = tiny_work / "data" / "tiny" / "splits.json"
+    kg_file.write_text(original)  # the KG as before
+    record = json.loads(settings.read_text())
+    del record["counterfactual_pool"]  # a record older than a knob left at its default
+    settings.write_text(json.dumps(record))
+    assert ensure_data(cfg) is None
+
+    kg_file.write_text(json.dumps(kg))  # the changed KG again, but ...
+    settings.unlink()  # ... splits from before splits.json existed are taken as they are
+    assert ensure_data(cfg) is None
+
+
+def test_entity_chain_counts_only_for_rows_without_relations():
+    def row(rid, rels):
+        edges = [{"src": s, "rel": r, "dst": d} for s, r, d in zip("ab", rels, "bc")]
+        return {"id": rid, "path_star": {"entities": ["a", "b", "c"], "edges": edges}, "meta": {}}
+
+    # the eval path a -r-> b -r-> c; the same entities by another relation are another question
+    assert eval_overlap([row("bare", ""), row("other", "sr"), row("same", "rr")], [row("e1", "rr")]) == ["bare", "same"]
