@@ -1,0 +1,355 @@
+"""GRPO with the knowledge graph as reward: the LoRA policy samples G completions per question, the
+KG scores them, and the policy moves towards the completions that beat their group's mean.
+
+One step (:func:`grpo_step`):
+
+1. sample G completions for each of B questions with the current policy (batched, in process);
+2. score each with the KG reward (:func:`tracer.reward.score`);
+3. advantages, normalised within each question's group (:func:`advantages`);
+4. one AdamW step on the clipped policy-gradient loss (:func:`grpo_loss`) over the completion
+   tokens, with an optional k3 KL penalty to the starting adapter (:func:`reference_logprobs`).
+
+The loss is a token-level mean: the per-token terms summed over every completion token of the
+batch, divided by the number of those tokens (DAPO's normalisation). Each token weighs the same
+whatever its completion's length, unlike GRPO's per-completion mean, which gives the tokens of a
+short completion more weight than those of a long one with the same advantage.
+
+Each step samples from the policy it then updates once, so the sampling policy's log-probs equal
+the policy's (``logp_old = stop_gradient(logp)``): the ratio is 1 and the clip only matters for a
+caller that passes older log-probs. LoRA dropout is off throughout: the policy scored is the one
+sampled. The questions and the sampling seed of step ``s`` are functions of (seed, s), and the
+optimizer state is checkpointed with the adapter, so ``resume`` reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map, tree_unflatten
+from pydantic import Field
+
+from tracer import cpu_ops, reward
+from tracer.blas import share_cores
+from tracer.config import LoraConfig, RewardConfig, TrainConfig
+from tracer.errors import TracerError, TrainingInterrupted
+from tracer.generate import answer_end, encode_chat, finish_text, generate_tokens
+from tracer.kg import KG
+from tracer.progress import NullProgress, Progress
+from tracer.train import (Batch, Example, _logits, adapter_weights, add_lora, collate, hidden, load_checkpoint,
+                          lora_config, read_adapter_config, save_adapter, save_checkpoint, schedule)
+
+LOG_FILE = "grpo_log.jsonl"
+Scorer = Callable[[str, dict], dict]  # (completion, question row) -> reward.score()'s breakdown
+
+
+class GRPOConfig(TrainConfig):
+    """GRPO settings. Of the inherited fields, val_every, val_size, max_seq_len, curriculum,
+    answer_weight and compile are unused (no validation loss; steps are not compiled)."""
+
+    iters: int = Field(150, ge=1, description="GRPO steps, each one round of sample, score and update.")
+    batch_questions: int = Field(16, ge=1, description="Questions drawn from the pool per step (B).")
+    group_size: int = Field(
+        2, ge=2, description="Completions sampled per question (G), compared within their group (the paper uses 2).")
+    batch_size: int = Field(
+        16, ge=1, description="Completions per forward/backward pass of the update (gradients summed over all B x G).")
+    sample_batch_size: int = Field(32, ge=1, description="Completions decoded together when sampling.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature (1 samples the very policy the loss is computed for).")
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="Nucleus sampling threshold (below 1 samples away from the policy the loss assumes).")
+    max_tokens: int = Field(
+        96, ge=1, description="Token budget per sampled completion (a 5-hop trace and its answer fit).")
+    beta: float = Field(
+        0.05, ge=0,
+        description="Weight of the KL penalty to the starting adapter (k3 estimator; 0 = off, no reference pass).")
+    eps_low: float = Field(0.2, ge=0, lt=1, description="The ratio is clipped below at 1 - eps_low.")
+    eps_high: float = Field(
+        0.2, ge=0, description="The ratio is clipped above at 1 + eps_high (DAPO raises it above eps_low).")
+    advantage_scale: Literal["std", "none"] = Field(
+        "std", description="'std': (r - group mean) / group std (GRPO); 'none': r - group mean (Dr.GRPO).")
+    learning_rate: float = Field(
+        1e-5, gt=0,
+        description="Peak AdamW learning rate: a little above the paper's 8e-6, as LoRA moves fewer weights; "
+                    "far below RSFT's, as a policy gradient from B x G samples is noisy.")
+    warmup: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warmup.")
+    val_every: int = Field(0, ge=0, description="Unused: GRPO has no validation loss.")
+    save_every: int = Field(25, ge=1, description="Checkpoint every N steps.")
+    seed: int = Field(0, description="Seed for LoRA init, the questions drawn and the sampling.")
+
+
+# ------------------------------------------------------------------------------- advantages
+
+
+def advantages(rewards, group_size: int, scale: str = "std", eps: float = 1e-4) -> np.ndarray:
+    """Per completion, its reward minus its group's mean, divided by the group's std + ``eps`` when
+    ``scale == "std"`` (GRPO; the unbiased std, as TRL's); ``"none"``: not divided (Dr.GRPO).
+    ``rewards`` holds the groups one after another, ``group_size`` each."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
+    if scale not in ("std", "none"):
+        raise ValueError(f"advantage scale: expected 'std' or 'none', got {scale!r}")
+    a = r - r.mean(axis=1, keepdims=True)
+    if scale == "std":
+        a = a / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+    a[r.max(axis=1) == r.min(axis=1)] = 0.0  # exactly: a mean's rounding must not become a signal
+    return a.reshape(-1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------- loss
+
+
+def token_logprobs(model: nn.Module, b: Batch) -> mx.array:
+    """Log-probability of each loss target of ``b`` (one per completion token, in ``b``'s order)."""
+    h = hidden(model, b.inputs, b.prefix)
+    h = h.reshape(-1, h.shape[-1])[b.positions]
+    return -nn.losses.cross_entropy(_logits(model, h), b.targets, reduction="none")
+
+
+def grpo_loss(model: nn.Module, b: Batch, adv: mx.array, ref_logp: mx.array | None = None,
+              logp_old: mx.array | None = None, beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2,
+              n_tokens: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
+    """Clipped policy-gradient loss over ``b``'s completion tokens; ``adv``: each token's advantage.
+
+    Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)``, with ratio =
+    exp(logp - logp_old) (``logp_old`` None: the policy's own, gradient stopped), plus, with
+    ``ref_logp``, ``beta`` x the k3 estimate of KL(policy || reference), exp(d) - d - 1 with
+    d = ref_logp - logp. Returns (loss, kl, clip fraction), each a sum over the tokens divided by
+    ``n_tokens`` (default: ``b``'s tokens), so the values of a batch's parts add up to the batch's.
+    Clipped tokens are those whose gradient the clip cuts (ratio past the bound the advantage pushes to).
+    """
+    logp = token_logprobs(model, b)
+    n = logp.size if n_tokens is None else n_tokens
+    ratio = mx.exp(logp - (mx.stop_gradient(logp) if logp_old is None else logp_old))
+    clipped = mx.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -mx.minimum(ratio * adv, clipped * adv)
+    kl = mx.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = mx.exp(d) - d - 1.0
+        per_token = per_token + beta * kl
+    cut = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+    return per_token.sum() / n, mx.stop_gradient(kl).sum() / n, cut.sum().astype(mx.float32) / n
+
+
+def token_advantages(examples: list[Example], adv) -> mx.array:
+    """Each completion's advantage repeated over its loss positions (:func:`train.collate`'s order)."""
+    return mx.array(np.repeat(np.asarray(adv, np.float32), [len(ids) - start for ids, start in examples]))
+
+
+# -------------------------------------------------------------------------------- reference
+
+
+def swap_adapter(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Put the flat LoRA ``weights`` into ``model``; returns the ones they replace."""
+    current = adapter_weights(model)
+    model.update(tree_unflatten(list(weights.items())))
+    return current
+
+
+def reference_logprobs(model: nn.Module, batches: list[Batch], reference: dict[str, mx.array]) -> list[mx.array]:
+    """Token log-probs of each batch under the ``reference`` adapter (no gradient); the policy's
+    weights are back in place afterwards."""
+    policy = swap_adapter(model, reference)
+    try:
+        out = [mx.stop_gradient(token_logprobs(model, b)) for b in batches]
+        mx.eval(out)
+    finally:
+        swap_adapter(model, policy)
+    return out
+
+
+# ------------------------------------------------------------------------------------- step
+
+
+def sample_completions(model: nn.Module, tokenizer, questions: list[dict], cfg: GRPOConfig,
+                       seed: int) -> tuple[list[Example], list[str]]:
+    """G sampled completions per question, groups in question order: the (prompt + sampled tokens,
+    completion start) examples the loss runs on, and the texts the reward reads. A completion that
+    ended on a stop token gets the end-of-turn token as its last (sampled, so trained) token."""
+    prompts = [q["prompt"] for q in questions for _ in range(cfg.group_size)]
+    toks = generate_tokens(model, tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p, seed,
+                           cfg.sample_batch_size)
+    examples, texts, encoded = [], [], {}
+    for p, t in zip(prompts, toks):
+        ids = encoded.setdefault(p, encode_chat(tokenizer, p))
+        # not at the token budget and not cut after the ANSWER line: a stop token ended it
+        stopped = len(t) < cfg.max_tokens and answer_end(tokenizer.decode(t)) is None
+        examples.append((ids + t + ([tokenizer.eos_token_id] if stopped else []), len(ids)))
+        texts.append(finish_text(tokenizer, t))
+    return examples, texts
+
+
+def kg_scorer(kg: KG, cfg: RewardConfig) -> Scorer:
+    """``(completion, row) -> reward.score(...)`` against ``kg`` under ``cfg``."""
+    matcher = reward.EntityMatcher(kg.entities)
+    return lambda text, row: reward.score(text, row, matcher, kg, cfg)
+
+
+def policy_update(model: nn.Module, optimizer, examples: list[Example], adv: np.ndarray, cfg: GRPOConfig,
+                  reference: dict[str, mx.array] | None = None) -> dict[str, float]:
+    """One AdamW step on :func:`grpo_loss` over ``examples`` (``cfg.batch_size`` at a time, gradients
+    summed; every part normalised by the whole batch's completion tokens). Without a KL term, a
+    completion whose advantage is 0 adds nothing to the loss or its gradient, so it is skipped."""
+    cpu_ops.use_cpu_ops(model, False)  # mlx-lm's layers: generation leaves cpu_ops' ones, slower under mx.grad
+    n_tokens = sum(len(ids) - start for ids, start in examples)
+    use_kl = reference is not None and cfg.beta > 0
+    rows = [i for i in range(len(examples)) if use_kl or adv[i] != 0]
+    parts = [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    batches = [collate([examples[i] for i in part], cfg.share_prefix) for part in parts]
+    advs = [token_advantages([examples[i] for i in part], adv[part]) for part in parts]
+    refs = reference_logprobs(model, batches, reference) if use_kl else [None] * len(batches)
+    loss_and_grad = nn.value_and_grad(model, grpo_loss)
+    grads, totals = None, np.zeros(3)
+    for b, a, ref in zip(batches, advs, refs):
+        values, g = loss_and_grad(model, b, a, ref, None, cfg.beta, cfg.eps_low, cfg.eps_high, n_tokens)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(values, grads)
+        totals += [v.item() for v in values]
+    if grads is None:  # nothing to learn from: a zero gradient, so AdamW's state still advances
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    if cfg.grad_clip > 0:
+        grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    return {"loss": float(totals[0]), "kl": float(totals[1]) if use_kl else None, "clip_frac": float(totals[2]),
+            "lr": float(optimizer.learning_rate.item())}
+
+
+def grpo_step(model: nn.Module, tokenizer, optimizer, questions: list[dict], scorer: Scorer, cfg: GRPOConfig,
+              seed: int, reference: dict[str, mx.array] | None = None) -> dict[str, Any]:
+    """Sample G completions per question (seeded by ``seed``), score them, update once; returns the
+    step's metrics: rewards (mean, std), format rate, accuracy, KL, clip fraction, tokens/s."""
+    t0 = time.perf_counter()
+    examples, texts = sample_completions(model, tokenizer, questions, cfg, seed)
+    rows = [q for q in questions for _ in range(cfg.group_size)]
+    scores = [scorer(text, row) for text, row in zip(texts, rows)]
+    rewards = np.array([s["total"] for s in scores], dtype=np.float64)
+    adv = advantages(rewards, cfg.group_size, cfg.advantage_scale)
+    t1 = time.perf_counter()
+    stats = policy_update(model, optimizer, examples, adv, cfg, reference)
+    t2 = time.perf_counter()
+    tokens = sum(len(ids) - start for ids, start in examples)
+    groups = rewards.reshape(-1, cfg.group_size)
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "format_rate": float(np.mean([s["valid_format"] for s in scores])),
+        "accuracy": float(np.mean([s["correct"] for s in scores])),
+        **stats,
+        "flat_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),  # no learning signal
+        "completion_tokens": tokens,
+        "tok_s": tokens / max(t2 - t0, 1e-9),
+        "sample_s": round(t1 - t0, 3),
+        "update_s": round(t2 - t1, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------- loop
+
+
+def draw_questions(pool_size: int, n: int, seed: int, step: int) -> list[int]:
+    """Pool indices of step ``step``'s questions: ``n`` distinct ones, a function of (seed, step)."""
+    return random.Random(seed * 1_000_003 + step).sample(range(pool_size), min(n, pool_size))
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of step ``step``."""
+    return (seed * 1_000_003 + step) % 2**31
+
+
+def attach_policy(model: nn.Module, lora: LoraConfig, seed: int, init_adapter: str | None) -> dict:
+    """Put LoRA on ``model`` (initialised from ``seed``, or ``init_adapter``'s weights); returns the
+    adapter config saved with it."""
+    mx.random.seed(seed)
+    if init_adapter:
+        adapter_cfg = {k: v for k, v in read_adapter_config(init_adapter).items()
+                       if k in ("fine_tune_type", "num_layers", "lora_parameters")}
+        add_lora(model, adapter_cfg)
+        model.load_weights(str(Path(init_adapter) / "adapters.safetensors"), strict=False)
+    else:
+        adapter_cfg = lora_config(lora, model)
+        add_lora(model, adapter_cfg)
+    model.eval()  # no LoRA dropout: the policy trained is the one sampled
+    return adapter_cfg
+
+
+def _write_log(path: Path, rows: list[dict], append: bool) -> None:
+    with path.open("a" if append else "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _progress_info(m: dict) -> dict:
+    info = {"reward": round(m["reward_mean"], 3), "std": round(m["reward_std"], 3),
+            "fmt": round(m["format_rate"], 2), "acc": round(m["accuracy"], 2)}
+    if m["kl"] is not None:
+        info["kl"] = round(m["kl"], 4)
+    return dict(info, clip=round(m["clip_frac"], 3), tok_s=round(m["tok_s"]))
+
+
+def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cfg: GRPOConfig, lora: LoraConfig,
+               out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
+               init_adapter: str | None = None) -> dict:
+    """GRPO-train a LoRA policy on the ``pool`` questions, rewarded by ``scorer`` (:func:`kg_scorer`),
+    from ``init_adapter`` (else a fresh LoRA); the reference of the KL term is that start. Writes
+    the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``."""
+    if not pool:
+        raise TracerError("no GRPO questions")
+    progress = progress or NullProgress()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter_cfg = attach_policy(model, lora, cfg.seed, init_adapter)
+    reference = dict(adapter_weights(model)) if cfg.beta > 0 else None
+    optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    start, log, earlier_s = 0, [], 0.0
+    if resume:
+        state = load_checkpoint(model, optimizer, out, progress.log)
+        start, log, earlier_s = state["step"], state["log"], state.get("wall_s", 0.0)
+    log_path = out / LOG_FILE
+    _write_log(log_path, log, append=False)  # a resumed run drops steps logged after its checkpoint
+    t0 = time.perf_counter()
+
+    def checkpoint(step: int) -> Path:
+        wall_s = round(earlier_s + time.perf_counter() - t0, 2)
+        return save_checkpoint(model, optimizer, out, adapter_cfg, base_model,
+                               {"step": step, "log": log, "wall_s": wall_s})
+
+    progress.start("grpo", total=cfg.iters)
+    progress.update(start)
+    snapshot = None  # adapter and optimizer state before the running step, for a clean Ctrl-C
+    try:
+        for step in range(start, cfg.iters):
+            idx = draw_questions(len(pool), cfg.batch_questions, cfg.seed, step)
+            snapshot = (adapter_weights(model), tree_map(lambda x: x, optimizer.state), step)
+            m = grpo_step(model, tokenizer, optimizer, [pool[i] for i in idx], scorer, cfg,
+                          step_seed(cfg.seed, step), reference)
+            log.append({"step": step + 1, **m, "questions": [pool[i].get("id", i) for i in idx]})
+            snapshot = None
+            _write_log(log_path, log[-1:], append=True)
+            share_cores()  # nothing in flight here
+            progress.update(1, **_progress_info(m))
+            if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
+                checkpoint(step + 1)
+    except KeyboardInterrupt:
+        if snapshot is not None:  # stopped inside a step: roll back to the last finished one
+            swap_adapter(model, snapshot[0])
+            optimizer.state = snapshot[1]
+            del log[snapshot[2]:]
+        path = checkpoint(len(log))
+        progress.stop()
+        raise TrainingInterrupted(len(log), str(path)) from None
+    finally:
+        cpu_ops.use_cpu_ops(model, False)
+    progress.stop()
+    checkpoint(cfg.iters)
+    save_adapter(model, out, adapter_cfg, base_model)
+    return {"steps": cfg.iters, "log": log, "wall_s": round(earlier_s + time.perf_counter() - t0, 2),
+            "final_reward": log[-1]["reward_mean"] if log else float("nan"), "adapter": str(out)}
