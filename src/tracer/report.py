@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
