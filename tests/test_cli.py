@@ -85,8 +85,8 @@ def test_missing_exclude_file(capsys, work):
 def test_data_exclude_makes_a_disjoint_pool(capsys, work):
     from tracer import dataset as ds
 
-    assert main(["data", "-o", "first"]) == 0
-    assert main(["data", "-o", "second", "--seed", "7", "-x", "first/eval.jsonl", "-x", "first/rsft.jsonl"]) == 0
+    assert main(["data", "--data-dir", "first"]) == 0
+    assert main(["data", "--data-dir", "second", "--seed", "7", "-x", "first/eval.jsonl", "-x", "first/rsft.jsonl"]) == 0
     held = {ds.path_key(r) for s in ("eval", "rsft") for r in ds.load_examples(work / "first" / f"{s}.jsonl")}
     for split in ("train", "rsft", "eval"):
         rows = ds.load_examples(work / "second" / f"{split}.jsonl")
@@ -124,7 +124,7 @@ def test_empty_examples(capsys, work):
 
 def test_continue_missing_adapter(capsys, work):
     ex = write(work / "t.jsonl", "")
-    line = run_bad(["continue", "--adapter", "no_adapter", "--train", ex, "--output", "out"], capsys, work)
+    line = run_bad(["continue", "--adapter", "no_adapter", "--train", ex, "--adapter-out", "out"], capsys, work)
     assert "no_adapter" in line
 
 
@@ -162,7 +162,7 @@ def test_run_refused_for_leaky_data_writes_no_run_dir(capsys, work, made):
 
 
 def test_guard_compares_with_the_eval_split_before_it_is_made(capsys, work):
-    assert main(["data", "--output", "elsewhere"]) == 0  # the same default settings: the same eval split
+    assert main(["data", "--data-dir", "elsewhere"]) == 0  # the same default settings: the same eval split
     capsys.readouterr()
     ex = write(work / "leaky.jsonl", (work / "elsewhere" / "eval.jsonl").read_text().splitlines()[0] + "\n")
     shutil.rmtree(work / "elsewhere")
@@ -237,7 +237,7 @@ def test_training_row_without_a_trace(capsys, work, made):
 
 def test_output_path_taken_by_a_file(capsys, work):
     write(work / "taken", "")
-    assert "taken: File exists" in run_bad(["data", "--output", "taken"], capsys, work)
+    assert "taken: File exists" in run_bad(["data", "--data-dir", "taken"], capsys, work)
 
 
 def test_unknown_model_alias(capsys, work):
@@ -289,3 +289,50 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):
     assert main(["data"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+# (command, its option names, old spellings that stay accepted but hidden)
+VOCABULARY = [
+    ("data", ["--data-dir"], ["--output"]),
+    ("eval", ["--run-dir"], ["--output"]),
+    ("sft", ["--adapter-out"], ["--output"]),
+    ("continue", ["--adapter-out"], ["--output"]),
+    ("rsft", ["--pool", "--run-dir", "--adapter-out", "--max-questions"], ["--train", "--output", "--max-examples"]),
+    ("consolidate", ["--pool", "--run-dir", "--adapter-out"], ["--output"]),
+]
+
+
+@pytest.mark.parametrize("command, names, old", VOCABULARY)
+def test_each_option_name_means_one_thing_and_old_spellings_are_hidden(capsys, command, names, old):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        assert name in out, name
+    for name in old:
+        assert f"{name} " not in out and f"{name}\n" not in out, name
+
+
+def test_old_spellings_still_work(capsys, work):
+    assert main(["data", "-o", "old"]) == 0 and (work / "old" / "eval.jsonl").is_file()
+    assert main(["data", "--output", "old2", "--data-dir", "old2"]) == 0  # the same value twice is fine
+    capsys.readouterr()
+    # each old spelling reaches its new name: two different values for the pair are refused
+    for argv, pair in ((["data", "--data-dir", "a", "--output", "b"], "--data-dir and --output"),
+                       (["eval", "--run-dir", "a", "-o", "b"], "--run-dir and --output"),
+                       (["sft", "--adapter-out", "a", "-o", "b"], "--adapter-out and --output"),
+                       (["rsft", "--pool", "a", "--train", "b"], "--pool and --train"),
+                       (["rsft", "--max-questions", "3", "--max-examples", "4"], "--max-questions and --max-examples"),
+                       (["rsft", "--adapter-out", "a", "-o", "b"], "--adapter-out and --output"),
+                       (["consolidate", "--adapter-out", "a", "-o", "b"], "--adapter-out and --output")):
+        assert pair in run_bad(argv, capsys, work), argv
+
+
+def test_continue_needs_an_adapter_directory(capsys, work):
+    ex = write(work / "t.jsonl", "")
+    line = run_bad(["continue", "--adapter", "a", "--train", ex], capsys, work)
+    assert "Missing option '--adapter-out'" in line
+
+
+def test_shell_completion_is_on(capsys):
+    assert main(["--help"]) == 0
+    assert "--install-completion" in capsys.readouterr().out

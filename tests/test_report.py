@@ -293,6 +293,23 @@ def test_report_renderables(run_a, run_b):
     assert out.count("per hop length") == 2 and "Comparison" in out and "Config differences" in out
 
 
+def test_tables_fit_80_columns_without_splitting_a_number(run_a, run_b):
+    console = Console(record=True, width=80)
+    for r in report.report_renderables(report.load_runs([run_a, run_b]), per_hop=True):
+        console.print(r)
+    out = console.export_text()
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    lines = out.splitlines()
+    sft = next(line for line in lines if line.startswith("sft ") and "72.4%" in line)
+    for s in ("300", "61.0% [55.4–66.4]", "72.4%", "+0.45", "100.0%", "93.4%", "87.0%", "1m 21s"):
+        assert s in sft, s
+    for header in ("Phase", "Accuracy", "Cov.", "Reward", "Format", "Edges", "Shuf.", "Time"):  # short headers
+        assert header in out
+    assert any("70.0% (n=150)" in line for line in lines)  # per hop length
+    assert any(line.startswith("Accuracy") and "61.0% [55.4–66.4]" in line and "67.0% [61.5–72.0]" in line
+               for line in lines)  # the comparison, one column per run
+
+
 def test_duplicate_names_are_disambiguated(tmp_path):
     a = write_run(tmp_path / "x", "same", CONFIG_A, {"base": BASE})
     b = write_run(tmp_path / "y", "same", CONFIG_A, {"base": BASE})

@@ -304,7 +304,7 @@ def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys, tiny_m
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(to_toml(cfg))
     code = main(["continue", "-c", str(cfg_file), "--adapter", str(adapter), "--train",
-                 str(work / "data" / "tiny" / "train.jsonl"), "--output", str(tmp_path / "out")])
+                 str(work / "data" / "tiny" / "train.jsonl"), "--adapter-out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "someone/else" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

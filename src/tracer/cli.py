@@ -30,7 +30,7 @@ app = typer.Typer(
     help="Teach a small language model to answer multi-hop questions over a knowledge graph "
     "(TRACE/ANSWER format): generate questions, evaluate, LoRA SFT, KG-rewarded RSFT, report.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 model_app = typer.Typer(help="Manage base models (offline alias, local directories, .gguf files).", no_args_is_help=True)
@@ -49,6 +49,21 @@ SeedOpt = typer.Option(None, "--seed", help="Seed (overrides the command's seed 
 OverlapOpt = typer.Option(
     False, "--allow-eval-overlap", help="Train even if examples overlap the eval split; the run is marked contaminated."
 )
+# One name, one meaning: --data-dir is a splits directory, --run-dir a run directory, --adapter-out
+# an adapter written by the command, --pool the RSFT question pool. Old spellings stay, hidden.
+RunDirOpt = typer.Option(None, "--run-dir", "-r", help="Run directory to record into (default runs_dir/run.name).")
+
+
+def _old_name(*names: str) -> Any:
+    """An option's old spelling: still accepted, not shown in --help."""
+    return typer.Option(None, *names, hidden=True)
+
+
+def _renamed(value: Any, old_value: Any, name: str, old_name: str) -> Any:
+    """The option's value, given under its name or its old one."""
+    if value is not None and old_value is not None and value != old_value:
+        raise TracerError(f"{name} and {old_name} (its old name) give two different values")
+    return old_value if value is None else value
 
 
 class RichProgress:
@@ -152,7 +167,8 @@ def print_phase(run_dir: str, per_hop: bool = True) -> None:
 def data(
     config: Optional[Path] = ConfigOpt,
     kg: Optional[str] = KgOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory for the JSONL splits (overrides data.out_dir)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Directory for the JSONL splits (overrides data.out_dir)."),
+    output: Optional[str] = _old_name("--output", "-o"),
     seed: Optional[int] = SeedOpt,
     context: Optional[str] = typer.Option(None, "--context", help="Prompt mode: closed (question only) or facts (lists KG facts)."),
     exclude: Optional[list[str]] = typer.Option(
@@ -164,7 +180,8 @@ def data(
     """Generate train (1-3 hops), RSFT-pool and held-out eval (4-5 hops) questions from the KG."""
     from tracer.pipeline import data as stage
 
-    cfg = _config(config, data__kg=kg, data__out_dir=output, data__seed=seed, data__context=context,
+    data_dir = _renamed(data_dir, output, "--data-dir", "--output")
+    cfg = _config(config, data__kg=kg, data__out_dir=data_dir, data__seed=seed, data__context=context,
                   data__exclude=exclude or None)
     out = stage.make_data(cfg)
     console.print(data_table(out["summary"]))
@@ -183,7 +200,8 @@ def eval_(
     adapter: Optional[str] = AdapterOpt,
     phase: str = typer.Option("eval", "--phase", "-p", help="Name recorded in the run (base, sft, rsft, ...)."),
     max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Evaluate at most N questions."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory to record into (default runs_dir/run.name)."),
+    run_dir: Optional[str] = RunDirOpt,
+    output: Optional[str] = _old_name("--output", "-o"),
     shuffled: Optional[bool] = typer.Option(None, "--shuffled/--no-shuffled", help="Also evaluate option-permuted copies."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Token budget per completion (overrides eval.max_tokens)."),
     seed: Optional[int] = SeedOpt,
@@ -192,7 +210,7 @@ def eval_(
     from tracer.pipeline.evaluate import evaluate
 
     cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__max_tokens=max_tokens, eval__seed=seed)
-    ws = _workspace(cfg, run_dir=output, model=model)
+    ws = _workspace(cfg, run_dir=_renamed(run_dir, output, "--run-dir", "--output"), model=model)
     out = evaluate(ws, examples=examples, adapter=adapter, phase=phase, shuffled=shuffled)
     print_phase(out["run_dir"])
     console.print(f"episodes: {out['episodes']}")
@@ -212,25 +230,29 @@ def sft(
     train: Optional[str] = typer.Option(None, "--train", "-t", help="Training JSONL (default: the train split)."),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Adapter directory (default runs_dir/run.name/models/sft)."),
+    adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Directory for the adapter (default runs_dir/run.name/models/sft)."),
+    output: Optional[str] = _old_name("--output", "-o"),
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides sft.iters)."),
     seed: Optional[int] = SeedOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the adapter directory."),
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """LoRA SFT on reference traces (loss on the completion only)."""
     from tracer.pipeline.finetune import sft as train_sft
 
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
-    _print_train(train_sft(_workspace(cfg, model=model), train=train, adapter_out=output, resume=resume,
+    _print_train(train_sft(_workspace(cfg, model=model), train=train, resume=resume,
+                           adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                            allow_eval_overlap=allow_eval_overlap))
 
 
 @app.command("continue")
 def continue_(
+    ctx: typer.Context,
     adapter: str = typer.Option(..., "--adapter", "-a", help="Existing adapter directory to continue from."),
     train: str = typer.Option(..., "--train", "-t", help="New training examples (JSONL)."),
-    output: str = typer.Option(..., "--output", "-o", help="Directory for the continued adapter."),
+    adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Directory for the continued adapter (required)."),
+    output: Optional[str] = _old_name("--output", "-o"),
     config: Optional[Path] = ConfigOpt,
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
@@ -241,8 +263,11 @@ def continue_(
     """Continue training an existing adapter on new examples (refuses another base model's adapter)."""
     from tracer.pipeline.finetune import continue_ as train_on
 
+    adapter_out = _renamed(adapter_out, output, "--adapter-out", "--output")
+    if adapter_out is None:
+        raise click_exc.MissingParameter(ctx=ctx, param_hint="'--adapter-out'", param_type="option")
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
-    _print_train(train_on(_workspace(cfg, model=model), adapter=adapter, train=train, adapter_out=output,
+    _print_train(train_on(_workspace(cfg, model=model), adapter=adapter, train=train, adapter_out=adapter_out,
                           allow_eval_overlap=allow_eval_overlap))
 
 
@@ -250,14 +275,20 @@ def continue_(
 def rsft(
     config: Optional[Path] = ConfigOpt,
     adapter: Optional[str] = AdapterOpt,
-    train: Optional[str] = typer.Option(None, "--train", "-t", help="RSFT question pool (default: the rsft split)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="RSFT question pool JSONL (default: the rsft split)."),
+    train: Optional[str] = _old_name("--train", "-t"),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Also copy the last round's adapter here (each round's is in runs_dir/run.name/models/rsft[_rN])."),
+    run_dir: Optional[str] = RunDirOpt,
+    adapter_out: Optional[str] = typer.Option(
+        None, "--adapter-out", help="Also copy the last round's adapter here (each round's is in <run dir>/models/rsft[_rN])."),
+    output: Optional[str] = _old_name("--output", "-o"),
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps per round (overrides rsft.iters)."),
     k_samples: Optional[int] = typer.Option(None, "--k-samples", "-k", help="Completions sampled per question."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Sample → filter → fine-tune rounds."),
-    max_examples: Optional[int] = typer.Option(None, "--max-examples", "-n", help="Sample at most N pool questions per round (each round the next N: rsft.rotate)."),
+    max_questions: Optional[int] = typer.Option(
+        None, "--max-questions", "-n", help="Sample at most N pool questions per round (each round the next N: rsft.rotate)."),
+    max_examples: Optional[int] = _old_name("--max-examples"),
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
     resume: bool = typer.Option(False, "--resume", help="Skip rounds already finished in the run directory "
@@ -266,9 +297,12 @@ def rsft(
     """Rejection sampling: sample K answers per question, keep KG-rewarded winners, fine-tune, evaluate."""
     from tracer.pipeline.rsft import rsft as sample_and_train
 
+    max_questions = _renamed(max_questions, max_examples, "--max-questions", "--max-examples")
     cfg = _config(config, data__kg=kg, rsft__iters=iters, rsft__k_samples=k_samples, rsft__rounds=rounds,
-                  rsft__max_questions=max_examples, rsft__seed=seed)
-    out = sample_and_train(_workspace(cfg, model=model), adapter=adapter, pool=train, adapter_out=output,
+                  rsft__max_questions=max_questions, rsft__seed=seed)
+    out = sample_and_train(_workspace(cfg, run_dir=run_dir, model=model), adapter=adapter,
+                           pool=_renamed(pool, train, "--pool", "--train"),
+                           adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                            allow_eval_overlap=allow_eval_overlap, resume=resume)
     table = Table(title="RSFT rounds")
     for col in ("round", "questions", "with winner", "mean sample reward", "sample acc.", "winners kept"):
@@ -285,24 +319,26 @@ def rsft(
 @app.command()
 def consolidate(
     config: Optional[Path] = ConfigOpt,
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Run directory whose RSFT to consolidate (default runs_dir/run.name)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Run directory whose RSFT to consolidate, recorded into (default runs_dir/run.name)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter to continue (default: the last RSFT round's)."),
     samples: Optional[str] = typer.Option(None, "--samples", "-s", help="RSFT samples JSONL (default: the run's rsft_samples.jsonl)."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="RSFT question pool the samples were drawn from (default: the rsft split)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="RSFT question pool JSONL the samples were drawn from (default: the rsft split)."),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Adapter directory (default <run>/models/consolidate)."),
+    adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Directory for the adapter (default <run dir>/models/consolidate)."),
+    output: Optional[str] = _old_name("--output", "-o"),
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides consolidate.iters)."),
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the adapter directory."),
 ) -> None:
     """After RSFT: fine-tune on the last round's winners plus short training questions (restores fact recall), evaluate."""
     from tracer.pipeline.consolidate import consolidate as train_consolidation
 
     cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
     out = train_consolidation(_workspace(cfg, run_dir=run_dir, model=model), adapter=adapter, samples=samples,
-                              pool=pool, adapter_out=output, allow_eval_overlap=allow_eval_overlap, resume=resume)
+                              pool=pool, adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
+                              allow_eval_overlap=allow_eval_overlap, resume=resume)
     console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
                   "training questions")
     _print_train(out["train"])

@@ -31,10 +31,10 @@ def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
     assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2"]) == 2
     # overriding trains; the adapter carries the mark into every eval that uses it
     leaky.write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
-    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2", "-o", "leaky_adapter",
+    assert main(["sft", "--config", "tiny.toml", "--train", str(leaky), "--iters", "2", "--adapter-out", "leaky_adapter",
                  "--allow-eval-overlap"]) == 0
     assert json.loads((tiny_work / "leaky_adapter" / "adapter_config.json").read_text())["contaminated"] is True
-    assert main(["eval", "--config", "tiny.toml", "--adapter", "leaky_adapter", "-o", "leaky_run"]) == 0
+    assert main(["eval", "--config", "tiny.toml", "--adapter", "leaky_adapter", "--run-dir", "leaky_run"]) == 0
     assert json.loads((tiny_work / "leaky_run" / "metrics.json").read_text())["contaminated"] is True
     # ... and so does a whole run trained on a leaky train split
     (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")

@@ -14,8 +14,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_eval_max_tokens_caps_completions(tiny_work):
     """Greedy answers under a 2-token budget are strict prefixes of the unbudgeted ones."""
     args = ["eval", "-c", "tiny.toml", "-n", "4", "--no-shuffled"]
-    assert main(args + ["-o", "full"]) == 0
-    assert main(args + ["--max-tokens", "2", "-o", "short"]) == 0
+    assert main(args + ["--run-dir", "full"]) == 0
+    assert main(args + ["--max-tokens", "2", "--run-dir", "short"]) == 0
     full = read_jsonl(tiny_work / "full" / "episodes" / "eval.jsonl")
     short = read_jsonl(tiny_work / "short" / "episodes" / "eval.jsonl")
     assert len(full) == len(short) == 4

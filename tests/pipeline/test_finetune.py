@@ -8,12 +8,12 @@ from tracer.cli import main
 def test_sft_through_cli_learns_training_questions(tiny_work):
     """`tracer sft` on the tiny KG, then `tracer eval` on its training questions: far above chance (25%)."""
     adapter = tiny_work / "learned"
-    assert main(["sft", "-c", "tiny.toml", "--iters", "200", "-o", str(adapter)]) == 0
+    assert main(["sft", "-c", "tiny.toml", "--iters", "200", "--adapter-out", str(adapter)]) == 0
     losses = json.loads((adapter / "checkpoint" / "state.json").read_text())["losses"]
     assert sum(losses[-10:]) / 10 < 0.25 * sum(losses[:5]) / 5
     train_file = tiny_work / "data" / "tiny" / "train.jsonl"
     assert main(["eval", "-c", "tiny.toml", "--examples", str(train_file), "--adapter", str(adapter),
-                 "--phase", "train_check", "-o", "check"]) == 0
+                 "--phase", "train_check", "--run-dir", "check"]) == 0
     entry = json.loads((tiny_work / "check" / "metrics.json").read_text())["phases"]["train_check"]
     assert entry["format_rate"] > 0.9 and entry["accuracy"] > 0.6, entry
 
@@ -28,7 +28,7 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
     out = tiny_work / "out"
     proc = subprocess.Popen(
         [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
-         "--iters", "100000", "-o", str(out)],
+         "--iters", "100000", "--adapter-out", str(out)],
         cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 300

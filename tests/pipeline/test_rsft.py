@@ -15,7 +15,7 @@ def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
     """Two rounds in one go == one round, then `--rounds 2 --resume` (round 1 is not redone)."""
     import mlx.core as mx
 
-    assert main(["sft", "-c", "tiny.toml", "--iters", "6", "-o", "sft_adapter"]) == 0
+    assert main(["sft", "-c", "tiny.toml", "--iters", "6", "--adapter-out", "sft_adapter"]) == 0
     (tiny_work / "full.toml").write_text((tiny_work / "tiny.toml").read_text().replace('name = "tiny"', 'name = "full"'))
     assert main(["rsft", "-c", "full.toml", "--adapter", "sft_adapter", "--rounds", "2"]) == 0
     assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "1"]) == 0
@@ -31,7 +31,7 @@ def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
     assert not (part / "models" / "rsft_r2").exists()
 
     assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "2", "--resume",
-                 "-o", "final"]) == 0
+                 "--adapter-out", "final"]) == 0
     assert "round 1: finished before, skipped" in capsys.readouterr().out
     metrics = json.loads((part / "metrics.json").read_text())["phases"]
     assert metrics["rsft"] == round1  # kept, not re-evaluated
@@ -47,8 +47,8 @@ def test_rsft_resume_adds_rounds_like_an_uninterrupted_run(tiny_work, capsys):
 
 
 def test_rsft_rounds_sample_the_next_pool_questions(tiny_work):
-    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "-o", "sft_adapter"]) == 0
-    assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "2", "-n", "5"]) == 0
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "--adapter-out", "sft_adapter"]) == 0
+    assert main(["rsft", "-c", "tiny.toml", "--adapter", "sft_adapter", "--rounds", "2", "--max-questions", "5"]) == 0
     pool = [r["id"] for r in read_jsonl(tiny_work / "data" / "tiny" / "rsft.jsonl")]
     samples = read_jsonl(tiny_work / "data" / "runs" / "tiny" / "rsft_samples.jsonl")
     for r, want in ((1, pool[:5]), (2, pool[5:10])):
@@ -65,7 +65,7 @@ def test_rsft_interrupted_while_sampling_resumes_with_the_same_samples(tiny_work
     from tracer.pipeline import rsft
 
     monkeypatch.setattr(rsft, "SAMPLE_CHUNK", 4)  # tiny pool: 12 questions -> 3 chunks
-    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "-o", "sft_adapter"]) == 0
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "--adapter-out", "sft_adapter"]) == 0
     # the uninterrupted run samples its chunks on two worker processes, the others in this one
     monkeypatch.setattr(workers, "MIN_PROMPTS", 1)
     full_text = (tiny_work / "tiny.toml").read_text().replace('name = "tiny"', 'name = "full"')

@@ -59,14 +59,14 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     assert "config differs" in err and len(err.strip().splitlines()) == 1
     assert (run / "config.toml").read_text() == before
     # `tracer consolidate` on its own: continues the last RSFT round's adapter, re-records the phase
-    assert main(["consolidate", "-c", "tiny.toml", "--iters", "2", "-o", "cons2"]) == 0
+    assert main(["consolidate", "-c", "tiny.toml", "--iters", "2", "--adapter-out", "cons2"]) == 0
     cons = json.loads((run / "metrics.json").read_text())["phases"]["consolidate"]
     assert cons["adapter"] == "cons2" and (tiny_work / "cons2" / "adapters.safetensors").is_file()
     # no round kept a winner: the facts alone are rehearsed, from the last round's adapter
     lost = tiny_work / "no_winners.jsonl"
     lost.write_text("".join(json.dumps(s | {"kept": False}) + "\n" for s in samples))
     capsys.readouterr()
-    assert main(["consolidate", "-c", "tiny.toml", "--samples", str(lost), "--iters", "2", "-o", "cons3"]) == 0
+    assert main(["consolidate", "-c", "tiny.toml", "--samples", str(lost), "--iters", "2", "--adapter-out", "cons3"]) == 0
     assert "facts alone" in capsys.readouterr().out
     assert (tiny_work / "cons3" / "adapters.safetensors").is_file()
     capsys.readouterr()
