@@ -266,7 +266,7 @@ def test_progress_off_a_terminal_prints_plain_status_lines():
 
     from rich.console import Console
 
-    from tracer.cli import RichProgress
+    from tracer.display import RichProgress
 
     out = io.StringIO()
     p = RichProgress(Console(file=out, width=200), every=3600.0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +17,11 @@ try:  # typer >= 0.26 vendors click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tracer import __version__
 from tracer.config import Config, load_config, override
+from tracer.display import RichProgress, data_table, fmt, rsft_table, train_summary
 from tracer.errors import TracerError, TrainingInterrupted
 
 app = typer.Typer(
@@ -66,56 +65,6 @@ def _renamed(value: Any, old_value: Any, name: str, old_name: str) -> Any:
     return old_value if value is None else value
 
 
-class RichProgress:
-    """Renders tracer.progress.Progress events as a rich progress bar.
-
-    Off a terminal (a log file, CI) rich draws nothing until a bar stops, so a plain status line
-    is printed instead, at most every ``every`` seconds.
-    """
-
-    def __init__(self, con: Console, every: float = 60.0):
-        self.console = con
-        self.bar: Progress | None = None
-        self.task = None
-        self.plain, self.every, self.last = not con.is_terminal, every, float("-inf")
-
-    def start(self, description: str, total: int | None) -> None:
-        self.stop()
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, transient=False,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(description, total=total, info="")
-        self.last = float("-inf")  # the first update always prints (monotonic() starts near 0 at boot)
-
-    def update(self, advance: int = 1, **info: Any) -> None:
-        if self.bar is None:
-            return
-        text = "  ".join(f"{k} {_fmt(v)}" for k, v in info.items())
-        self.bar.update(self.task, advance=advance, info=text)
-        if self.plain and time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            t = self.bar.tasks[0]
-            eta = f"  eta {t.time_remaining:.0f}s" if t.time_remaining is not None else ""
-            self.console.print(f"{t.description} {t.completed:.0f}/{t.total or '?'}{eta}  {text}", markup=False)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-    def log(self, message: str) -> None:
-        (self.bar.console if self.bar else self.console).print(message)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _config(path: Optional[Path], **overrides: Any) -> Config:
     return override(load_config(path), **overrides)
 
@@ -129,28 +78,6 @@ def _workspace(cfg: Config, **kwargs: Any):
     from tracer.pipeline.workspace import Workspace
 
     return Workspace.open(cfg, progress=_progress(), **kwargs)
-
-
-# ------------------------------------------------------------------------------------- tables
-
-
-def data_table(summary: dict) -> Table:
-    table = Table(title="Dataset")
-    table.add_column("split")
-    hops = sorted({int(h) for s in summary["splits"].values() for h in s["per_hop"]})
-    for h in hops:
-        table.add_column(f"{h}-hop", justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("A/B/C/D %", justify="right", no_wrap=True)
-    for name, s in summary["splits"].items():
-        letters = "/".join(f"{100 * summary['letters'][name].get(x, 0):.0f}" for x in "ABCD")
-        table.add_row(name, *[str(s["per_hop"].get(str(h), 0)) for h in hops], str(s["n"]), letters)
-    cov = summary["edge_coverage"]
-    table.caption = (
-        f"train edge coverage: min {cov['min']}, mean {cov['mean']:.1f}; "
-        f"{100 * cov['frac_covered']:.0f}% of {cov['edges']} KG edges appear in ≥ {cov['required']} training paths"
-    )
-    return table
 
 
 def print_phase(run_dir: str, per_hop: bool = True) -> None:
@@ -217,11 +144,7 @@ def eval_(
 
 
 def _print_train(stats: dict) -> None:
-    console.print(
-        f"trained {stats['steps']} steps in {stats['wall_s']:.0f}s ({stats['tok_s']:.0f} tok/s), "
-        f"final loss {stats['final_loss']:.4f}; adapter: {stats['adapter']}"
-        + (" [red](contaminated: trained with eval overlap)[/red]" if stats.get("contaminated") else "")
-    )
+    console.print(train_summary(stats))
 
 
 @app.command()
@@ -304,13 +227,7 @@ def rsft(
                            pool=_renamed(pool, train, "--pool", "--train"),
                            adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                            allow_eval_overlap=allow_eval_overlap, resume=resume)
-    table = Table(title="RSFT rounds")
-    for col in ("round", "questions", "with winner", "mean sample reward", "sample acc.", "winners kept"):
-        table.add_column(col, justify="right")
-    for r in out["rounds"]:
-        table.add_row(str(r["round"]), str(r["questions"]), str(r["questions_with_winner"]),
-                      f"{r['mean_sample_reward']:+.2f}", f"{100 * r['sample_accuracy']:.1f}%", str(r["winners"]))
-    console.print(table)
+    console.print(rsft_table(out["rounds"]))
     console.print(f"samples: {out['samples']}; adapter: {out['adapter']}")
     if out["rounds"] and "eval" in out["rounds"][-1]:
         print_phase(str(Path(out["samples"]).parent))
@@ -449,7 +366,7 @@ def doctor() -> None:
     table = Table(title=f"tracer {__version__}", show_header=False)
     for key, value in info.items():
         for sub, v in (value.items() if isinstance(value, dict) else [("", value)]):
-            table.add_row(f"{key} {sub}".strip(), _fmt(v))
+            table.add_row(f"{key} {sub}".strip(), fmt(v))
     console.print(table)
 
 
