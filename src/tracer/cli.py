@@ -34,6 +34,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Manage base models (offline alias, local directories, .gguf files).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+kg_app = typer.Typer(help="Inspect a knowledge graph before training on it.", no_args_is_help=True)
+app.add_typer(kg_app, name="kg")
 
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -41,7 +43,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 # ----------------------------------------------------------------------------- shared options
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (see configs/); defaults apply when omitted.")
-KgOpt = typer.Option(None, "--kg", help="Knowledge graph JSON (overrides data.kg).")
+KgOpt = typer.Option(None, "--kg", help="Knowledge graph: JSON, or .tsv/.csv triples (overrides data.kg).")
+TypesOpt = typer.Option(None, "--types", help="Entity types: .tsv/.csv of entity, type rows (overrides data.types).")
 ModelOpt = typer.Option(None, "--model", "-m", help="Base model: alias, model directory, .gguf or hub id (overrides model.path).")
 AdapterOpt = typer.Option(None, "--adapter", "-a", help="LoRA adapter directory to apply.")
 SeedOpt = typer.Option(None, "--seed", help="Seed (overrides the command's seed in the config).")
@@ -94,6 +97,7 @@ def print_phase(run_dir: str, per_hop: bool = True) -> None:
 def data(
     config: Optional[Path] = ConfigOpt,
     kg: Optional[str] = KgOpt,
+    types: Optional[str] = TypesOpt,
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Directory for the JSONL splits (overrides data.out_dir)."),
     output: Optional[str] = _old_name("--output", "-o"),
     seed: Optional[int] = SeedOpt,
@@ -108,14 +112,64 @@ def data(
     from tracer.pipeline import data as stage
 
     data_dir = _renamed(data_dir, output, "--data-dir", "--output")
-    cfg = _config(config, data__kg=kg, data__out_dir=data_dir, data__seed=seed, data__context=context,
-                  data__exclude=exclude or None)
-    out = stage.make_data(cfg)
+    cfg = _config(config, data__kg=kg, data__types=types, data__out_dir=data_dir, data__seed=seed,
+                  data__context=context, data__exclude=exclude or None)
+    out = stage.make_data(cfg, progress=_progress())
     console.print(data_table(out["summary"]))
     for w in out["summary"].get("warnings", []):
         err_console.print(f"warning: {w}")
     for split, path in out["paths"].items():
         console.print(f"wrote {path}")
+
+
+def kg_tables(info: dict, counts: dict) -> list[Table]:
+    """`tracer kg stats`: the graph's size, each relation's fan-out, and questions per hop length."""
+    size = Table(title="Graph", show_header=False)
+    size.add_column(justify="left")
+    size.add_column(justify="right")
+    for key in ("entities", "relations", "edges"):
+        size.add_row(key, f"{info[key]:,}")
+    size.add_row("(entity, relation) pairs", f"{info['pairs']:,}")
+    size.add_row("  with several targets", f"{info['multi_pairs']:,}")
+    size.add_row("types", f"{len(info['types'])}")
+    for t, n in list(info["types"].items())[:8]:
+        size.add_row(f"  {t}", f"{n:,}")
+    if len(info["types"]) > 8:
+        size.add_row(f"  ({len(info['types']) - 8} more)", "")
+    fan = Table(title="Relations")
+    for col in ("relation", "edges", "heads", "> 1 target", "max"):
+        fan.add_column(col, justify="left" if col == "relation" else "right")
+    for r in info["fanout"]:
+        fan.add_row(r["relation"], f"{r['edges']:,}", f"{r['heads']:,}", f"{r['multi']:,}", str(r["max_targets"]))
+    q = Table(title="Questions the generator can make")
+    for col in ("hops", "questions", "config needs", ""):
+        q.add_column(col, justify="right" if col else "left")
+    for h, n in counts["hops"].items():
+        need = counts["need"].get(h, 0)
+        ok = "" if not need else ("ok" if n >= need else "[red]too few[/red]")
+        q.add_row(str(h), ("≥ " if counts["sampled"] else "") + f"{n:,}", f"{need:,}" if need else "-", ok)
+    q.caption = ("sampled by random walks: the graph is too dense to list every path" if counts["sampled"]
+                 else "distinct (start, relation chain, answer) with exactly one reachable option")
+    return [size, fan, q]
+
+
+@kg_app.command("stats")
+def kg_stats(
+    kg: str = typer.Argument(..., help="Knowledge graph: JSON, or .tsv/.csv triples (head, relation, tail)."),
+    types: Optional[str] = TypesOpt,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Size, relation fan-out, and how many questions of each hop length the graph supports."""
+    from tracer import dataset
+    from tracer.kg import describe
+    from tracer.pipeline.data import load_graph
+
+    cfg = _config(config, data__kg=kg, data__types=types)
+    graph = load_graph(cfg)
+    for table in kg_tables(describe(graph), dataset.question_counts(graph, cfg.data)):
+        console.print(table)
+    for note in graph.notes:
+        console.print(f"note: {note}")
 
 
 @app.command("eval")

@@ -13,6 +13,7 @@ from tracer import dataset, runs
 from tracer.config import Config, DataConfig
 from tracer.errors import TracerError
 from tracer.kg import KG, load_kg
+from tracer.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
     from tracer.pipeline.workspace import Workspace
@@ -25,18 +26,52 @@ def split_path(cfg: Config, split: str) -> Path:
     return Path(cfg.data.out_dir) / SPLIT_FILES[split]
 
 
+def _digest(path: str | None) -> str | None:
+    """SHA-256 of a file's content (a JSON file's data, not its formatting); None when absent."""
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return None
+    raw = p.read_bytes()
+    try:
+        raw = json.dumps(json.loads(raw), sort_keys=True).encode()
+    except ValueError:
+        pass
+    return hashlib.sha256(raw).hexdigest()
+
+
 def data_settings(cfg: Config) -> dict:
-    """What the splits are a function of: the KG's content and every [data] knob that shapes them."""
-    kg = Path(cfg.data.kg)
-    digest = None
-    if kg.is_file():
-        raw = kg.read_bytes()
-        try:  # the content, not its formatting
-            raw = json.dumps(json.loads(raw), sort_keys=True).encode()
-        except ValueError:
-            pass
-        digest = hashlib.sha256(raw).hexdigest()
-    return {"kg_sha256": digest, **cfg.data.model_dump(exclude={"kg", "out_dir", "shuffled_eval"})}
+    """What the splits are a function of: the KG's (and types file's) content and every [data]
+    knob that shapes them."""
+    return {"kg_sha256": _digest(cfg.data.kg), "types_sha256": _digest(cfg.data.types),
+            **cfg.data.model_dump(exclude={"kg", "types", "out_dir", "shuffled_eval"})}
+
+
+def load_graph(cfg: Config) -> KG:
+    """``data.kg`` with ``data.types``."""
+    return load_kg(cfg.data.kg, cfg.data.types)
+
+
+class _Stages:
+    """Renders question generation's ``(stage, done, total)`` reports on a :class:`Progress`."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.stage, self.done = progress, None, 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.progress.start(stage, total)
+            self.stage, self.done = stage, 0
+        self.progress.update(done - self.done)
+        self.done = done
+
+
+def sft_budget_warning(cfg: Config, n_train: int) -> str | None:
+    """A warning when SFT sees fewer examples than the training split holds (each seen < once)."""
+    seen = cfg.sft.iters * cfg.sft.batch_size
+    if n_train <= seen:
+        return None
+    return (f"train has {n_train:,} questions, but SFT trains on {seen:,} examples (sft.iters x sft.batch_size): "
+            f"{100 * seen / n_train:.0f}% of a pass; raise sft.iters or lower data.min_edge_coverage / train_per_hop")
 
 
 def excluded_keys(cfg: Config) -> frozenset:
@@ -44,18 +79,24 @@ def excluded_keys(cfg: Config) -> frozenset:
     return frozenset(dataset.path_key(r) for f in cfg.data.exclude for r in dataset.load_examples(f))
 
 
-def make_data(cfg: Config, kg: KG | None = None) -> dict:
+def make_data(cfg: Config, kg: KG | None = None, progress: Progress | None = None) -> dict:
     """Generate the question splits from the KG (``kg``, or ``data.kg`` loaded) and write them;
-    returns paths and the summary.
+    returns paths and the summary (its warnings include :func:`sft_budget_warning`).
 
     ``splits.json`` beside them records :func:`data_settings`, so later commands can tell
     whether the files still match their config.
     """
-    kg = kg or load_kg(cfg.data.kg)
-    splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg))
+    kg = kg or load_graph(cfg)
+    progress = progress or NullProgress()
+    splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg), progress=_Stages(progress))
+    progress.stop()
     paths = dataset.write_splits(splits, cfg.data.out_dir)
     runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, data_settings(cfg))
-    return {"paths": {k: str(v) for k, v in paths.items()}, "summary": dataset.summarize(splits, kg, cfg.data)}
+    summary = dataset.summarize(splits, kg, cfg.data)
+    budget = sft_budget_warning(cfg, len(splits["train"]))
+    if budget:
+        summary["warnings"].append(budget)
+    return {"paths": {k: str(v) for k, v in paths.items()}, "summary": summary}
 
 
 def ensure_data(cfg: Config, kg: KG | None = None) -> dict | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from tracer import dataset
 from tracer.config import Config
-from tracer.kg import KG, load_kg
+from tracer.kg import KG
 from tracer.pipeline import data
 from tracer.progress import NullProgress, Progress
 
@@ -43,9 +43,9 @@ class Workspace:
 
     @property
     def kg(self) -> KG:
-        """``data.kg``, loaded on first use."""
+        """``data.kg`` (with ``data.types``), loaded on first use."""
         if self._kg is None:
-            self._kg = load_kg(self.cfg.data.kg)
+            self._kg = data.load_graph(self.cfg)
         return self._kg
 
     def ensure_data(self) -> dict | None:
