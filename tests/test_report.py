@@ -449,3 +449,18 @@ def test_paired_test_between_runs(run_a, run_b):
     assert "| run-b | sft | 5 | 3 | 1 | 0.625 |" in report.to_markdown(runs)
     assert report.to_json(runs)["paired"][0]["fixed"] == 3
     assert report.paired_rows([runs[0]]) == []
+
+
+def test_plot_draws_the_grpo_step_log(tmp_path, run_a):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    plain = matplotlib.image.imread(report.plot([report.load_run(run_a)], tmp_path / "plain.png"))
+    log = Path(run_a) / "models" / "grpo" / "grpo_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"step": i, "reward_mean": -1 + i / 5, "reward_std": 0.5, "accuracy": i / 10,
+                                       "format_rate": 0.9, "kl": None if i == 1 else 0.01 * i, "clip_frac": 0.0}) + "\n"
+                           for i in range(1, 6)))
+    assert [r["step"] for r in report.grpo_log(report.load_run(run_a))] == [1, 2, 3, 4, 5]
+    img = matplotlib.image.imread(report.plot([report.load_run(run_a)], tmp_path / "grpo.png"))
+    assert img.shape[0] > 1.5 * plain.shape[0]  # a second row of panels: the GRPO steps

@@ -288,6 +288,31 @@ def rsft(
 
 
 @app.command()
+def grpo(
+    config: Optional[Path] = ConfigOpt,
+    adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter to start from (default: the run's SFT adapter)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Question pool JSONL (default: the rsft split)."),
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Adapter directory (default: <run dir>/models/grpo)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="GRPO steps (overrides grpo.iters)."),
+    seed: Optional[int] = SeedOpt,
+    allow_eval_overlap: bool = OverlapOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the adapter directory's checkpoint."),
+) -> None:
+    """GRPO: sample G answers per question, reward them with the KG, take a policy-gradient step; evaluate."""
+    from tracer.pipeline.grpo import grpo as policy_gradient
+
+    cfg = _config(config, data__kg=kg, grpo__iters=iters, grpo__seed=seed)
+    ws = _workspace(cfg, run_dir=run_dir, model=model)
+    out = policy_gradient(ws, adapter=adapter, pool=pool, adapter_out=adapter_out, resume=resume,
+                          allow_eval_overlap=allow_eval_overlap)
+    console.print(f"adapter: {out['adapter']}; step log: {Path(out['adapter']) / 'grpo_log.jsonl'}")
+    print_phase(str(ws.run_dir))
+
+
+@app.command()
 def consolidate(
     config: Optional[Path] = ConfigOpt,
     run_dir: Optional[str] = typer.Option(None, "--run-dir", "-r", help="Run directory whose RSFT to consolidate, recorded into (default runs_dir/run.name)."),

@@ -166,6 +166,43 @@ class RSFTConfig(TrainConfig):
         return self
 
 
+class GRPOConfig(TrainConfig):
+    """GRPO settings. Of the inherited fields, val_every, val_size, max_seq_len, curriculum,
+    answer_weight and compile are unused (no validation loss; steps are not compiled)."""
+
+    iters: int = Field(150, ge=1, description="GRPO steps, each one round of sample, score and update.")
+    batch_questions: int = Field(16, ge=1, description="Questions drawn from the pool per step (B).")
+    group_size: int = Field(
+        2, ge=2, description="Completions sampled per question (G), compared within their group (the paper uses 2).")
+    batch_size: int = Field(
+        16, ge=1, description="Completions per forward/backward pass of the update (gradients summed over all B x G).")
+    sample_batch_size: int = Field(32, ge=1, description="Completions decoded together when sampling.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature (1 samples the very policy the loss is computed for).")
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="Nucleus sampling threshold (below 1 samples away from the policy the loss assumes).")
+    max_tokens: int = Field(
+        96, ge=1, description="Token budget per sampled completion (a 5-hop trace and its answer fit).")
+    beta: float = Field(
+        0.05, ge=0,
+        description="Weight of the KL penalty to the starting adapter (k3 estimator; 0 = off, no reference pass).")
+    eps_low: float = Field(0.2, ge=0, lt=1, description="The ratio is clipped below at 1 - eps_low.")
+    eps_high: float = Field(
+        0.2, ge=0, description="The ratio is clipped above at 1 + eps_high (DAPO raises it above eps_low).")
+    advantage_scale: Literal["std", "none"] = Field(
+        "std", description="'std': (r - group mean) / group std (GRPO); 'none': r - group mean (Dr.GRPO).")
+    learning_rate: float = Field(
+        1e-5, gt=0,
+        description="Peak AdamW learning rate: a little above the paper's 8e-6, as LoRA moves fewer weights; "
+                    "far below RSFT's, as a policy gradient from B x G samples is noisy.")
+    warmup: int = Field(0, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warmup.")
+    val_every: int = Field(0, ge=0, description="Unused: GRPO has no validation loss.")
+    save_every: int = Field(25, ge=1, description="Checkpoint every N steps.")
+    seed: int = Field(0, description="Seed for LoRA init, the questions drawn and the sampling.")
+
+
 class ConsolidateConfig(TrainConfig):
     iters: int = Field(150, ge=1, description="Optimizer steps of the consolidation pass.")
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
@@ -203,7 +240,7 @@ class RewardConfig(Section):
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("data/runs", description="Parent directory of run directories.")
-    phases: list[Literal["base", "sft", "rsft", "consolidate"]] = Field(
+    phases: list[Literal["base", "sft", "rsft", "grpo", "consolidate"]] = Field(
         ["base", "sft", "rsft", "consolidate"], description="Pipeline phases `tracer run` executes, in order."
     )
     seed: int = Field(1234, description="Master seed recorded in meta.json.")
@@ -222,6 +259,7 @@ class Config(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Supervised fine-tuning on reference traces.")
     rsft: RSFTConfig = Field(default_factory=RSFTConfig, description="Rejection-sampling fine-tuning.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO: policy-gradient RL with the KG reward.")
     consolidate: ConsolidateConfig = Field(
         default_factory=ConsolidateConfig,
         description="One SFT pass after RSFT on the last round's winners plus short training questions.",
@@ -239,6 +277,8 @@ class Config(Section):
         phases = self.run.phases
         if "rsft" in phases and ("sft" not in phases or phases.index("sft") > phases.index("rsft")):
             raise ValueError("run.phases: 'rsft' starts from the run's SFT adapter, so 'sft' must come before it")
+        if "grpo" in phases and ("sft" not in phases or phases.index("sft") > phases.index("grpo")):
+            raise ValueError("run.phases: 'grpo' starts from the run's SFT adapter, so 'sft' must come before it")
         if "consolidate" in phases and ("rsft" not in phases or phases.index("rsft") > phases.index("consolidate")):
             raise ValueError("run.phases: 'consolidate' trains on RSFT winners, so 'rsft' must come before it")
         return self

@@ -27,18 +27,17 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
-from pydantic import Field
 
 from tracer import cpu_ops, reward
 from tracer.blas import share_cores
-from tracer.config import LoraConfig, RewardConfig, TrainConfig
+from tracer.config import GRPOConfig, LoraConfig, RewardConfig
 from tracer.errors import TracerError, TrainingInterrupted
 from tracer.generate import answer_end, encode_chat, finish_text, generate_tokens
 from tracer.kg import KG
@@ -48,43 +47,6 @@ from tracer.train import (Batch, Example, _logits, adapter_weights, add_lora, co
 
 LOG_FILE = "grpo_log.jsonl"
 Scorer = Callable[[str, dict], dict]  # (completion, question row) -> reward.score()'s breakdown
-
-
-class GRPOConfig(TrainConfig):
-    """GRPO settings. Of the inherited fields, val_every, val_size, max_seq_len, curriculum,
-    answer_weight and compile are unused (no validation loss; steps are not compiled)."""
-
-    iters: int = Field(150, ge=1, description="GRPO steps, each one round of sample, score and update.")
-    batch_questions: int = Field(16, ge=1, description="Questions drawn from the pool per step (B).")
-    group_size: int = Field(
-        2, ge=2, description="Completions sampled per question (G), compared within their group (the paper uses 2).")
-    batch_size: int = Field(
-        16, ge=1, description="Completions per forward/backward pass of the update (gradients summed over all B x G).")
-    sample_batch_size: int = Field(32, ge=1, description="Completions decoded together when sampling.")
-    temperature: float = Field(
-        1.0, gt=0, description="Sampling temperature (1 samples the very policy the loss is computed for).")
-    top_p: float = Field(
-        1.0, gt=0, le=1,
-        description="Nucleus sampling threshold (below 1 samples away from the policy the loss assumes).")
-    max_tokens: int = Field(
-        96, ge=1, description="Token budget per sampled completion (a 5-hop trace and its answer fit).")
-    beta: float = Field(
-        0.05, ge=0,
-        description="Weight of the KL penalty to the starting adapter (k3 estimator; 0 = off, no reference pass).")
-    eps_low: float = Field(0.2, ge=0, lt=1, description="The ratio is clipped below at 1 - eps_low.")
-    eps_high: float = Field(
-        0.2, ge=0, description="The ratio is clipped above at 1 + eps_high (DAPO raises it above eps_low).")
-    advantage_scale: Literal["std", "none"] = Field(
-        "std", description="'std': (r - group mean) / group std (GRPO); 'none': r - group mean (Dr.GRPO).")
-    learning_rate: float = Field(
-        1e-5, gt=0,
-        description="Peak AdamW learning rate: a little above the paper's 8e-6, as LoRA moves fewer weights; "
-                    "far below RSFT's, as a policy gradient from B x G samples is noisy.")
-    warmup: int = Field(0, ge=0, description="Linear warmup steps.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="Decay after warmup.")
-    val_every: int = Field(0, ge=0, description="Unused: GRPO has no validation loss.")
-    save_every: int = Field(25, ge=1, description="Checkpoint every N steps.")
-    seed: int = Field(0, description="Seed for LoRA init, the questions drawn and the sampling.")
 
 
 # ------------------------------------------------------------------------------- advantages

@@ -734,9 +734,14 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
             if p not in phases:
                 phases.append(p)
     xs = list(range(len(phases)))
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    logs = {run["name"]: grpo_log(run) for run in runs}
+    logs = {name: rows for name, rows in logs.items() if rows}
+    fig = Figure(figsize=(15, 8.5 if logs else 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    grid = fig.subplots(2 if logs else 1, 3, squeeze=False)
+    axes = grid[0]
+    if logs:
+        _plot_grpo(grid[1], logs)
     specs = (("accuracy", "Accuracy", "accuracy (%)", 100.0),
              ("path_coverage", "Path coverage", "path coverage (%)", 100.0),
              ("reward", "Average reward", "reward", 1.0))
@@ -766,6 +771,44 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     except OSError as e:
         raise TracerError(f"{out}: cannot write plot: {e.strerror or e}") from None
     return out
+
+
+def grpo_log(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The GRPO step log of a run (``models/grpo/grpo_log.jsonl``), [] when it has none."""
+    path = Path(run["dir"]) / "models" / "grpo" / "grpo_log.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise TracerError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+    return rows
+
+
+def _plot_grpo(axes: Any, logs: dict[str, list[dict[str, Any]]]) -> None:
+    """GRPO steps: reward mean ± std; accuracy and format rate; KL and clip fraction."""
+    for name, rows in logs.items():
+        steps = [r["step"] for r in rows]
+        mean = [r["reward_mean"] for r in rows]
+        std = [r.get("reward_std") or 0.0 for r in rows]
+        line = axes[0].plot(steps, mean, label=name)[0]
+        axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                             color=line.get_color(), alpha=0.15, linewidth=0)
+        axes[1].plot(steps, [100 * r["accuracy"] for r in rows], label=f"{name} accuracy")
+        axes[1].plot(steps, [100 * r["format_rate"] for r in rows], linestyle="--", label=f"{name} format")
+        kl = [(r["step"], r["kl"]) for r in rows if r.get("kl") is not None]
+        if kl:
+            axes[2].plot(*zip(*kl), label=f"{name} KL")
+        axes[2].plot(steps, [r["clip_frac"] for r in rows], linestyle="--", label=f"{name} clip fraction")
+    for ax, title, ylabel in zip(axes, ("GRPO reward (mean ± std)", "GRPO samples", "GRPO KL and clipping"),
+                                 ("reward", "%", "")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The whole pipeline into one run directory: data → base eval → SFT → eval → RSFT rounds (each
-evaluated) → consolidation → eval, the phases ``run.phases`` names; ``resume`` skips finished ones."""
+evaluated) → GRPO → eval → consolidation → eval, the phases ``run.phases`` names; ``resume`` skips
+finished ones."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tracer.pipeline.consolidate import consolidate
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import evaluate
 from tracer.pipeline.finetune import sft
+from tracer.pipeline.grpo import grpo
 from tracer.pipeline.rsft import rsft, rsft_phase_name
 from tracer.pipeline.workspace import Workspace
 
@@ -67,6 +69,13 @@ def run(ws: Workspace, *, force: bool = False, resume: bool = False, allow_eval_
     if "rsft" in ws.cfg.run.phases and not set(rsft_phases) <= r.done:
         results["rsft"] = r.timed("rsft", lambda: rsft(ws, adapter=str(sft_dir), allow_eval_overlap=allow_eval_overlap,
                                                        resume=resume))
+    grpo_dir = runs.model_dir(ws.run_dir, "grpo")
+    if r.wanted("grpo"):
+        if not runs.has_adapter(grpo_dir):
+            out = grpo(ws, adapter=str(sft_dir), adapter_out=grpo_dir, resume=resume and (grpo_dir / "checkpoint").exists(),
+                       allow_eval_overlap=allow_eval_overlap, evaluate_after=False)
+            runs.update_meta(ws.run_dir, timings={"grpo_train": out["train"]["wall_s"]})
+        results["phases"]["grpo"] = r.evaluate("grpo", str(grpo_dir))
     cons_dir = runs.model_dir(ws.run_dir, "consolidate")
     if r.wanted("consolidate"):
         if not runs.has_adapter(cons_dir):
@@ -90,7 +99,7 @@ def _open(ws: Workspace, *, force: bool, resume: bool, allow_eval_overlap: bool)
     action = runs.check_run_dir(run_dir, config_toml, force=force, resume=resume)
     data_summary = ws.ensure_data()  # bad data or a refused overlap stop the run before its directory is written
     contaminated = False
-    for split in ["train"] + (["rsft"] if "rsft" in cfg.run.phases else []):
+    for split in ["train"] + (["rsft"] if {"rsft", "grpo"} & set(cfg.run.phases) else []):
         contaminated |= guard_leakage(ws, ws.load_split(split), str(ws.split_path(split)), allow=allow_eval_overlap)
     runs.prepare_run(run_dir, config_toml, planned_phases(cfg), cfg.run.seed, action)
     done = runs.finished_phases(run_dir) if resume else set()
