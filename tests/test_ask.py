@@ -42,3 +42,18 @@ def test_ask_a_row_with_gold_is_scored(tiny_model):
     assert isinstance(out["completion"], str) and all(set(h) == {"src", "rel", "dst", "real"} for h in out["hops"])
     free = ask.ask(model, tok, ask.question_row("Which?\nA) a\nB) b\nC) c\nD) d"), kg, cfg)
     assert "reward" not in free and free["id"] == "ask"
+
+
+def test_ask_command(tiny_work, capsys):
+    from tracer.cli import main
+
+    assert main(["ask", "-c", "tiny.toml", "--id", "eval-00001"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "eval-00001" in out and "reward" in out
+    assert main(["ask", "-c", "tiny.toml", "Which?\nA) a\nB) b\nC) c\nD) d"]) == 0
+    for argv, msg in ((["ask", "-c", "tiny.toml"], "give a question text or --id"),
+                      (["ask", "-c", "tiny.toml", "--id", "nope"], "no question with id 'nope'"),
+                      (["ask", "-c", "tiny.toml", "Which?\nA) a"], "four options")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]

@@ -57,3 +57,11 @@ def test_card_says_contaminated(adapter):
         assert facts["contaminated"] and "contaminated" in export.model_card(facts)
     finally:
         cfg.write_text(before)
+
+
+def test_export_command_bad_input(tiny_work, capsys):
+    from tracer.cli import main
+
+    assert main(["export", "nowhere", "--model-out", "out", "-c", "tiny.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0] and not (tiny_work / "out").exists()

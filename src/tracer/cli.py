@@ -21,7 +21,7 @@ from rich.table import Table
 
 from tracer import __version__
 from tracer.config import Config, load_config, override
-from tracer.display import RichProgress, data_table, fmt, rsft_table, train_summary
+from tracer.display import RichProgress, ask_panel, data_table, fmt, kg_tables, rsft_table, train_summary
 from tracer.errors import TracerError, TrainingInterrupted
 
 app = typer.Typer(
@@ -120,37 +120,6 @@ def data(
         err_console.print(f"warning: {w}")
     for split, path in out["paths"].items():
         console.print(f"wrote {path}")
-
-
-def kg_tables(info: dict, counts: dict) -> list[Table]:
-    """`tracer kg stats`: the graph's size, each relation's fan-out, and questions per hop length."""
-    size = Table(title="Graph", show_header=False)
-    size.add_column(justify="left")
-    size.add_column(justify="right")
-    for key in ("entities", "relations", "edges"):
-        size.add_row(key, f"{info[key]:,}")
-    size.add_row("(entity, relation) pairs", f"{info['pairs']:,}")
-    size.add_row("  with several targets", f"{info['multi_pairs']:,}")
-    size.add_row("types", f"{len(info['types'])}")
-    for t, n in list(info["types"].items())[:8]:
-        size.add_row(f"  {t}", f"{n:,}")
-    if len(info["types"]) > 8:
-        size.add_row(f"  ({len(info['types']) - 8} more)", "")
-    fan = Table(title="Relations")
-    for col in ("relation", "edges", "heads", "> 1 target", "max"):
-        fan.add_column(col, justify="left" if col == "relation" else "right")
-    for r in info["fanout"]:
-        fan.add_row(r["relation"], f"{r['edges']:,}", f"{r['heads']:,}", f"{r['multi']:,}", str(r["max_targets"]))
-    q = Table(title="Questions the generator can make")
-    for col in ("hops", "questions", "config needs", ""):
-        q.add_column(col, justify="right" if col else "left")
-    for h, n in counts["hops"].items():
-        need = counts["need"].get(h, 0)
-        ok = "" if not need else ("ok" if n >= need else "[red]too few[/red]")
-        q.add_row(str(h), ("≥ " if counts["sampled"] else "") + f"{n:,}", f"{need:,}" if need else "-", ok)
-    q.caption = ("sampled by random walks: the graph is too dense to list every path" if counts["sampled"]
-                 else "distinct (start, relation chain, answer) with exactly one reachable option")
-    return [size, fan, q]
 
 
 @kg_app.command("stats")
@@ -434,6 +403,53 @@ def model_pull(
     path = models.pull(alias, cfg.model.cache_dir, progress=report)
     bar.stop()
     console.print(f"{alias}: {path}")
+
+
+@app.command()
+def export(
+    adapter: str = typer.Argument(..., help="Adapter directory to merge into its base model."),
+    model_out: str = typer.Option(..., "--model-out", help="Directory for the standalone model (must not exist)."),
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+) -> None:
+    """Write a standalone mlx-lm model (base + adapter merged) with a model card; `mlx_lm.generate --model DIR` runs it."""
+    from tracer.export import export as write_model
+
+    cfg = _config(config, model__path=model)
+    path = write_model(cfg.model.path, adapter, model_out, cfg.model.cache_dir, cfg.model.dtype)
+    console.print(f"wrote {path} (model card: {path / 'README.md'})")
+
+
+@app.command()
+def ask(
+    question: Optional[str] = typer.Argument(None, help="Question text with four option lines 'A) ...' to 'D) ...'."),
+    question_id: Optional[str] = typer.Option(None, "--id", help="Id of a question in --examples (default file: the eval split)."),
+    examples: Optional[str] = typer.Option(None, "--examples", "-e", help="Question JSONL that --id refers to."),
+    config: Optional[Path] = ConfigOpt,
+    adapter: Optional[str] = AdapterOpt,
+    kg: Optional[str] = KgOpt,
+    model: Optional[str] = ModelOpt,
+) -> None:
+    """Ask one question: the model's trace and answer, each hop checked against the graph, and the reward."""
+    from tracer import ask as asking
+
+    if (question is None) == (question_id is None):
+        raise TracerError("give a question text or --id ID (one of them)")
+    cfg = _config(config, data__kg=kg)
+    ws = _workspace(cfg, model=model)
+    if question_id is not None:
+        if examples is None:
+            ws.ensure_data()
+        rows = ws.load_split("eval", examples)
+        row = next((r for r in rows if r["id"] == question_id), None)
+        if row is None:
+            raise TracerError(f"{examples or ws.split_path('eval')}: no question with id {question_id!r}")
+    else:
+        row = asking.question_row(question)
+    from tracer import model as models
+
+    lm, tok = models.load(**ws.load_args(adapter))
+    console.print(ask_panel(asking.ask(lm, tok, row, ws.kg, cfg)))
 
 
 @app.command()

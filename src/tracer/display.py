@@ -8,7 +8,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 
 class RichProgress:
@@ -100,3 +102,51 @@ def train_summary(stats: dict) -> str:
         f"final loss {stats['final_loss']:.4f}; adapter: {stats['adapter']}"
         + (" [red](contaminated: trained with eval overlap)[/red]" if stats.get("contaminated") else "")
     )
+
+
+def kg_tables(info: dict, counts: dict) -> list[Table]:
+    """`tracer kg stats`: the graph's size, each relation's fan-out, and questions per hop length."""
+    size = Table(title="Graph", show_header=False)
+    size.add_column(justify="left")
+    size.add_column(justify="right")
+    for key in ("entities", "relations", "edges"):
+        size.add_row(key, f"{info[key]:,}")
+    size.add_row("(entity, relation) pairs", f"{info['pairs']:,}")
+    size.add_row("  with several targets", f"{info['multi_pairs']:,}")
+    size.add_row("types", f"{len(info['types'])}")
+    for t, n in list(info["types"].items())[:8]:
+        size.add_row(f"  {t}", f"{n:,}")
+    if len(info["types"]) > 8:
+        size.add_row(f"  ({len(info['types']) - 8} more)", "")
+    fan = Table(title="Relations")
+    for col in ("relation", "edges", "heads", "> 1 target", "max"):
+        fan.add_column(col, justify="left" if col == "relation" else "right")
+    for r in info["fanout"]:
+        fan.add_row(r["relation"], f"{r['edges']:,}", f"{r['heads']:,}", f"{r['multi']:,}", str(r["max_targets"]))
+    q = Table(title="Questions the generator can make")
+    for col in ("hops", "questions", "config needs", ""):
+        q.add_column(col, justify="right" if col else "left")
+    for h, n in counts["hops"].items():
+        need = counts["need"].get(h, 0)
+        ok = "" if not need else ("ok" if n >= need else "[red]too few[/red]")
+        q.add_row(str(h), ("≥ " if counts["sampled"] else "") + f"{n:,}", f"{need:,}" if need else "-", ok)
+    q.caption = ("sampled by random walks: the graph is too dense to list every path" if counts["sampled"]
+                 else "distinct (start, relation chain, answer) with exactly one reachable option")
+    return [size, fan, q]
+
+
+def ask_panel(out: dict) -> Panel:
+    """`tracer ask`: the question, the completion with each hop marked, the answer and the reward."""
+    body = Text(out["question"] + "\n")
+    for letter, option in out["options"].items():
+        body.append(f"  {letter}) {option}\n", style="bold" if letter == out.get("answer_star") else "")
+    body.append("\n" + out["completion"].strip() + "\n\n")
+    for h in out["hops"]:
+        body.append(f"{'✓' if h['real'] else '✗'} {h['src']} -{h['rel']}-> {h['dst']}\n",
+                    style="green" if h["real"] else "bold red")
+    verdict = "no valid answer" if not out["valid_format"] else f"answer {out['answer']}"
+    if "correct" in out:
+        verdict += f" ({'right' if out['correct'] else 'wrong'}; gold {out['answer_star']})"
+        verdict += f"; reward {out['reward']['total']:+.2f}, path coverage {100 * out['reward']['path_coverage']:.0f}%"
+    body.append(verdict, style="bold")
+    return Panel(body, title=out["id"], title_align="left")
