@@ -336,3 +336,17 @@ def test_continue_needs_an_adapter_directory(capsys, work):
 def test_shell_completion_is_on(capsys):
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["model"], ["kg"]])
+def test_no_arguments_print_the_help_once(capsys, argv):
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert (out + err).count("Usage:") == 1, out + err
+
+
+def test_phase_names_cannot_reach_outside_the_run_dir(capsys, work):
+    for phase in ("../../evil", "a/b", "..", ""):
+        line = run_bad(["eval", "--phase", phase, "--model", "no-such-model"], capsys, work)
+        assert "--phase: expected a name" in line, line
+    assert "--phase: expected a name" in run_bad(["report", "runs/none", "--examples", "--phase", "../x"], capsys, work)

@@ -358,6 +358,10 @@ def report(
     if examples and (as_json or markdown or plot or per_hop):
         raise TracerError("--examples shows wrong answers only; it does not combine with --json, --markdown, "
                           "--plot or --per-hop")
+    if phase is not None:
+        from tracer.runs import check_name
+
+        check_name(phase, "--phase")
     loaded = rep.load_runs(run_dirs)
     if examples:
         for run in loaded:
@@ -492,8 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"error: {e}", markup=False)
         return 2
     except click_exc.NoArgsIsHelpError as e:
-        # click asks for help on `tracer` / `tracer model` with no arguments
-        print(e.ctx.get_help() if e.ctx else str(e))
+        # `tracer` / `tracer model` with no arguments: the error holds the help, which typer's rich
+        # formatter has printed already while making it (it returns ""); print it only if not
+        text = e.format_message()
+        if text.strip():
+            print(text)
         return 0
     except click_exc.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "tracer"

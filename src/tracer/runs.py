@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -20,12 +21,31 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def umask() -> int:
+    """The process's file mode creation mask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a rewritten file keeps (its own), or a new one gets (0666 less the umask, as
+    ``open`` would give it)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~umask()
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``. The file
+    gets the mode a plain write would give it: its own when it exists, else 0666 less the umask
+    (``mkstemp`` alone makes 0600)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode(p))
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
@@ -52,6 +72,14 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         raise TracerError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise TracerError(f"{p}: not UTF-8 text") from None
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` when it names one directory entry (as run.name must): not empty, ``.`` or ``..``,
+    no path separators; else a TracerError naming ``what`` (``--phase``, say)."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise TracerError(f"{what}: expected a name (not empty, '.' or '..', no path separators), got {name!r}")
+    return name
 
 
 def versions() -> dict[str, str]:

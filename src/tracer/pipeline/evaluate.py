@@ -39,6 +39,7 @@ def evaluate(
     from tracer import metrics
 
     cfg = ws.cfg
+    runs.check_name(phase, "--phase")
     contaminated = contaminated or adapter_contaminated(adapter)
     rows = _eval_rows(ws, examples)
     pool = ws.generation_pool(adapter)
