@@ -154,9 +154,19 @@ def made(work, capsys):
     return work / "data"
 
 
+def rerecord(data_dir: Path) -> None:
+    """Record hand-edited splits in splits.json, as if `tracer data` had written them."""
+    from tracer.pipeline.data import file_record
+
+    record = json.loads((data_dir / "splits.json").read_text())
+    record["files"] = {split: file_record(data_dir / f"{split}.jsonl") for split in record["files"]}
+    (data_dir / "splits.json").write_text(json.dumps(record))
+
+
 def test_run_refused_for_leaky_data_writes_no_run_dir(capsys, work, made):
     eval_row = (made / "eval.jsonl").read_text().splitlines()[0]
     (made / "train.jsonl").write_text((made / "train.jsonl").read_text() + eval_row + "\n")
+    rerecord(made)  # (a split edited by hand is refused otherwise: tests/pipeline/test_data.py)
     shutil.copy(ROOT / "configs" / "quick.toml", work / "quick.toml")
     assert "overlap the eval split" in run_bad(["run", "quick.toml"], capsys, work)
 
@@ -173,6 +183,7 @@ def test_guard_compares_with_the_eval_split_before_it_is_made(capsys, work):
 def test_run_refused_for_a_leaky_rsft_pool_writes_no_run_dir(capsys, work, made):
     eval_row = (made / "eval.jsonl").read_text().splitlines()[0]
     (made / "rsft.jsonl").write_text((made / "rsft.jsonl").read_text() + eval_row + "\n")
+    rerecord(made)
     cfg = write(work / "q.toml", (ROOT / "configs" / "quick.toml").read_text())
     # (--model: a missed overlap must fail fast here, not evaluate the default model)
     line = run_bad(["run", cfg, "--model", "no-such-model"], capsys, work)

@@ -7,11 +7,42 @@ from pathlib import Path
 import pytest
 
 from tracer.cli import main
-from tracer.pipeline.data import ensure_data, eval_overlap
+from tracer.pipeline.data import ensure_data, eval_overlap, file_record
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def rerecord(data_dir: Path) -> None:
+    """Record hand-edited splits in splits.json, as if `tracer data` had written them."""
+    record = json.loads((data_dir / "splits.json").read_text())
+    record["files"] = {split: file_record(data_dir / f"{split}.jsonl") for split in record["files"]}
+    (data_dir / "splits.json").write_text(json.dumps(record))
+
+
+def test_a_split_file_changed_since_it_was_made_is_refused(tiny_work, capsys):
+    """splits.json records each split's row count and SHA-256; a file cut at a line boundary (or
+    edited) is one clear error, not a smaller eval."""
+    assert main(["data", "-c", "tiny.toml"]) == 0
+    data = tiny_work / "data" / "tiny"
+    record = json.loads((data / "splits.json").read_text())["files"]
+    assert set(record) == {"train", "rsft", "eval", "eval_shuffled"}
+    assert record["eval"]["rows"] == 12 and len(record["eval"]["sha256"]) == 64
+    eval_file = data / "eval.jsonl"
+    full = eval_file.read_text()
+    eval_file.write_text("".join(full.splitlines(keepends=True)[:5]))  # cut at a line boundary
+    capsys.readouterr()
+    assert main(["eval", "-c", "tiny.toml", "--run-dir", "cut"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.jsonl: changed since `tracer data` wrote it (it has 5 rows, splits.json recorded 12)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tiny_work / "cut").exists()
+    # the same rows, one of them edited; named explicitly with --examples as well
+    eval_file.write_text(full.replace('"hop_len": ', '"hop_len":  ', 1))
+    assert main(["eval", "-c", "tiny.toml", "--examples", str(eval_file), "--run-dir", "cut"]) == 2
+    assert "content differs from the SHA-256 splits.json recorded" in capsys.readouterr().err
+    eval_file.write_text(full)
+    assert main(["eval", "-c", "tiny.toml", "-n", "2", "--no-shuffled", "--run-dir", "cut"]) == 0
 
 
 def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
@@ -38,6 +69,7 @@ def test_leakage_guard_refuses_and_marks(tiny_work, capsys):
     assert json.loads((tiny_work / "leaky_run" / "metrics.json").read_text())["contaminated"] is True
     # ... and so does a whole run trained on a leaky train split
     (data / "train.jsonl").write_text((data / "train.jsonl").read_text() + json.dumps(eval_rows[0]) + "\n")
+    rerecord(data)  # (a split edited by hand is refused otherwise: see below)
     text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft", "consolidate"]', 'phases = ["sft"]')
     (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 2"))
     assert main(["run", "tiny.toml", "--allow-eval-overlap"]) == 0

@@ -39,6 +39,36 @@ def _digest(path: str | None) -> str | None:
     return hashlib.sha256(raw).hexdigest()
 
 
+def file_record(path: str | Path) -> dict:
+    """A split file's row count (its non-blank lines) and SHA-256, as ``splits.json`` records them."""
+    raw = Path(path).read_bytes()
+    return {"rows": sum(1 for line in raw.split(b"\n") if line.strip()), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def check_split_file(path: str | Path) -> None:
+    """Refuse a split file (``train.jsonl``, ``eval.jsonl``, ...) that no longer matches the row
+    count and SHA-256 its directory's ``splits.json`` recorded when ``tracer data`` wrote it (cut
+    short, say). Files without a record (other files, splits older than the record) pass."""
+    p = Path(path)
+    split = next((s for s, name in SPLIT_FILES.items() if name == p.name), None)
+    record_file = p.parent / SETTINGS_FILE
+    if split is None or not p.is_file() or not record_file.is_file():
+        return
+    record = runs.read_json(record_file)
+    want = record.get("files", {}).get(split) if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+    if not isinstance(want, dict):
+        return
+    have = file_record(p)
+    if have == {"rows": want.get("rows"), "sha256": want.get("sha256")}:
+        return
+    if have["rows"] != want.get("rows"):
+        what = f"it has {have['rows']} rows, {SETTINGS_FILE} recorded {want.get('rows')}"
+    else:
+        what = f"its content differs from the SHA-256 {SETTINGS_FILE} recorded"
+    raise TracerError(f"{p}: changed since `tracer data` wrote it ({what}); remake the splits with "
+                      "`tracer data -c CONFIG`")
+
+
 def data_settings(cfg: Config) -> dict:
     """What the splits are a function of: the KG's (and types file's) content and every [data]
     knob that shapes them."""
@@ -84,14 +114,16 @@ def make_data(cfg: Config, kg: KG | None = None, progress: Progress | None = Non
     returns paths and the summary (its warnings include :func:`sft_budget_warning`).
 
     ``splits.json`` beside them records :func:`data_settings`, so later commands can tell
-    whether the files still match their config.
+    whether the files still match their config, and each file's row count and SHA-256
+    (:func:`file_record`), so they can tell whether a file changed since (:func:`check_split_file`).
     """
     kg = kg or load_graph(cfg)
     progress = progress or NullProgress()
     splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg), progress=_Stages(progress))
     progress.stop()
     paths = dataset.write_splits(splits, cfg.data.out_dir)
-    runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, data_settings(cfg))
+    files = {split: file_record(path) for split, path in paths.items()}
+    runs.write_json(Path(cfg.data.out_dir) / SETTINGS_FILE, dict(data_settings(cfg), files=files))
     summary = dataset.summarize(splits, kg, cfg.data)
     budget = sft_budget_warning(cfg, len(splits["train"]))
     if budget:

@@ -58,8 +58,11 @@ class Workspace:
         return data.split_path(self.cfg, split)
 
     def load_split(self, split: str, path: str | Path | None = None) -> list[dict]:
-        """The rows of ``split`` (or of the file ``path`` in its place), checked against the KG."""
-        return dataset.load_examples(path or self.split_path(split), kg=self.kg, context=self.cfg.data.context)
+        """The rows of ``split`` (or of the file ``path`` in its place), checked against the KG and,
+        for a file ``tracer data`` wrote, against the row count and hash it recorded."""
+        path = path or self.split_path(split)
+        data.check_split_file(path)
+        return dataset.load_examples(path, kg=self.kg, context=self.cfg.data.context)
 
     # ------------------------------------------------------------------------------ models
 
