@@ -26,12 +26,13 @@ def worker(args) -> None:
     backend.setup()
     import mlx.core as mx
 
+    from tracer import format as F
     from tracer import generate as G
     from tracer import model as tm
 
     model, tok = tm.load(args.model)
     prompts = [json.loads(line)["prompt"] for line in open(args.examples)][: args.prompts]
-    inputs, padding = G.left_pad([G.encode_chat(tok, p) for p in prompts])
+    inputs, padding = G.left_pad([F.encode_chat(tok, p) for p in prompts])
     times, threads = [], []
     for _ in range(args.units):
         threads.append(share_cores(0))

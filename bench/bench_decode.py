@@ -23,6 +23,7 @@ from common import per_element_ns  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from tracer import cpu_ops  # noqa: E402
+from tracer import format as F  # noqa: E402
 from tracer import generate as G  # noqa: E402
 from tracer import model as tm  # noqa: E402
 
@@ -59,8 +60,8 @@ def main() -> None:
 
     model, tok = tm.load(args.model)
     prompts = [json.loads(line)["prompt"] for line in open(args.examples)][: args.batch]
-    enc = [G.encode_chat(tok, p) for p in prompts]
-    P = G.shared_prefix_len(enc)
+    enc = [F.encode_chat(tok, p) for p in prompts]
+    P = F.shared_prefix_len(enc)
     prefix_kv = G.prefix_cache(model, enc[0][:P])
     best: dict[str, float] = {}
     outputs: dict[str, list] = {}

@@ -25,6 +25,7 @@ backend.setup()
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from tracer import format as F  # noqa: E402
 from tracer import generate as G  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -39,7 +40,7 @@ SMOLLM2 = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
 
 def make_prompts(n: int) -> list[str]:
     """Realistic eval-style user prompts (~130-180 tokens with the chat template)."""
-    from tracer.dataset import build_prompt
+    from tracer.format import build_prompt
 
     out = []
     for i in range(n):
@@ -89,7 +90,7 @@ def bench_mlx_lm(model, tok, prompts: list[str], max_tokens: int) -> tuple[int, 
     n_tok, t0 = 0, time.perf_counter()
     for p in prompts:
         last = None
-        for last in stream_generate(model, tok, G.encode_chat(tok, p), max_tokens=max_tokens):
+        for last in stream_generate(model, tok, F.encode_chat(tok, p), max_tokens=max_tokens):
             pass
         n_tok += last.generation_tokens if last is not None else 0
     return n_tok, time.perf_counter() - t0
@@ -119,7 +120,7 @@ def main() -> None:
     path = args.model or args.model_pos or str(build_model(args.shape))
     model, tok = load(str(Path(path).expanduser()))
     prompts = make_prompts(args.n)
-    lens = [len(G.encode_chat(tok, p)) for p in prompts]
+    lens = [len(F.encode_chat(tok, p)) for p in prompts]
     G.generate(model, tok, prompts[:2], max_tokens=4)  # warm-up
 
     single = prompts[: args.single_n] if args.single_n else prompts

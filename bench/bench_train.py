@@ -71,7 +71,7 @@ def worker_stock(args) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model, load_tokenizer
 
-    from tracer.dataset import SYSTEM_PROMPT  # pure Python, no mlx / blas
+    from tracer.format import SYSTEM_PROMPT  # pure Python, no mlx / blas
 
     assert ("tracer.blas" in sys.modules) == args.openblas
     gflops = gemm_gflops(mx)

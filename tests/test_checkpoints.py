@@ -9,7 +9,7 @@ import pytest
 from tracer import train
 from tracer.config import LoraConfig, TrainConfig
 from tracer.errors import TracerError
-from tracer.generate import SYSTEM_PROMPT
+from tracer.format import SYSTEM_PROMPT
 from tracer.progress import NullProgress
 
 from tiny_model import build_tiny_model  # tests/tiny_model.py

@@ -13,6 +13,7 @@ import pytest
 from tracer import dataset as ds
 from tracer.config import DataConfig
 from tracer.errors import TracerError
+from tracer.format import build_prompt, reference_trace
 from tracer.kg import kg_from_dict, load_kg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,26 +127,8 @@ def check_letters(splits, tol):
 
 
 # ---------------------------------------------------------------------------------------------
-# prompts, traces, templates
+# templates (prompts and reference traces: test_format.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def test_reference_trace_format():
-    edges = [{"src": "E0", "rel": "caused_by", "dst": "E1"}, {"src": "E1", "rel": "fixed_by", "dst": "E2"}]
-    assert ds.reference_trace(["E0", "E1", "E2"], edges, "C") == "TRACE: E0 -caused_by-> E1 -fixed_by-> E2\nANSWER: C"
-    with pytest.raises(TracerError):
-        ds.reference_trace(["E0", "E1"], edges, "A")
-
-
-def test_build_prompt_contents():
-    opts = {"A": "X1", "B": "X2", "C": "X3", "D": "X4"}
-    p = ds.build_prompt("Which?", opts)
-    assert "Answer in exactly this format:\nTRACE: <entity -relation-> entity ...>\nANSWER: <A|B|C|D>" in p
-    assert "Facts:" not in p
-    assert p.endswith("Which?\nA) X1\nB) X2\nC) X3\nD) X4")
-    pf = ds.build_prompt("Which?", opts, ["X1 -caused_by-> X2"])
-    assert "Facts:\nX1 -caused_by-> X2" in pf
-    assert ds.SYSTEM_PROMPT and len(ds.SYSTEM_PROMPT) < 200
 
 
 def test_templates_several_per_relation(kg):
@@ -169,9 +152,9 @@ def test_rows_use_entity_ids_and_schema(splits):
             assert r["split"] == name
             assert r["path_star"]["entities"][0] in r["question"]
             assert r["hop_len"] == len(r["path_star"]["edges"]) == len(r["meta"]["relations"])
-            assert r["ref"]["trace"] == ds.reference_trace(r["path_star"]["entities"], r["path_star"]["edges"],
+            assert r["ref"]["trace"] == reference_trace(r["path_star"]["entities"], r["path_star"]["edges"],
                                                            r["answer_star"])
-            assert r["prompt"] == ds.build_prompt(r["question"], r["options"], r["meta"].get("facts"))
+            assert r["prompt"] == build_prompt(r["question"], r["options"], r["meta"].get("facts"))
             assert isinstance(r["meta"]["template"], int)
 
 
@@ -444,7 +427,7 @@ def test_load_examples_public_row(tmp_path):
     rows = ds.load_examples(p)
     r = rows[0]
     assert r["split"] == "unknown" and r["hop_len"] == 2
-    assert r["prompt"] == ds.build_prompt(PUBLIC_ROW["question"], PUBLIC_ROW["options"])
+    assert r["prompt"] == build_prompt(PUBLIC_ROW["question"], PUBLIC_ROW["options"])
     assert r["ref"]["trace"] == "TRACE: Sym00 -caused_by-> Cause01 -fixed_by-> Fix02\nANSWER: C"
     assert r["meta"]["relations"] == ["caused_by", "fixed_by"] and r["meta"]["topic"] == "caused_by"
     assert ds.path_key(r) == ("Sym00", ("caused_by", "fixed_by"), "Fix02")
@@ -532,7 +515,7 @@ def test_counterfactual_copies_contradict_the_kg_but_not_their_facts(kg):
         assert "Facts:\n" + "\n".join(r["meta"]["facts"]) + "\n\n" in r["prompt"]
         assert start in r["question"] and r["prompt"].endswith(
             "\n".join(f"{L}) {r['options'][L]}" for L in "ABCD"))
-        assert r["ref"]["trace"] == ds.reference_trace(r["path_star"]["entities"], r["path_star"]["edges"],
+        assert r["ref"]["trace"] == reference_trace(r["path_star"]["entities"], r["path_star"]["edges"],
                                                        r["answer_star"])
         for e in r["path_star"]["entities"]:  # renamed within type
             assert e in kg.entities

@@ -7,6 +7,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from tracer import format as F
 from tracer import generate as G
 
 from tiny_model import build_tiny_model  # tests/tiny_model.py
@@ -76,26 +77,14 @@ def scripted(tok, text: str, tail: list[int] | None = None) -> Scripted:
 
 def test_chat_prompt_and_encode_chat_single_bos(tiny):
     _, tok = tiny
-    text = G.chat_prompt(tok, "Q?")
-    assert text.startswith("<|im_start|>system\n" + G.SYSTEM_PROMPT)
+    text = F.chat_prompt(tok, "Q?")
+    assert text.startswith("<|im_start|>system\n" + F.SYSTEM_PROMPT)
     assert text.endswith("<|im_start|>assistant\n")
     assert "Q?" in text
-    ids = G.encode_chat(tok, "Q?")
+    ids = F.encode_chat(tok, "Q?")
     bos = tok.bos_token_id
     assert ids[0] == bos and ids[1] != bos
     assert tok.decode(ids) == text
-
-
-def test_encode_text_adds_bos_only_when_missing():
-    class Tok:
-        bos_token, bos_token_id = "<s>", 1
-
-        def encode(self, text, add_special_tokens=True):
-            body = [ord(c) for c in text.replace("<s>", "\x01")]
-            return ([1] if add_special_tokens else []) + body
-
-    assert G.encode_text(Tok(), "ab") == [1, 97, 98]
-    assert G.encode_text(Tok(), "<s>ab") == [1, 97, 98]
 
 
 # --- batching ----------------------------------------------------------------------------------
@@ -103,7 +92,7 @@ def test_encode_text_adds_bos_only_when_missing():
 
 def test_batched_greedy_equals_single_prompt_greedy(tiny):
     model, tok = tiny
-    lengths = {len(G.encode_chat(tok, p)) for p in PROMPTS}
+    lengths = {len(F.encode_chat(tok, p)) for p in PROMPTS}
     assert len(lengths) == len(PROMPTS)  # all different: left padding is exercised
     batched = G.generate(model, tok, PROMPTS, max_tokens=24, stop_after_answer=False)
     single = [G.generate(model, tok, [p], max_tokens=24, stop_after_answer=False)[0] for p in PROMPTS]
@@ -127,7 +116,7 @@ def test_completions_exclude_prompt(tiny):
     model, tok = tiny
     outs = G.generate(model, tok, PROMPTS, max_tokens=10, stop_after_answer=False)
     for p, o in zip(PROMPTS, outs):
-        assert not o.startswith(G.chat_prompt(tok, p))
+        assert not o.startswith(F.chat_prompt(tok, p))
         assert not o.startswith(p)
     model = scripted(tok, "TRACE: E0")
     n = len(model.script)
@@ -216,12 +205,6 @@ def test_stop_at_eos_excludes_stop_token(tiny):
     assert G.generate(model, tok, PROMPTS, max_tokens=50) == ["TRACE: E0"] * len(PROMPTS)
 
 
-def test_answer_end_waits_for_the_answer_lines_newline():
-    assert G.answer_end("TRACE: x\nANSWER: D and more\nx") == len("TRACE: x\nANSWER: D and more")
-    assert G.answer_end("TRACE: x\nANSWER: D") is None  # the line may go on
-    assert G.answer_end("ANSWER: B\nTRACE: x\n") is None  # the reward reads an ANSWER line after TRACE
-
-
 @pytest.mark.parametrize("layers", ["cpu_ops", "grouped"])
 def test_greedy_matches_mlx_lm_reference(tiny, layers, monkeypatch):
     """Independent check of the batched/prefix-shared path, with either set of fast layers,
@@ -243,14 +226,14 @@ def test_greedy_matches_mlx_lm_reference(tiny, layers, monkeypatch):
     for layer in model.layers:  # the reference runs mlx-lm's own layers
         layer.self_attn.__class__, layer.mlp.__class__ = llama.Attention, llama.MLP
     for p, o in zip(PROMPTS, ours):  # token ids: random weights emit bytes that decode differently
-        ref = [r.token for r in stream_generate(model, tok, G.encode_chat(tok, p), max_tokens=20)]
+        ref = [r.token for r in stream_generate(model, tok, F.encode_chat(tok, p), max_tokens=20)]
         assert o == [t for t in ref if t not in stops]
 
 
 def test_shared_prefix_cache_matches_plain_prefill(tiny):
     model, tok = tiny
-    enc = [G.encode_chat(tok, p) for p in PROMPTS]
-    P = G.shared_prefix_len(enc)
+    enc = [F.encode_chat(tok, p) for p in PROMPTS]
+    P = F.shared_prefix_len(enc)
     assert P > 8
     stopper = G.RowStopper(tok, 16, False)
     greedy = G.make_sampler(0.0, 1.0, mx.random.key(0))
@@ -269,7 +252,7 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
                            batch_size=4)
     assert few_slots == greedy  # copies split across refills decode alike
 
-    enc = [G.encode_chat(tok, p) for p in PROMPTS[:2]]
+    enc = [F.encode_chat(tok, p) for p in PROMPTS[:2]]
     batch = [enc[0]] * 3 + [enc[1]] * 2
     stopper = G.RowStopper(tok, 12, False)
     calls = []
@@ -294,7 +277,7 @@ def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
     """With fewer slots than prompts, finished rows are replaced by waiting prompts mid-decode;
     every prompt still decodes exactly as it would alone, and no step exceeds the batch size."""
     model, tok = tiny
-    enc = [G.encode_chat(tok, p) for p in PROMPTS + [p + " Why?" for p in PROMPTS]]
+    enc = [F.encode_chat(tok, p) for p in PROMPTS + [p + " Why?" for p in PROMPTS]]
 
     class Varying(G.RowStopper):  # rows end at different steps: after 3 + (first token % 7) tokens
         def push(self, out, tok_id):
@@ -317,7 +300,7 @@ def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
     single = [G.decode_batch(model, [e], stopper, greedy)[0] for e in enc]
     assert batched == single
     assert len({len(o) for o in batched}) > 2  # rows really finish at different steps
-    P = G.shared_prefix_len(enc)
+    P = F.shared_prefix_len(enc)
     assert G.decode_batch(model, enc, stopper, greedy, prefix_kv=G.prefix_cache(model, enc[0][:P]),
                           batch_size=3) == single  # appended rows over the shared-prefix cache too
     assert max(b for b, n in shapes if n == 1) <= 3

@@ -16,6 +16,7 @@ from tracer import dataset, grpo, train
 from tracer import model as models
 from tracer.config import LoraConfig, RewardConfig
 from tracer.errors import TrainingInterrupted
+from tracer.format import SYSTEM_PROMPT
 from tracer.kg import load_kg
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -195,7 +196,7 @@ def test_sampled_completions_end_as_they_were_sampled(tiny_model, pool, monkeypa
     budget = tok.encode("x " * 40, add_special_tokens=False)[:8]
     monkeypatch.setattr(grpo, "generate_tokens", lambda *a, **k: [short, budget, answered, short])
     examples, texts = grpo.sample_completions(None, tok, pool[:2], run_cfg(max_tokens=8), seed=0)
-    prompt = tok.apply_chat_template([{"role": "system", "content": dataset.SYSTEM_PROMPT},
+    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
                                       {"role": "user", "content": pool[0]["prompt"]}], add_generation_prompt=True)
     assert examples[0][0][: examples[0][1]] == list(prompt)
     completions = [ids[start:] for ids, start in examples]

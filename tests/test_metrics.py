@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tracer.metrics import aggregate, hop_recall, shuffle_agreement, trace_hops, trace_nodes, wilson
+from tracer.format import trace_hops, trace_nodes
+from tracer.metrics import aggregate, hop_recall, shuffle_agreement, wilson
 
 
 def test_wilson_known_values():

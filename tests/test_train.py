@@ -14,7 +14,8 @@ from tracer import train
 from tracer.cli import main
 from tracer.config import LoraConfig, TrainConfig, load_config, override, to_toml
 from tracer.errors import TrainingInterrupted
-from tracer.generate import SYSTEM_PROMPT, generate
+from tracer.format import SYSTEM_PROMPT
+from tracer.generate import generate
 from tracer.pipeline.data import make_data
 from tracer.progress import NullProgress
 

@@ -103,14 +103,14 @@ def build_for_config(cfg, out_dir: str | Path) -> Path:
     """The tiny model of a config (a :class:`tracer.config.Config`): its tokenizer fitted to the
     config's train and eval questions (generated into ``data.out_dir`` when missing), in the chat
     format the model is trained and asked in; its weights seeded by ``run.seed``."""
-    from tracer import dataset
+    from tracer.format import SYSTEM_PROMPT
     from tracer.pipeline.workspace import Workspace
 
     ws = Workspace.open(cfg)
     ws.ensure_data()
     rows = ws.load_split("train") + ws.load_split("eval")
     texts = [
-        f"<|im_start|>system\n{dataset.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{r['prompt']}<|im_end|>\n"
         f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
         for r in rows
     ]

@@ -11,11 +11,10 @@ import re
 from typing import Any
 
 from tracer.config import Config
-from tracer.dataset import LETTERS, build_prompt
 from tracer.errors import TracerError
+from tracer.format import LETTERS, build_prompt, parse_completion, trace_steps
 from tracer.kg import KG
-from tracer.metrics import trace_steps
-from tracer.reward import EntityMatcher, judging_graph, parse_completion, score
+from tracer.reward import EntityMatcher, judging_graph, score
 
 _OPTION = re.compile(r"^\s*([A-D])\s*[).:]\s*(\S.*?)\s*$")
 

@@ -1,4 +1,4 @@
-"""Question generation from KG paths, prompts, reference traces, splits, JSONL I/O, summary.
+"""Question generation from KG paths, splits, JSONL I/O, summary (prompts and traces: :mod:`tracer.format`).
 
 Pure Python (stdlib only).  Every random choice comes from one ``random.Random(cfg.seed)``
 consumed in a fixed order, and every set is sorted before anything is chosen from it, so the
@@ -15,81 +15,21 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from tracer.errors import TracerError
+from tracer.format import ANSWER_TAG  # noqa: F401  (pipeline.rsft reads dataset.ANSWER_TAG)
+from tracer.format import LETTERS, build_prompt, edge_tuple, format_fact, is_fact, parse_fact, reference_trace
 from tracer.runs import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.config import DataConfig
     from tracer.kg import KG
 
-LETTERS = ("A", "B", "C", "D")
-TRACE_TAG, ANSWER_TAG = "TRACE:", "ANSWER:"  # the completion format's two line prefixes
 SPLIT_FILES = ("train", "rsft", "eval", "eval_shuffled")
 DEFAULT_MIN_EDGE_COVERAGE = 3
-
-SYSTEM_PROMPT = "You answer multi-hop questions about a software troubleshooting knowledge graph."
-
-FORMAT_INSTRUCTIONS = (
-    "Answer in exactly this format:\n"
-    f"{TRACE_TAG} <entity -relation-> entity ...>\n"
-    f"{ANSWER_TAG} <A|B|C|D>"
-)
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and reference traces
-# ---------------------------------------------------------------------------------------------
-
-
-def build_prompt(question: str, options: dict[str, str], facts: list[str] | None = None) -> str:
-    """The user message: format instructions, optional facts, the question and the options."""
-    parts = [FORMAT_INSTRUCTIONS]
-    if facts:
-        parts.append("Facts:\n" + "\n".join(facts))
-    opts = "\n".join(f"{k}) {options[k]}" for k in sorted(options))
-    parts.append(f"Question: {question}\n{opts}")
-    return "\n\n".join(parts)
-
-
-def _edge_tuple(e: Any) -> tuple[str, str, str]:
-    if isinstance(e, dict):
-        return (e["src"], e["rel"], e["dst"])
-    if isinstance(e, (tuple, list)):
-        return (e[0], e[1], e[2])
-    return (e.src, e.rel, e.dst)
-
-
-def format_fact(e: Any) -> str:
-    """``src -rel-> dst`` (an Edge, an edge dict or a (src, rel, dst) tuple)."""
-    s, r, d = _edge_tuple(e)
-    return f"{s} -{r}-> {d}"
-
-
-_FACT_RE = re.compile(r"^(\S+) -(\S+)-> (\S+)$")
-
-
-def parse_fact(text: str) -> tuple[str, str, str]:
-    """``(src, rel, dst)`` of a :func:`format_fact` line."""
-    return _FACT_RE.match(text).groups()
-
-
-def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
-    """``TRACE: E0 -caused_by-> E1 -fixed_by-> E2\\nANSWER: C``."""
-    if not entities:
-        raise TracerError("reference trace: empty path")
-    if edges and len(edges) != len(entities) - 1:
-        raise TracerError(
-            f"reference trace: {len(entities)} entities do not fit {len(edges)} edges"
-        )
-    text = entities[0]
-    for i, e in enumerate(edges):
-        _, rel, _ = _edge_tuple(e)
-        text += f" -{rel}-> {entities[i + 1]}"
-    return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +134,7 @@ def path_key(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
     ents = ps["entities"]
     edges = ps.get("edges") or []
     if edges:
-        rels = tuple(_edge_tuple(e)[1] for e in edges)
+        rels = tuple(edge_tuple(e)[1] for e in edges)
     else:
         rels = tuple((row.get("meta") or {}).get("relations") or ())
     return (ents[0], rels, ents[-1])
@@ -391,7 +331,7 @@ def _unique_edges(kg: "KG") -> list[tuple[str, str, str]]:
     seen: set[tuple[str, str, str]] = set()
     out = []
     for e in kg.edges:
-        t = _edge_tuple(e)
+        t = edge_tuple(e)
         if t not in seen:
             seen.add(t)
             out.append(t)
@@ -810,7 +750,7 @@ def train_edge_coverage(rows: list[dict[str, Any]], kg: "KG") -> dict[tuple[str,
         if (row.get("meta") or {}).get("counterfactual"):
             continue
         for e in row["path_star"].get("edges") or []:
-            t = _edge_tuple(e)
+            t = edge_tuple(e)
             if t in cov:
                 cov[t] += 1
     return cov
@@ -1032,7 +972,7 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
     facts = meta.get("facts")
     if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) for f in facts)):
         raise TracerError(f"{where}: 'meta.facts' must be a list of strings")
-    unparsed = [f for f in facts or [] if not _FACT_RE.match(f)] if meta.get("counterfactual") else []
+    unparsed = [f for f in facts or [] if not is_fact(f)] if meta.get("counterfactual") else []
     if unparsed:  # a renamed row's facts are its reward's KG
         raise TracerError(f"{where}: renamed row's fact {unparsed[0]!r} is not written 'src -rel-> dst'")
     if not edges and isinstance(meta.get("relations"), list) and len(meta["relations"]) == len(ents) - 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tracer.errors import TracerError
-from tracer.generate import SYSTEM_PROMPT
+from tracer.format import SYSTEM_PROMPT
 from tracer.runs import read_json
 
 

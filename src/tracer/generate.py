@@ -1,7 +1,7 @@
 """Batched greedy / sampled generation with a KV cache and stop rules (MLX).
 
-Prompts are raw user messages; :func:`chat_prompt` wraps them in the tokenizer's chat template
-(the same function training uses). Prompts are sorted by token length, left-padded, prefilled
+Prompts are raw user messages; :func:`tracer.format.encode_chat` wraps them in the tokenizer's chat
+template (the same function training uses). Prompts are sorted by token length, left-padded, prefilled
 with a causal + padding mask (mlx-lm's ``BatchKVCache``: per-row RoPE offsets, so every row sees
 exactly the positions it would see alone) and decoded step by step. The token prefix every prompt
 shares (system prompt) is prefilled once per call, and a prompt repeated within a prefill (K
@@ -23,48 +23,10 @@ from mlx_lm.models import llama
 
 from tracer import cpu_ops
 from tracer.blas import share_cores
+from tracer.format import answer_end, cut_after_answer, encode_chat, shared_prefix_len
 from tracer.progress import NullProgress, Progress
-from tracer.reward import trace_and_answer
-
-try:  # dataset.py is pure Python; the fallback only guards against it being mid-edit
-    from tracer.dataset import SYSTEM_PROMPT
-except ImportError:  # pragma: no cover
-    SYSTEM_PROMPT = "You answer multi-hop questions about a software troubleshooting knowledge graph."
 
 _NEWLINE_TOKENS: dict[int, frozenset[int]] = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat format (shared with training)
-# ---------------------------------------------------------------------------------------------
-
-
-def chat_prompt(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> str:
-    """The chat-template text for ``system`` + user ``prompt``, ending with the assistant header."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def _adds_bos(tokenizer) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer.encode("a", add_special_tokens=True)
-    return bool(ids) and ids[0] == bos
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of chat-template ``text``: the tokenizer's BOS only if the text lacks it."""
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    bos_tok = getattr(tokenizer, "bos_token", None)
-    if _adds_bos(tokenizer) and not (bos_tok and text.startswith(bos_tok)):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
-
-
-def encode_chat(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
-    """Token ids of :func:`chat_prompt` (no double BOS)."""
-    return encode_text(tokenizer, chat_prompt(tokenizer, prompt, system))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,21 +56,10 @@ def newline_tokens(tokenizer) -> frozenset[int]:
     return _NEWLINE_TOKENS[key]
 
 
-def answer_end(text: str) -> int | None:
-    """End of the ANSWER line :func:`tracer.reward.parse_completion` reads (the first after the
-    first TRACE line), once a newline has finished it; None before. Nothing after it counts."""
-    _, a = trace_and_answer(text)
-    return a.end() if a is not None and a.end() < len(text) else None
-
-
 def finish_text(tokenizer, tokens: list[int], stop_after_answer: bool = True) -> str:
     """Decode a completion (stop token already excluded), cut at the end of the ANSWER line read."""
     text = tokenizer.decode(tokens)
-    if stop_after_answer:
-        _, a = trace_and_answer(text)
-        if a is not None:
-            text = text[:a.end()]
-    return text
+    return cut_after_answer(text) if stop_after_answer else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,18 +134,6 @@ def prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]]:
     kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
     mx.eval(kv)
     return kv
-
-
-def shared_prefix_len(prompts: list[list[int]], min_len: int = 8) -> int:
-    """Longest common token prefix, leaving every prompt at least one token (0 if < min_len)."""
-    first = prompts[0]
-    n = min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-    return n if n >= min_len else 0
 
 
 def _head(model):

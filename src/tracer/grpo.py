@@ -39,7 +39,8 @@ from tracer import cpu_ops, reward
 from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
 from tracer.errors import TracerError, TrainingInterrupted
-from tracer.generate import answer_end, encode_chat, finish_text, generate_tokens
+from tracer.format import answer_end, encode_chat
+from tracer.generate import finish_text, generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
 from tracer.train import (Batch, Example, _logits, adapter_weights, add_lora, collate, hidden, load_checkpoint,

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tracer.errors import TracerError
+from tracer.format import NODE_TRIM, RELATION_CHARS
 
 ENTITY_KEYS = ("id", "label", "type")
 RELATION_KEYS = ("id", "label")
 EDGE_KEYS = ("src", "rel", "dst")
-_RELATION_ID = re.compile(r"[A-Za-z0-9_]+")  # what the trace syntax `-rel->` reads
-NODE_TRIM = " \t\n`'\".,;:"  # what a trace parser strips from each node: no entity id may start or end with it
+_RELATION_ID = re.compile(f"[{RELATION_CHARS}]+")  # what the trace syntax `-rel->` reads
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def entity_id(name: str) -> str:
 
 def relation_id(name: str) -> str:
     """A relation id the trace syntax reads (`-rel->`): letters, digits and _."""
-    return re.sub(r"[^A-Za-z0-9_]+", "_", name.strip()).strip("_")
+    return re.sub(f"[^{RELATION_CHARS}]+", "_", name.strip()).strip("_")
 
 
 class _Ids:

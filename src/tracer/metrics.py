@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
-from tracer.kg import NODE_TRIM
-
-_ARROW_RE = re.compile(r"\s*(?:-[A-Za-z0-9_]*)?->\s*")
+from tracer.format import parsed_nodes, trace_hops, trace_nodes
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -40,36 +37,6 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def trace_nodes(trace_text: str) -> list[str]:
-    """The trace as written, cut at its ``-relation->`` (or bare ``->``) arrows: one string per
-    node, in order, repeats and names that are no entity included (trimmed of spaces, quotes,
-    backticks and trailing punctuation). ``""`` → ``[]``."""
-    if not trace_text.strip():
-        return []
-    return [node.strip(NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
-
-
-def trace_steps(trace_text: str) -> tuple[list[str], list[str]]:
-    """The trace's nodes (:func:`trace_nodes`) and the relation written in each arrow between them
-    (``""`` for a bare ``->``): ``len(rels) == len(nodes) - 1`` unless the trace is empty."""
-    nodes = trace_nodes(trace_text)
-    rels = [m.group(0).strip()[1:-2] for m in _ARROW_RE.finditer(trace_text.strip())] if nodes else []
-    return nodes, rels
-
-
-def parsed_nodes(parsed: dict[str, Any]) -> list[str]:
-    """:func:`trace_nodes` of an episode's ``parsed`` block (rows without ``trace_text``: its
-    named entities)."""
-    if "trace_text" in parsed:
-        return trace_nodes(parsed.get("trace_text") or "")
-    return list(parsed.get("trace_entities") or [])
-
-
-def trace_hops(trace_text: str) -> int:
-    """Hops written in a trace: the ``-relation->`` arrows, whether or not the entities exist."""
-    return max(0, len(trace_nodes(trace_text)) - 1)
-
-
 def _full_length(e: dict[str, Any]) -> bool:
     p = e["parsed"]
     return p["valid_format"] and trace_hops(p.get("trace_text") or "") == int(e["hop_len"])
@@ -95,7 +62,7 @@ def _summary(eps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def hop_recall(episodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Recall of each hop position given a correct prefix, read from the trace's written nodes
-    (:func:`trace_nodes`).
+    (:func:`tracer.format.trace_nodes`).
 
     For hop i (1-based), ``n`` counts the episodes whose trace's first i nodes follow the
     question's chain from its start through real edges toward the answer (``parsed.chain_nodes``

@@ -28,7 +28,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tracer.errors import TracerError
-from tracer.metrics import mcnemar, parsed_nodes, trace_steps
+from tracer.format import parsed_nodes, trace_steps
+from tracer.metrics import mcnemar
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG

@@ -1,4 +1,4 @@
-"""KG reward: parse ``TRACE:``/``ANSWER:`` completions, match entities, score, build episode rows.
+"""KG reward: match entities, score completions against the graph, build episode rows.
 
 Pure Python (no MLX). The knowledge graph is the reward model: the trace is judged against the
 graph, not one reference path. Path credit is how far the trace follows the question's relation
@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tracer.dataset import ANSWER_TAG, TRACE_TAG, parse_fact
+from tracer.format import answer_span  # noqa: F401  (pipeline.rsft reads reward.answer_span)
+from tracer.format import parse_completion, parse_fact, trace_steps
 from tracer.kg import KG, Edge
-from tracer.metrics import trace_steps
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tracer.config import RewardConfig
 
-_TRACE_RE = re.compile(rf"^[ \t]*{TRACE_TAG}", re.MULTILINE)
-_ANSWER_LINE_RE = re.compile(rf"^[ \t]*{ANSWER_TAG}[^\n]*$", re.MULTILINE)
-_ANSWER_OK_RE = re.compile(rf"^\s*{ANSWER_TAG}\s*([A-D])\s*\.?\s*$")
 _WORD = "A-Za-z0-9_"
 
 
@@ -45,55 +41,6 @@ class EntityMatcher:
         if self._re is None or not text:
             return []
         return [m.group(0) for m in self._re.finditer(text)]
-
-
-@dataclass
-class Parsed:
-    """Result of parsing one completion."""
-
-    valid_format: bool
-    answer: str | None
-    trace_text: str
-    trace_entities: list[str] = field(default_factory=list)
-
-
-def trace_and_answer(text: str) -> tuple[re.Match[str] | None, re.Match[str] | None]:
-    """The first ``TRACE:`` line's match and the first ``ANSWER:`` line's after it (``None`` when absent)."""
-    t = _TRACE_RE.search(text)
-    return t, (_ANSWER_LINE_RE.search(text, t.end()) if t else None)
-
-
-def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
-    """Parse a completion.
-
-    Valid iff a line starts with ``TRACE:`` with non-empty text before the first following
-    line that starts with ``ANSWER:``, and that line is ``ANSWER: X`` with X in A-D
-    (surrounding whitespace and a trailing period tolerated). Everything after the ANSWER
-    line is ignored. ``answer`` is the letter whenever the ANSWER line is well formed, even if
-    the format is invalid for another reason (empty trace); ``trace_text`` runs to the end of
-    the text when there is no ANSWER line (diagnostics only).
-    """
-    text = text or ""
-    t, a = trace_and_answer(text)
-    if t is None:
-        return Parsed(False, None, "", [])
-    if a is None:
-        trace_text = text[t.end():].strip()
-        return Parsed(False, None, trace_text, matcher.find(trace_text))
-    trace_text = text[t.end():a.start()].strip()
-    m = _ANSWER_OK_RE.match(a.group(0))
-    answer = m.group(1) if m else None
-    valid = answer is not None and bool(trace_text)
-    return Parsed(valid, answer, trace_text, matcher.find(trace_text))
-
-
-def answer_span(text: str) -> str:
-    """The part of a completion :func:`parse_completion` reads: from its ``TRACE:`` line through the
-    first ``ANSWER:`` line after it (the text stripped, as it is, when either is missing)."""
-    t, a = trace_and_answer(text)
-    if a is None:
-        return text.strip()
-    return text[t.start():a.end()].strip()
 
 
 def judging_graph(kg: KG, example: dict[str, Any] | None = None) -> KG:

@@ -26,9 +26,8 @@ from mlx_lm.models.base import create_causal_mask
 from tracer import __version__, cpu_ops
 from tracer.blas import share_cores
 from tracer.config import LoraConfig, TrainConfig
-from tracer.dataset import ANSWER_TAG
 from tracer.errors import TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
-from tracer.generate import encode_chat, shared_prefix_len
+from tracer.format import answer_text, encode_chat, shared_prefix_len
 from tracer.progress import NullProgress, Progress
 from tracer.runs import read_json
 
@@ -53,11 +52,12 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> l
 
 def answer_indices(tokenizer, pairs: list[tuple[str, str]], examples: list[Example]) -> list[int]:
     """Index in each example's ids of the answer's first token (the completion after its last
-    ``ANSWER:``), or -1 where the completion has none or truncation cut it off."""
+    ``ANSWER:``, :func:`tracer.format.answer_text`), or -1 where the completion has none or
+    truncation cut it off."""
     out = []
     for (_, completion), (ids, start) in zip(pairs, examples):
-        k = completion.rfind(ANSWER_TAG)
-        tail = tokenizer.encode(completion[k + len(ANSWER_TAG):], add_special_tokens=False) if k >= 0 else []
+        text = answer_text(completion)
+        tail = tokenizer.encode(text, add_special_tokens=False) if text is not None else []
         at = len(ids) - 1 - len(tail)  # the answer's tokens come right before the end-of-turn token
         out.append(at if tail and at >= start and ids[at:-1] == tail else -1)
     return out
