@@ -1,0 +1,221 @@
+"""The splits on a synthetic KG and on the shipped one: every generation rule, sizes, determinism (tracer.dataset.splits)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tracer import dataset as ds
+from tracer.config import DataConfig
+from tracer.dataset.paths import canonical_path
+from tracer.dataset.verify import letter_balance
+from tracer.errors import TracerError
+from tracer.kg import kg_from_dict, load_kg
+
+from synthetic import SHIPPED_KG, synth_kg_dict
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not SHIPPED_KG.is_file():
+        pytest.skip("data/kg.json not present")
+    kg = load_kg(SHIPPED_KG)
+    cfg = DataConfig()
+    t0 = time.perf_counter()
+    sp = ds.generate_splits(kg, cfg)
+    return kg, cfg, sp, time.perf_counter() - t0
+
+
+def rels_of(row):
+    return [e["rel"] for e in row["path_star"]["edges"]]
+
+
+def check_questions(kg, splits):
+    for rows in splits.values():
+        for row in rows:
+            ents = row["path_star"]["entities"]
+            reach = kg.follow(ents[0], rels_of(row))
+            assert reach == {ents[-1]}, row["id"]
+            opts = row["options"]
+            assert list(opts) == ["A", "B", "C", "D"]
+            assert len(set(opts.values())) == 4
+            hits = [L for L, e in opts.items() if e in reach]
+            assert hits == [row["answer_star"]], row["id"]
+            assert opts[row["answer_star"]] == ents[-1]
+            for L, e in opts.items():
+                if L != row["answer_star"]:
+                    assert not (kg.follow(ents[0], rels_of(row)) & {e})
+            assert len(set(ents)) == len(ents)  # simple path
+            for i, e in enumerate(row["path_star"]["edges"]):
+                assert (e["src"], e["dst"]) == (ents[i], ents[i + 1])
+                assert e["dst"] in kg.targets(e["src"], e["rel"])
+
+
+def check_disjoint(splits):
+    keys = {n: {ds.path_key(r) for r in rows} for n, rows in splits.items() if n != "eval_shuffled"}
+    names = sorted(keys)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not keys[a] & keys[b], (a, b)
+    assert len(keys["eval"]) == len(splits["eval"])
+    assert len(keys["rsft"]) == len(splits["rsft"])
+
+
+def check_letters(splits, tol):
+    for name, rows in splits.items():
+        for letter, frac in letter_balance(rows).items():
+            assert abs(frac - 0.25) <= tol, (name, letter, frac)
+
+
+def test_exactly_one_reachable_option(kg, splits):
+    check_questions(kg, splits)
+
+
+def test_splits_disjoint(splits):
+    check_disjoint(splits)
+
+
+def test_exclude_keeps_paths_out_of_every_split(kg, cfg, splits):
+    held = frozenset(ds.path_key(r) for r in splits["eval"] + splits["rsft"])
+    other = ds.generate_splits(kg, cfg.model_copy(update={"seed": 99}), held)
+    for name, rows in other.items():
+        assert rows and not {ds.path_key(r) for r in rows} & held, name
+    plain = ds.generate_splits(kg, cfg.model_copy(update={"seed": 99}))
+    assert {ds.path_key(r) for r in plain["rsft"]} & held  # without exclude the seeds' pools meet
+
+
+def test_sizes_and_hop_mix(splits, cfg):
+    assert len(splits["eval"]) == cfg.eval_size
+    hops = [r["hop_len"] for r in splits["eval"]]
+    assert hops.count(4) == hops.count(5) == cfg.eval_size // 2
+    assert {r["hop_len"] for r in splits["rsft"]} <= {4, 5}
+    assert len(splits["rsft"]) == cfg.rsft_size
+    train_hops = [r["hop_len"] for r in splits["train"]]
+    assert train_hops.count(2) == 300 and train_hops.count(3) == 300
+
+
+def test_every_edge_covered(kg, splits, cfg):
+    cov = ds.train_edge_coverage(splits["train"], kg)
+    assert len(cov) == len(kg.edges)
+    assert min(cov.values()) >= cfg.min_edge_coverage
+    one_hop = {ds.path_key(r) for r in splits["train"] if r["hop_len"] == 1}
+    assert {(e.src, (e.rel,), e.dst) for e in kg.edges} == one_hop
+
+
+def test_letter_balance(splits, cfg):
+    check_letters(splits, cfg.letter_tolerance)
+
+
+def test_eval_shuffled(splits):
+    ev, sh = splits["eval"], splits["eval_shuffled"]
+    assert len(ev) == len(sh)
+    for a, b in zip(ev, sh):
+        assert b["id"] == a["id"] + "-shuf"
+        assert b["meta"]["shuffled_from"] == a["id"]
+        assert b["answer_star"] != a["answer_star"]
+        assert b["options"][b["answer_star"]] == a["options"][a["answer_star"]]
+        assert set(b["options"].values()) == set(a["options"].values())
+        assert b["path_star"] == a["path_star"] and b["question"] == a["question"]
+        assert b["ref"]["trace"].endswith(f"ANSWER: {b['answer_star']}")
+
+
+def test_no_shuffled_split_when_disabled(kg):
+    cfg = DataConfig(eval_size=40, rsft_size=40, train_per_hop={"2": 50, "3": 50}, shuffled_eval=False)
+    assert set(ds.generate_splits(kg, cfg)) == {"train", "rsft", "eval"}
+
+
+def test_facts_mode(kg):
+    cfg = DataConfig(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts", max_facts=8)
+    sp = ds.generate_splits(kg, cfg)
+    check_questions(kg, sp)
+    for rows in sp.values():
+        for r in rows:
+            facts_block = r["prompt"].split("Facts:\n", 1)[1].split("\n\n", 1)[0]
+            facts = facts_block.split("\n")
+            assert len(facts) <= cfg.max_facts
+            assert len(set(facts)) == len(facts)
+            for e in r["path_star"]["edges"]:
+                assert f"{e['src']} -{e['rel']}-> {e['dst']}" in facts
+            for f in facts:  # every listed fact is a real KG edge
+                src, rest = f.split(" -", 1)
+                rel, dst = rest.split("-> ", 1)
+                assert dst in kg.targets(src, rel)
+            assert r["meta"]["context"] == "facts"
+    # distractor facts are present when there is room
+    assert any(len(r["meta"]["facts"]) > r["hop_len"] for r in sp["eval"])
+
+
+def test_facts_mode_needs_room_for_gold_edges(kg):
+    cfg = DataConfig(eval_size=10, rsft_size=10, context="facts", max_facts=3)
+    with pytest.raises(TracerError, match="max_facts"):
+        ds.generate_splits(kg, cfg)
+
+
+def test_not_enough_long_paths():
+    small = kg_from_dict(synth_kg_dict(n_sym=6, n_cause=6, n_diag=4, n_fix=4, n_tool=4), "small")
+    with pytest.raises(TracerError, match="eval_size"):
+        ds.generate_splits(small, DataConfig(eval_size=5000))
+
+
+def test_non_functional_relations(kg):
+    """A relation with several targets: chains through it become questions whose chain reaches
+    several entities, exactly one of them an option; every target answers a 1-hop question."""
+    d = synth_kg_dict(extra_edges=[("Sym00", "caused_by", "Cause39"), ("Sym00", "caused_by", "Cause38")])
+    nf = kg_from_dict(d, "nonfunctional")
+    targets = set(nf.follow("Sym00", ["caused_by"]))
+    assert len(targets) >= 3
+    cfg = DataConfig(eval_size=100, rsft_size=100, train_per_hop={"2": 200, "3": 200})
+    sp = ds.generate_splits(nf, cfg)
+    branching = 0
+    for name, rows in sp.items():
+        for r in rows:
+            ents, rels = r["path_star"]["entities"], rels_of(r)
+            reach = nf.follow(ents[0], rels)
+            hits = [L for L, e in r["options"].items() if e in reach]
+            assert hits == [r["answer_star"]]
+            assert canonical_path(nf, ents[0], tuple(rels), ents[-1]) == tuple(ents)  # the reference trace
+            branching += len(reach) > 1 and r["hop_len"] > 1
+    assert branching > 0  # multi-hop chains through the many-target pair are asked now
+    one_hop = [r for r in sp["train"] if r["hop_len"] == 1 and r["path_star"]["entities"][0] == "Sym00"
+               and rels_of(r) == ["caused_by"]]
+    assert {r["path_star"]["entities"][-1] for r in one_hop} == targets
+    for r in one_hop:  # distractors lie outside the pair's targets
+        assert not (set(r["options"].values()) - {r["options"][r["answer_star"]]}) & targets
+    cov = ds.train_edge_coverage(sp["train"], nf)
+    assert min(cov.values()) >= cfg.min_edge_coverage
+
+
+def test_generation_is_deterministic(kg, cfg, tmp_path):
+    a = ds.write_splits(ds.generate_splits(kg, cfg), tmp_path / "a")
+    b = ds.write_splits(ds.generate_splits(kg, cfg), tmp_path / "b")
+    c = ds.write_splits(ds.generate_splits(kg, cfg.model_copy(update={"seed": cfg.seed + 1})), tmp_path / "c")
+    assert set(a) == {"train", "rsft", "eval", "eval_shuffled"}
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes()
+        assert a[name].read_bytes() != c[name].read_bytes()
+
+
+def test_shipped_kg_default_config(shipped):
+    kg, cfg, sp, seconds = shipped
+    assert seconds < 10, f"generation took {seconds:.1f}s"
+    assert len(sp["eval"]) >= 300
+    assert len(sp["rsft"]) > 0
+    check_questions(kg, sp)
+    check_disjoint(sp)
+    check_letters(sp, cfg.letter_tolerance)
+    cov = ds.train_edge_coverage(sp["train"], kg)
+    assert min(cov.values()) >= 3
+    summary = ds.summarize(sp, kg, cfg)
+    assert summary["edge_coverage"]["frac_covered"] == 1.0
+    assert summary["splits"]["eval"]["n"] == len(sp["eval"])
+
+
+def test_shipped_kg_files_byte_identical(shipped, tmp_path):
+    kg, cfg, sp, _ = shipped
+    a = ds.write_splits(sp, tmp_path / "a")
+    b = ds.write_splits(ds.generate_splits(kg, cfg), tmp_path / "b")
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes()
+    rows = ds.load_examples(a["eval"], kg)
+    assert rows == sp["eval"]
