@@ -25,6 +25,16 @@ CHAT_TEMPLATE = (
 )
 
 
+# what each family's config needs beyond llama's keys, given the head dimension
+ARCHS = {
+    "llama": lambda head_dim: {},
+    "qwen2": lambda head_dim: {},  # biases on q/k/v
+    "qwen3": lambda head_dim: {"head_dim": head_dim},  # RMS norms on q and k
+    "gemma2": lambda head_dim: {"head_dim": head_dim, "query_pre_attn_scalar": head_dim,
+                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+}
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer (digits split, like SmolLM2) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,9 +64,12 @@ def build_tiny_model(
     kv_heads: int = 2,
     intermediate: int = 256,
     seed: int = 0,
+    arch: str = "llama",
+    tie: bool = True,
 ) -> Path:
-    """Build and save a tiny llama + tokenizer trained on ``texts``; returns the directory."""
-    from mlx_lm.models import llama
+    """Build and save a tiny random model + tokenizer trained on ``texts``; returns the directory.
+    ``arch``: one of :data:`ARCHS` (mlx-lm's own model classes); ``tie``: tied input/output embeddings."""
+    import importlib
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +90,7 @@ def build_tiny_model(
         )
     )
     config = {
-        "model_type": "llama",
+        "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "intermediate_size": intermediate,
@@ -87,19 +100,21 @@ def build_tiny_model(
         "vocab_size": tok.get_vocab_size(),
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tie,
         "bos_token_id": tok.token_to_id("<|im_start|>"),
         "eos_token_id": tok.token_to_id("<|im_end|>"),
+        **ARCHS[arch](hidden // heads),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    family = importlib.import_module(f"mlx_lm.models.{arch}")
+    model = family.Model(family.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
 
 
-def build_for_config(cfg, out_dir: str | Path) -> Path:
+def build_for_config(cfg, out_dir: str | Path, arch: str = "llama", tie: bool = True) -> Path:
     """The tiny model of a config (a :class:`tracer.config.Config`): its tokenizer fitted to the
     config's train and eval questions (generated into ``data.out_dir`` when missing), in the chat
     format the model is trained and asked in; its weights seeded by ``run.seed``."""
@@ -114,4 +129,4 @@ def build_for_config(cfg, out_dir: str | Path) -> Path:
         f"<|im_start|>assistant\n{r['ref']['trace']}<|im_end|>\n"
         for r in rows
     ]
-    return build_tiny_model(out_dir, texts, seed=cfg.run.seed)
+    return build_tiny_model(out_dir, texts, seed=cfg.run.seed, arch=arch, tie=tie)
