@@ -75,47 +75,9 @@ _ROW_ORDER = ("id", "split", "hop_len", "question", "options", "answer_star", "p
 
 def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, context: str = "closed") -> dict[str, Any]:
     """Validate one example row and fill optional fields; ``where`` is ``file:line`` for errors."""
-    for field in ("id", "question", "options", "answer_star", "path_star"):
-        if field not in row or row[field] is None:
-            raise TracerError(f"{where}: missing '{field}'")
-    if not isinstance(row["id"], (str, int)):
-        raise TracerError(f"{where}: 'id' must be a string")
-    if not isinstance(row["question"], str):
-        raise TracerError(f"{where}: 'question' must be a string")
-    opts = row["options"]
-    if not isinstance(opts, dict) or sorted(opts) != list(LETTERS) or not all(isinstance(v, str) for v in opts.values()):
-        raise TracerError(f"{where}: 'options' must map exactly A, B, C, D to entity names")
-    options = {L: opts[L] for L in LETTERS}
-    if not isinstance(row["answer_star"], str) or row["answer_star"] not in options:
-        raise TracerError(f"{where}: 'answer_star' must be one of A, B, C, D, got {row['answer_star']!r}")
-    ps = row["path_star"]
-    if not isinstance(ps, dict) or "entities" not in ps:
-        raise TracerError(f"{where}: missing 'path_star.entities'")
-    ents = ps["entities"]
-    if not isinstance(ents, list) or not ents or not all(isinstance(e, str) for e in ents):
-        raise TracerError(f"{where}: 'path_star.entities' must be a non-empty list of entity ids")
-    raw_edges = ps.get("edges") or []
-    if not isinstance(raw_edges, list):
-        raise TracerError(f"{where}: 'path_star.edges' must be a list")
-    edges = []
-    for e in raw_edges:
-        if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("src", "rel", "dst")):
-            raise TracerError(f"{where}: each path_star edge needs string src, rel, dst")
-        edges.append({"src": e["src"], "rel": e["rel"], "dst": e["dst"]})
-    if kg is not None:
-        for x in ents:
-            if x not in kg.entities:
-                raise TracerError(f"{where}: unknown entity {x!r} in path_star")
-    for field in ("meta", "ref"):
-        if row.get(field) is not None and not isinstance(row[field], dict):
-            raise TracerError(f"{where}: '{field}' must be an object, got {type(row[field]).__name__}")
-    meta = dict(row.get("meta") or {})
-    facts = meta.get("facts")
-    if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) for f in facts)):
-        raise TracerError(f"{where}: 'meta.facts' must be a list of strings")
-    unparsed = [f for f in facts or [] if not is_fact(f)] if meta.get("counterfactual") else []
-    if unparsed:  # a renamed row's facts are its reward's KG
-        raise TracerError(f"{where}: renamed row's fact {unparsed[0]!r} is not written 'src -rel-> dst'")
+    options = _checked_question(row, where)
+    ents, edges = _checked_path(row["path_star"], where, kg)
+    meta = _checked_meta(row, where)
     if not edges and isinstance(meta.get("relations"), list) and len(meta["relations"]) == len(ents) - 1:
         edges = [{"src": ents[i], "rel": r, "dst": ents[i + 1]} for i, r in enumerate(meta["relations"])]
     meta.setdefault("relations", [e["rel"] for e in edges])
@@ -138,7 +100,7 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
         "question": row["question"],
         "options": options,
         "answer_star": row["answer_star"],
-        "path_star": {**ps, "entities": list(ents), "edges": edges},
+        "path_star": {**row["path_star"], "entities": list(ents), "edges": edges},
         "prompt": prompt,
         "ref": ref,
         "meta": meta,
@@ -147,6 +109,62 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
         if k not in _ROW_ORDER:
             out[k] = v
     return out
+
+
+def _checked_question(row: dict[str, Any], where: str) -> dict[str, str]:
+    """The row's options in A-D order, once its required fields, question and answer are checked."""
+    for field in ("id", "question", "options", "answer_star", "path_star"):
+        if field not in row or row[field] is None:
+            raise TracerError(f"{where}: missing '{field}'")
+    if not isinstance(row["id"], (str, int)):
+        raise TracerError(f"{where}: 'id' must be a string")
+    if not isinstance(row["question"], str):
+        raise TracerError(f"{where}: 'question' must be a string")
+    opts = row["options"]
+    if not isinstance(opts, dict) or sorted(opts) != list(LETTERS) or not all(isinstance(v, str) for v in opts.values()):
+        raise TracerError(f"{where}: 'options' must map exactly A, B, C, D to entity names")
+    options = {L: opts[L] for L in LETTERS}
+    if not isinstance(row["answer_star"], str) or row["answer_star"] not in options:
+        raise TracerError(f"{where}: 'answer_star' must be one of A, B, C, D, got {row['answer_star']!r}")
+    return options
+
+
+def _checked_path(ps: Any, where: str, kg: "KG | None") -> tuple[list[str], list[dict[str, str]]]:
+    """The ``path_star`` entities and edges (src, rel, dst only), checked (the entities against ``kg``)."""
+    if not isinstance(ps, dict) or "entities" not in ps:
+        raise TracerError(f"{where}: missing 'path_star.entities'")
+    ents = ps["entities"]
+    if not isinstance(ents, list) or not ents or not all(isinstance(e, str) for e in ents):
+        raise TracerError(f"{where}: 'path_star.entities' must be a non-empty list of entity ids")
+    raw_edges = ps.get("edges") or []
+    if not isinstance(raw_edges, list):
+        raise TracerError(f"{where}: 'path_star.edges' must be a list")
+    edges = []
+    for e in raw_edges:
+        if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("src", "rel", "dst")):
+            raise TracerError(f"{where}: each path_star edge needs string src, rel, dst")
+        edges.append({"src": e["src"], "rel": e["rel"], "dst": e["dst"]})
+    if kg is not None:
+        for x in ents:
+            if x not in kg.entities:
+                raise TracerError(f"{where}: unknown entity {x!r} in path_star")
+    return ents, edges
+
+
+def _checked_meta(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of the row's ``meta``, once it and ``ref`` are objects and its facts are strings (a
+    renamed row's written as facts: they are its reward's KG)."""
+    for field in ("meta", "ref"):
+        if row.get(field) is not None and not isinstance(row[field], dict):
+            raise TracerError(f"{where}: '{field}' must be an object, got {type(row[field]).__name__}")
+    meta = dict(row.get("meta") or {})
+    facts = meta.get("facts")
+    if facts is not None and (not isinstance(facts, list) or not all(isinstance(f, str) for f in facts)):
+        raise TracerError(f"{where}: 'meta.facts' must be a list of strings")
+    unparsed = [f for f in facts or [] if not is_fact(f)] if meta.get("counterfactual") else []
+    if unparsed:
+        raise TracerError(f"{where}: renamed row's fact {unparsed[0]!r} is not written 'src -rel-> dst'")
+    return meta
 
 
 def load_examples(path: str | Path, kg: "KG | None" = None, context: str = "closed") -> list[dict[str, Any]]:
