@@ -1,6 +1,7 @@
 """Bad input end to end through the CLI: one line on stderr, exit code 2, no traceback, nothing written."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def test_run_name_and_force_cannot_reach_outside_a_run_dir(capsys, work):
     (work / "data" / "notes").mkdir()
     (work / "data" / "notes" / "mine.txt").write_text("x")
     cfg = write(work / "r.toml", '[run]\nname = "notes"\nruns_dir = "data"\nphases = []\n')
-    assert "not a tracer run (no meta.json)" in run_bad(["run", cfg, "--force"], capsys, work)
+    line = run_bad(["run", cfg, "--force"], capsys, work)
+    assert "--force deletes only what tracer wrote" in line and "tracer did not write: mine.txt" in line
 
 
 def test_corrupt_splits_record(capsys, work, made):
@@ -248,7 +250,49 @@ def test_training_row_without_a_trace(capsys, work, made):
 
 def test_output_path_taken_by_a_file(capsys, work):
     write(work / "taken", "")
-    assert "taken: File exists" in run_bad(["data", "--data-dir", "taken"], capsys, work)
+    assert "taken: cannot write the splits: not a directory" in run_bad(["data", "--data-dir", "taken"], capsys, work)
+    line = run_bad(["sft", "--adapter-out", "taken/sub", "--model", "no-such-model"], capsys, work)
+    assert "taken/sub: cannot write the adapter: not a directory: taken is in the way" in line
+
+
+def unwritable(work: Path) -> Path:
+    """A directory nobody may create files in: /sys (root too), or a read-only one when not root."""
+    if os.geteuid() != 0:
+        d = work / "readonly"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    if not Path("/sys").is_dir() or os.access("/sys", os.W_OK) and not Path("/sys/fs").is_dir():
+        pytest.skip("no read-only directory to write into")
+    return Path("/sys")
+
+
+def test_unwritable_outputs_are_refused_before_any_work(capsys, work):
+    ro = unwritable(work)
+    assert f"{ro}/splits: cannot write the splits" in run_bad(["data", "--data-dir", str(ro / "splits")], capsys, work)
+    # the adapter directory, before the splits are made and the model loaded
+    line = run_bad(["sft", "--adapter-out", str(ro / "adapter"), "--model", "no-such-model"], capsys, work)
+    assert f"{ro}/adapter: cannot write the adapter" in line
+    for argv in (["eval", "--run-dir", str(ro / "run")], ["rsft", "--run-dir", str(ro / "run")],
+                 ["consolidate", "--run-dir", str(ro / "run"), "--samples", write(work / "s.jsonl", "{}\n")]):
+        line = run_bad(argv + ["--model", "no-such-model"], capsys, work)
+        assert line.startswith(f"error: {ro}/run") and "cannot write the" in line, argv
+    cfg = write(work / "r.toml", f'[run]\nname = "r"\nruns_dir = "{ro}"\nphases = []\n')
+    assert f"{ro}/r: cannot write the run" in run_bad(["run", cfg], capsys, work)
+    assert not (work / "data" / "eval.jsonl").exists()
+
+
+def test_a_bad_model_or_adapter_on_eval_writes_no_splits(capsys, work):
+    """eval used to write the data splits, then fail on the model or adapter."""
+    assert "unknown model 'no-such-model'" in run_bad(["eval", "--model", "no-such-model"], capsys, work)
+    assert "nope: not an adapter directory" in run_bad(["eval", "--adapter", "nope"], capsys, work)
+    (work / "half").mkdir()
+    write(work / "half" / "adapter_config.json", '{"base_model": "smollm2-135m-instruct"}')
+    assert "half: adapter directory has no adapters.safetensors" in run_bad(["eval", "--adapter", "half"], capsys, work)
+    write(work / "half" / "adapters.safetensors", "")
+    write(work / "half" / "adapter_config.json", '{"base_model": "another-model"}')
+    assert "trained for base model 'another-model'" in run_bad(["eval", "--adapter", "half"], capsys, work)
+    assert not (work / "data" / "eval.jsonl").exists()
 
 
 def test_unknown_model_alias(capsys, work):

@@ -54,6 +54,8 @@ OverlapOpt = typer.Option(
 # One name, one meaning: --data-dir is a splits directory, --run-dir a run directory, --adapter-out
 # an adapter written by the command, --pool the RSFT question pool. Old spellings stay, hidden.
 RunDirOpt = typer.Option(None, "--run-dir", "-r", help="Run directory to record into (default runs_dir/run.name).")
+ForceOpt = typer.Option(False, "--force", help="Start over in an adapter directory an earlier training left a "
+                        "checkpoint or adapter in (deletes only what that training wrote).")
 
 
 def _old_name(*names: str) -> Any:
@@ -181,13 +183,14 @@ def sft(
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides sft.iters)."),
     seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the adapter directory."),
+    force: bool = ForceOpt,
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """LoRA SFT on reference traces (loss on the completion only)."""
     from tracer.pipeline.finetune import sft as train_sft
 
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
-    _print_train(train_sft(_workspace(cfg, model=model), train=train, resume=resume,
+    _print_train(train_sft(_workspace(cfg, model=model), train=train, resume=resume, force=force,
                            adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                            allow_eval_overlap=allow_eval_overlap))
 
@@ -204,6 +207,8 @@ def continue_(
     model: Optional[str] = ModelOpt,
     iters: Optional[int] = typer.Option(None, "--iters", help="Optimizer steps (overrides sft.iters)."),
     seed: Optional[int] = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the adapter directory."),
+    force: bool = ForceOpt,
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """Continue training an existing adapter on new examples (refuses another base model's adapter)."""
@@ -214,7 +219,7 @@ def continue_(
         raise click_exc.MissingParameter(ctx=ctx, param_hint="'--adapter-out'", param_type="option")
     cfg = _config(config, data__kg=kg, sft__iters=iters, sft__seed=seed)
     _print_train(train_on(_workspace(cfg, model=model), adapter=adapter, train=train, adapter_out=adapter_out,
-                          allow_eval_overlap=allow_eval_overlap))
+                          resume=resume, force=force, allow_eval_overlap=allow_eval_overlap))
 
 
 @app.command()
@@ -269,13 +274,14 @@ def grpo(
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the adapter directory's checkpoint."),
+    force: bool = ForceOpt,
 ) -> None:
     """GRPO: sample G answers per question, reward them with the KG, take a policy-gradient step; evaluate."""
     from tracer.pipeline.grpo import grpo as policy_gradient
 
     cfg = _config(config, data__kg=kg, grpo__iters=iters, grpo__seed=seed)
     ws = _workspace(cfg, run_dir=run_dir, model=model)
-    out = policy_gradient(ws, adapter=adapter, pool=pool, adapter_out=adapter_out, resume=resume,
+    out = policy_gradient(ws, adapter=adapter, pool=pool, adapter_out=adapter_out, resume=resume, force=force,
                           allow_eval_overlap=allow_eval_overlap)
     console.print(f"adapter: {out['adapter']}; step log: {Path(out['adapter']) / 'grpo_log.jsonl'}")
     print_phase(str(ws.run_dir))
@@ -296,6 +302,7 @@ def consolidate(
     seed: Optional[int] = SeedOpt,
     allow_eval_overlap: bool = OverlapOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the adapter directory."),
+    force: bool = ForceOpt,
 ) -> None:
     """After RSFT: fine-tune on the last round's winners plus short training questions (restores fact recall), evaluate."""
     from tracer.pipeline.consolidate import consolidate as train_consolidation
@@ -303,7 +310,7 @@ def consolidate(
     cfg = _config(config, data__kg=kg, consolidate__iters=iters, consolidate__seed=seed)
     out = train_consolidation(_workspace(cfg, run_dir=run_dir, model=model), adapter=adapter, samples=samples,
                               pool=pool, adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
-                              allow_eval_overlap=allow_eval_overlap, resume=resume)
+                              allow_eval_overlap=allow_eval_overlap, resume=resume, force=force)
     console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
                   "training questions")
     _print_train(out["train"])
@@ -313,7 +320,8 @@ def consolidate(
 @app.command("run")
 def run_(
     config: Path = typer.Argument(..., help="TOML config of the run (e.g. configs/quick.toml)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing run directory."),
+    force: bool = typer.Option(False, "--force", help="Start an existing run directory over: lists and deletes what "
+                               "tracer wrote there (refused while it holds other files)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run, skipping finished phases."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (overrides run.name)."),
     model: Optional[str] = ModelOpt,
@@ -443,7 +451,7 @@ def ask(
     ws = _workspace(cfg, model=model)
     if question_id is not None:
         if examples is None:
-            ws.ensure_data()
+            ws.ensure_data(model_first=True)
         rows = ws.load_split("eval", examples)
         row = next((r for r in rows if r["id"] == question_id), None)
         if row is None:

@@ -42,3 +42,75 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
     step = json.loads(state.read_text())["step"]
     assert step >= 6  # tiny.toml saves every 6 steps; SIGTERM saved the step it stopped at
     assert not (out / "adapters.safetensors").exists()
+
+
+def files_of(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_an_earlier_training_is_never_discarded_silently(tiny_work, capsys):
+    """sft into a directory holding a checkpoint, without --resume: refused, pointing to --resume
+    and --force; --force starts over (the old checkpoint goes), --resume without one is refused."""
+    sft = ["sft", "-c", "tiny.toml", "--adapter-out", "a"]
+    assert main(sft + ["--iters", "6"]) == 0
+    before = files_of(tiny_work / "a")
+    capsys.readouterr()
+    assert main(sft + ["--iters", "6"]) == 2
+    line = one_error(capsys)
+    assert "a: holds an earlier training's checkpoint at step 6" in line and "--resume" in line and "--force" in line
+    assert files_of(tiny_work / "a") == before
+    assert main(sft + ["--resume", "--force"]) == 2 and "exclude each other" in one_error(capsys)
+    assert main(sft + ["--iters", "3", "--force"]) == 0
+    state = json.loads((tiny_work / "a" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    assert not (tiny_work / "a" / "checkpoint.prev").exists()  # the earlier training's checkpoint went too
+    capsys.readouterr()
+    assert main(["sft", "-c", "tiny.toml", "--adapter-out", "fresh", "--resume"]) == 2
+    assert "fresh: no checkpoint to resume from" in one_error(capsys) and not (tiny_work / "fresh").exists()
+    # an adapter in the way (copied there, no checkpoint) is not overwritten either
+    (tiny_work / "copied").mkdir()
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (tiny_work / "copied" / name).write_bytes((tiny_work / "a" / name).read_bytes())
+    assert main(["continue", "-c", "tiny.toml", "--adapter", "a", "--train", "data/tiny/train.jsonl",
+                 "--adapter-out", "copied"]) == 2
+    assert "copied: holds an adapter already; use --force" in one_error(capsys)
+    assert main(["continue", "-c", "tiny.toml", "--adapter", "a", "--train", "data/tiny/train.jsonl",
+                 "--adapter-out", "a", "--force"]) == 2
+    assert "the adapter to continue is read from there" in one_error(capsys)
+
+
+def test_resume_under_other_settings_is_refused_naming_them(tiny_work, capsys):
+    """The settings a checkpoint was trained under are recorded beside it; a --resume that changes
+    lr, batch size, seed, the training file or lowers iters below its step is refused, naming the
+    setting; more iters is allowed and said."""
+    sft = ["sft", "-c", "tiny.toml", "--adapter-out", "a"]
+    assert main(sft + ["--iters", "6"]) == 0
+    record = json.loads((tiny_work / "a" / "train_settings.json").read_text())
+    assert record["section"] == "sft" and record["settings"]["learning_rate"] == 1e-3 and len(record["rows_sha256"]) == 64
+    before = files_of(tiny_work / "a")
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "lr.toml").write_text(text.replace("learning_rate = 1e-3", "learning_rate = 2e-3", 1))
+    (tiny_work / "bs.toml").write_text(text.replace("batch_size = 16", "batch_size = 8", 1))
+    rows = (tiny_work / "data" / "tiny" / "train.jsonl").read_text().splitlines(keepends=True)
+    (tiny_work / "fewer.jsonl").write_text("".join(rows[:-1]))
+    capsys.readouterr()
+    for argv, named in ((["-c", "lr.toml"], "sft.learning_rate 0.001 -> 0.002"),
+                        (["-c", "bs.toml"], "sft.batch_size 16 -> 8"),
+                        (["--seed", "5"], "sft.seed 0 -> 5"),
+                        (["--train", "fewer.jsonl"], f"the training data ({len(rows)} -> {len(rows) - 1} rows"),
+                        (["--iters", "4"], "sft.iters 4 is below the checkpoint's step 6")):
+        code = main(sft + ["--resume", "--iters", "12"] + argv)
+        line = one_error(capsys)
+        assert code == 2 and named in line and "cannot resume" in line, (argv, line)
+    assert files_of(tiny_work / "a") == before
+    # a deliberate change: more steps
+    assert main(sft + ["--resume", "--iters", "9"]) == 0
+    assert "resuming at step 6 with sft.iters 6 -> 9" in capsys.readouterr().out
+    assert json.loads((tiny_work / "a" / "checkpoint" / "state.json").read_text())["step"] == 9
+    assert json.loads((tiny_work / "a" / "train_settings.json").read_text())["settings"]["iters"] == 9

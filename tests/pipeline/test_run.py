@@ -79,3 +79,42 @@ def test_run_tiny_end_to_end(tiny_work, capsys):
     assert main(["report", str(run), "--per-hop"]) == 0
     out = capsys.readouterr().out
     assert "sft" in out and "rsft" in out and f"{100 * metrics['phases']['sft']['accuracy']:.1f}%" in out
+
+
+def test_force_lists_what_it_deletes_and_a_directory_sft_made_is_not_a_dead_end(tiny_work, capsys):
+    text = (tiny_work / "tiny.toml").read_text().replace('phases = ["base", "sft", "rsft", "consolidate"]', 'phases = ["sft"]')
+    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 3", 1))
+    run = tiny_work / "data" / "runs" / "tiny"
+    # `tracer sft` writes models/sft of the run directory, without meta.json
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2"]) == 0
+    assert (run / "models" / "sft" / "adapters.safetensors").is_file() and not (run / "meta.json").exists()
+    capsys.readouterr()
+    assert main(["run", "tiny.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "no meta.json" in err and "--resume" in err and "--force" in err and "models/ (" in err
+    # --resume continues from what it holds, but an adapter of other settings (2 steps, not 3) is refused
+    assert main(["run", "tiny.toml", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained for 2 steps, but sft.iters is 3" in err and len(err.strip().splitlines()) == 1
+    assert main(["sft", "-c", "tiny.toml", "--force"]) == 0  # this config's adapter
+    adapter = (run / "models" / "sft" / "adapters.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["run", "tiny.toml", "--resume"]) == 0, capsys.readouterr().err
+    assert "continuing from what it holds" in " ".join(capsys.readouterr().out.split())  # (rich wraps lines)
+    assert (run / "models" / "sft" / "adapters.safetensors").read_bytes() == adapter  # kept, not trained again
+    assert json.loads((run / "metrics.json").read_text())["phases"]["sft"]["n"] == 12
+    assert json.loads((run / "meta.json").read_text())["phases"] == ["sft"]
+    # --force deletes only what tracer wrote, and says what
+    (run / "notes.txt").write_text("mine")
+    (run / "models" / "sft" / "plot.png").write_text("mine too")
+    capsys.readouterr()
+    assert main(["run", "tiny.toml", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "tracer did not write: models/sft/plot.png, notes.txt" in err and len(err.strip().splitlines()) == 1
+    assert (run / "notes.txt").is_file() and (run / "models" / "sft" / "adapters.safetensors").is_file()
+    (run / "notes.txt").unlink()
+    (run / "models" / "sft" / "plot.png").unlink()
+    assert main(["run", "tiny.toml", "--force"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--force: deleting the contents of" in out
+    assert "config.toml, episodes/ (1 file), meta.json, metrics.json, models/ (" in out, out

@@ -12,8 +12,8 @@ from pathlib import Path
 from tracer import dataset, runs
 from tracer.errors import TracerError
 from tracer.pipeline.data import guard_leakage
-from tracer.pipeline.evaluate import evaluate
-from tracer.pipeline.finetune import adapter_contaminated, check_adapter_base, mark_contaminated, train_adapter
+from tracer.pipeline.evaluate import check_recording, evaluate
+from tracer.pipeline.finetune import adapter_contaminated, check_adapter, check_distinct, check_output, mark_contaminated, train_adapter
 from tracer.pipeline.rsft import rsft_phase_name, winner_rows
 from tracer.pipeline.workspace import Workspace
 
@@ -33,7 +33,7 @@ def consolidation_rows(samples: list[dict], pool: list[dict], train_rows: list[d
 
 def consolidate(ws: Workspace, *, adapter: str | None = None, samples: str | None = None, pool: str | None = None,
                 adapter_out: str | Path | None = None, allow_eval_overlap: bool = False, resume: bool = False,
-                evaluate_after: bool = True) -> dict:
+                force: bool = False, evaluate_after: bool = True) -> dict:
     """After RSFT: one SFT pass continuing the last round's adapter on its winners plus short questions.
 
     Reads ``rsft_samples.jsonl`` of the run directory (or ``samples``, drawn from the rsft split or
@@ -44,22 +44,27 @@ def consolidate(ws: Workspace, *, adapter: str | None = None, samples: str | Non
     samples_file = Path(samples) if samples else ws.run_dir / "rsft_samples.jsonl"
     if not samples_file.is_file():
         raise TracerError(f"{samples_file}: no RSFT samples to consolidate; run `tracer rsft` first")
-    ws.ensure_data()
+    out_dir = Path(adapter_out) if adapter_out else runs.model_dir(ws.run_dir, "consolidate")
+    check_output(out_dir, resume=resume, force=force)
+    if evaluate_after:
+        check_recording(ws, "consolidate")
+    ws.ensure_data(model_first=True)
     train_source = str(ws.split_path("train"))
     scored = dataset.read_jsonl(samples_file)
     parts = consolidation_rows(scored, ws.load_split("rsft", pool), ws.load_split("train"), ws.cfg.consolidate.hops)
     last = parts["round"] if parts["round"] is not None else _facts_only_round(ws, samples_file, scored, parts)
     adapter = adapter or str(runs.model_dir(ws.run_dir, rsft_phase_name(last)))
-    check_adapter_base(ws, adapter)
+    check_adapter(ws, adapter)
+    check_distinct(adapter, out_dir)
     rows = parts["winners"] + parts["facts"]
     contaminated = guard_leakage(ws, rows, f"{samples_file} + {train_source}", allow=allow_eval_overlap)
     contaminated |= adapter_contaminated(adapter)
-    out_dir = Path(adapter_out) if adapter_out else runs.model_dir(ws.run_dir, "consolidate")
     renamed = sum(bool(r["meta"].get("counterfactual")) for r in parts["facts"])
     ws.progress.log(f"consolidate: {len(parts['winners'])} winners of RSFT round {last} + "
                     f"{len(parts['facts']) - renamed} training questions of {ws.cfg.consolidate.hops} hops + "
                     f"{renamed} renamed ones")
-    stats = train_adapter(ws, ws.cfg.consolidate, rows, out_dir, resume=resume, init_adapter=adapter)
+    stats = train_adapter(ws, "consolidate", rows, out_dir, resume=resume, force=force, init_adapter=adapter,
+                          source=f"{samples_file} + {train_source}")
     mark_contaminated(out_dir, contaminated)
     out = {"train": stats, "adapter": str(out_dir), "winners": len(parts["winners"]), "facts": len(parts["facts"]),
            "round": parts["round"], "contaminated": contaminated, "run_dir": str(ws.run_dir)}

@@ -117,6 +117,7 @@ def make_data(cfg: Config, kg: KG | None = None, progress: Progress | None = Non
     whether the files still match their config, and each file's row count and SHA-256
     (:func:`file_record`), so they can tell whether a file changed since (:func:`check_split_file`).
     """
+    runs.check_writable(cfg.data.out_dir, "the splits")
     kg = kg or load_graph(cfg)
     progress = progress or NullProgress()
     splits = dataset.generate_splits(kg, cfg.data, excluded_keys(cfg), progress=_Stages(progress))
@@ -131,14 +132,19 @@ def make_data(cfg: Config, kg: KG | None = None, progress: Progress | None = Non
     return {"paths": {k: str(v) for k, v in paths.items()}, "summary": summary}
 
 
+def missing_splits(cfg: Config) -> list[str]:
+    """The splits the config needs that are not on disk (what :func:`ensure_data` would make)."""
+    needed = ["train", "rsft", "eval"] + (["eval_shuffled"] if cfg.data.shuffled_eval else [])
+    return [s for s in needed if not split_path(cfg, s).exists()]
+
+
 def ensure_data(cfg: Config, kg: KG | None = None) -> dict | None:
     """Generate the splits if any of them is missing; returns the summary when it generated.
 
     Splits made under other [data] settings (or another KG) are refused, not silently reused.
     Splits without ``splits.json`` (written before it existed) are taken as they are.
     """
-    needed = ["train", "rsft", "eval"] + (["eval_shuffled"] if cfg.data.shuffled_eval else [])
-    if not all(split_path(cfg, s).exists() for s in needed):
+    if missing_splits(cfg):
         return make_data(cfg, kg)
     stored_file = Path(cfg.data.out_dir) / SETTINGS_FILE
     if stored_file.is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tracer import dataset, runs
 from tracer.config import to_toml
-from tracer.pipeline.finetune import adapter_contaminated
+from tracer.pipeline.finetune import adapter_contaminated, check_adapter
 from tracer.pipeline.workspace import Workspace
 from tracer.progress import OneBar
 
@@ -39,9 +39,12 @@ def evaluate(
     from tracer import metrics
 
     cfg = ws.cfg
-    runs.check_name(phase, "--phase")
+    check_recording(ws, phase)
+    if adapter:
+        check_adapter(ws, adapter)
     contaminated = contaminated or adapter_contaminated(adapter)
     rows = _eval_rows(ws, examples)
+    ws.check_model()
     pool = ws.generation_pool(adapter)
     t0 = time.perf_counter()
     with pool:
@@ -60,9 +63,16 @@ def evaluate(
     return {"phase": phase, "entry": entry, "run_dir": str(ws.run_dir), "episodes": str(runs.episodes_path(ws.run_dir, phase))}
 
 
+def check_recording(ws: Workspace, phase: str) -> None:
+    """Before an evaluation: its phase name and run directory (writable, no other process's run)."""
+    runs.check_name(phase, "--phase")
+    runs.check_writable(ws.run_dir, "the run")
+    runs.check_unlocked(ws.run_dir, "run directory")
+
+
 def _eval_rows(ws: Workspace, examples: str | None) -> list[dict]:
     if examples is None:
-        ws.ensure_data()
+        ws.ensure_data(model_first=True)
     rows = ws.load_split("eval", examples)
     return rows[: ws.cfg.eval.max_examples] if ws.cfg.eval.max_examples else rows
 

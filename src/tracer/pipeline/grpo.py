@@ -6,29 +6,40 @@ from pathlib import Path
 
 from tracer import runs
 from tracer.pipeline.data import guard_leakage
-from tracer.pipeline.evaluate import evaluate
-from tracer.pipeline.finetune import adapter_contaminated, check_adapter_base, mark_contaminated
+from tracer.pipeline.evaluate import check_recording, evaluate
+from tracer.pipeline.finetune import (adapter_contaminated, begin_training, check_adapter, check_distinct, check_output,
+                                      check_resume_settings, mark_contaminated, training_settings)
 from tracer.pipeline.workspace import Workspace
 
 
 def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, adapter_out: str | Path | None = None,
-         resume: bool = False, allow_eval_overlap: bool = False, evaluate_after: bool = True) -> dict:
+         resume: bool = False, force: bool = False, allow_eval_overlap: bool = False, evaluate_after: bool = True) -> dict:
     """GRPO from ``adapter`` (default the run's SFT adapter) on the rsft split (or ``pool``) into
     ``adapter_out`` (default ``models/grpo`` of the run directory), then evaluated as phase
     ``grpo``. The step log is ``grpo_log.jsonl`` in the adapter directory."""
     from tracer import grpo as rl
 
-    if pool is None:
-        ws.ensure_data()
+    out_dir = Path(adapter_out) if adapter_out else runs.model_dir(ws.run_dir, "grpo")
+    check_output(out_dir, resume=resume, force=force)
+    if evaluate_after:
+        check_recording(ws, "grpo")
     adapter = adapter or str(runs.model_dir(ws.run_dir, "sft"))
-    check_adapter_base(ws, adapter)
+    check_adapter(ws, adapter)
+    check_distinct(adapter, out_dir)
+    if pool is None:
+        ws.ensure_data(model_first=True)
     source = pool or str(ws.split_path("rsft"))
     rows = ws.load_split("rsft", source)
     contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap) or adapter_contaminated(adapter)
-    out_dir = Path(adapter_out) if adapter_out else runs.model_dir(ws.run_dir, "grpo")
-    lm, tokenizer = ws.load_model()
-    stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,
-                          out_dir, ws.base_model_id(), resume=resume, progress=ws.progress, init_adapter=adapter)
+    settings = training_settings(ws, "grpo", rows, adapter, source)
+    if resume:
+        check_resume_settings(out_dir, settings, ws.progress.log)
+    ws.check_model()
+    with runs.locked(out_dir, "adapter directory"):
+        begin_training(out_dir, settings, resume=resume)
+        lm, tokenizer = ws.load_model()
+        stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,
+                              out_dir, ws.base_model_id(), resume=resume, progress=ws.progress, init_adapter=adapter)
     mark_contaminated(out_dir, contaminated)
     out = {"train": stats, "adapter": str(out_dir), "contaminated": contaminated}
     if evaluate_after:

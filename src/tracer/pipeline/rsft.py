@@ -19,9 +19,8 @@ from tracer import dataset, runs
 from tracer.config import load_config, to_toml
 from tracer.errors import TracerError
 from tracer.pipeline.data import guard_leakage
-from tracer.pipeline.evaluate import evaluate, score_rows
-from tracer.pipeline.finetune import (adapter_contaminated, check_adapter_base, copy_adapter, mark_contaminated,
-                                      train_adapter)
+from tracer.pipeline.evaluate import check_recording, evaluate, score_rows
+from tracer.pipeline.finetune import adapter_contaminated, check_adapter, copy_adapter, mark_contaminated, train_adapter
 from tracer.pipeline.workspace import Workspace
 from tracer.progress import OneBar
 
@@ -130,7 +129,8 @@ def rsft(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     adapter are already in the run directory are skipped, so an interrupted run, or one given more
     ``rsft.rounds``, continues where it stopped and ends as an uninterrupted run would.
     """
-    state, current = _start(ws, adapter=adapter, pool=pool, allow=allow_eval_overlap, resume=resume)
+    state, current = _start(ws, adapter=adapter, pool=pool, adapter_out=adapter_out, allow=allow_eval_overlap,
+                            resume=resume)
     rounds = []
     for r in range(1, ws.cfg.rsft.rounds + 1):
         stat = _finished_round(state, r) or _new_round(state, r, current)
@@ -146,15 +146,19 @@ def rsft(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     return {"rounds": rounds, "adapter": current, "samples": str(state.samples_file), "contaminated": state.contaminated}
 
 
-def _start(ws: Workspace, *, adapter: str | None, pool: str | None, allow: bool, resume: bool) -> tuple[_Rounds, str]:
+def _start(ws: Workspace, *, adapter: str | None, pool: str | None, adapter_out: str | Path | None, allow: bool,
+           resume: bool) -> tuple[_Rounds, str]:
     """The checks before round 1 and what the rounds share; returns it and the starting adapter."""
     rc = ws.cfg.rsft
-    if pool is None:
-        ws.ensure_data()
+    check_recording(ws, rsft_phase_name(1))
+    if adapter_out:
+        runs.check_writable(adapter_out, "the adapter")
     if resume:
         _check_resume(ws)
     adapter = adapter or str(runs.model_dir(ws.run_dir, "sft"))
-    check_adapter_base(ws, adapter)
+    check_adapter(ws, adapter)
+    if pool is None:
+        ws.ensure_data(model_first=True)
     source = pool or str(ws.split_path("rsft"))
     pool_rows = ws.load_split("rsft", source)
     contaminated = guard_leakage(ws, pool_rows, source, allow=allow) or adapter_contaminated(adapter)
@@ -162,6 +166,7 @@ def _start(ws: Workspace, *, adapter: str | None, pool: str | None, allow: bool,
     replay_pool = ws.load_split("train") if rc.replay > 0 and train_file.exists() else []
     if replay_pool:
         contaminated |= guard_leakage(ws, replay_pool, str(train_file), allow=allow)
+    ws.check_model()
     stored = ws.run_dir / "config.toml"
     if resume and stored.is_file():  # the run now holds this many rounds
         runs.write_text_atomic(stored, to_toml(ws.cfg))
@@ -220,7 +225,9 @@ def _new_round(state: _Rounds, r: int, adapter: str) -> dict:
         # samples all reused: the same winners, so an interrupted round's training resumes too
         resume_train = reused and (out_dir / "checkpoint").exists()
         rows = _training_rows(state, r, winners)
-        stat["train"] = train_adapter(ws, rc, rows, out_dir, resume=resume_train, init_adapter=adapter)
+        # a round trained anew replaces what an interrupted try left in its directory
+        stat["train"] = train_adapter(ws, "rsft", rows, out_dir, resume=resume_train, force=not resume_train,
+                                      init_adapter=adapter)
         mark_contaminated(out_dir, state.contaminated)
     else:
         ws.progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")

@@ -7,13 +7,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracer import dataset
+from tracer import dataset, runs
 from tracer.config import Config
 from tracer.kg import KG
 from tracer.pipeline import data
 from tracer.progress import NullProgress, Progress
 
 _UNCHECKED = object()
+
+
+class _PullProgress:
+    """:func:`tracer.model.resolve`'s ``(step, done, total)`` reports on a :class:`Progress`."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.step, self.done = progress, None, 0
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if step != self.step:
+            if self.step is not None:
+                self.progress.stop()
+            self.progress.start(step, total)
+            self.step, self.done = step, 0
+        self.progress.update(done - self.done)
+        self.done = done
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -32,6 +48,7 @@ class Workspace:
     progress: Progress = field(default_factory=NullProgress)
     _kg: KG | None = field(default=None, init=False, repr=False)
     _data: Any = field(default=_UNCHECKED, init=False, repr=False)
+    _model_dir: Path | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, cfg: Config, *, run_dir: str | Path | None = None, model: str | None = None,
@@ -48,9 +65,16 @@ class Workspace:
             self._kg = data.load_graph(self.cfg)
         return self._kg
 
-    def ensure_data(self) -> dict | None:
-        """:func:`tracer.pipeline.data.ensure_data`, once: the first call's result is kept."""
+    def ensure_data(self, model_first: bool = False) -> dict | None:
+        """:func:`tracer.pipeline.data.ensure_data`, once: the first call's result is kept. Before
+        it writes splits, it checks that their directory is writable and, with ``model_first``
+        (the commands that go on to load the model), that the base model is there: the command
+        would fail on it later, with the splits written."""
         if self._data is _UNCHECKED:
+            if data.missing_splits(self.cfg):
+                runs.check_writable(self.cfg.data.out_dir, "the splits (data.out_dir)")
+                if model_first:
+                    self.check_model()
             self._data = data.ensure_data(self.cfg, self.kg)
         return self._data
 
@@ -68,6 +92,18 @@ class Workspace:
 
     def model_spec(self) -> str:
         return self.model or self.cfg.model.path
+
+    def check_model(self) -> Path:
+        """The base model's local directory, resolved once before any work (an unknown ``--model``
+        fails here, not after the splits are written); an offline alias not pulled yet is pulled now."""
+        if self._model_dir is None:
+            from tracer import model as models
+
+            report = _PullProgress(self.progress)
+            self._model_dir = models.resolve(self.model_spec(), self.cfg.model.cache_dir, report)
+            if report.step is not None:
+                self.progress.stop()
+        return self._model_dir
 
     def load_args(self, adapter: str | None = None) -> dict:
         """:func:`tracer.model.load` arguments for generation: the adapter merged into the weights."""
