@@ -20,14 +20,14 @@ def answer_ce(model, tok, pairs: list[tuple[str, str]], batch_size: int = 16) ->
     import mlx.core as mx
     import mlx.nn as nn
 
-    from tracer import train
+    from tracer import batching
 
-    examples = train.encode_pairs(tok, pairs, 512)
-    answers = train.answer_indices(tok, pairs, examples)
+    examples = batching.encode_pairs(tok, pairs, 512)
+    answers = batching.answer_indices(tok, pairs, examples)
     ce = {True: [], False: []}
     letters = Counter()
     for i in range(0, len(examples), batch_size):
-        b = train.collate(examples[i: i + batch_size], False, None, answers[i: i + batch_size], 2.0)
+        b = batching.collate(examples[i: i + batch_size], False, None, answers[i: i + batch_size], 2.0)
         logits = model(b.inputs)
         logits = logits.reshape(-1, logits.shape[-1])[b.positions]
         losses = nn.losses.cross_entropy(logits, b.targets, reduction="none").tolist()

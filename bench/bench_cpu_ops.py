@@ -63,21 +63,22 @@ def step_worker(compiled: bool, data: str, n_batches: int) -> dict:
     import mlx.optimizers as optim
 
     from tracer import model as tm
+    from tracer import adapters, batching
     from tracer import train as T
     from tracer.config import LoraConfig, TrainConfig
 
     model, tok = tm.load("smollm2-135m-instruct")
-    T.add_lora(model, T.lora_config(LoraConfig(rank=16, alpha=320.0, num_layers=-1), model))
+    adapters.add_lora(model, adapters.lora_config(LoraConfig(rank=16, alpha=320.0, num_layers=-1), model))
     model.train()
     rows = [json.loads(line) for line in open(data)]
-    examples = T.encode_pairs(tok, [(r["prompt"], r["ref"]["trace"]) for r in rows], 512)
+    examples = batching.encode_pairs(tok, [(r["prompt"], r["ref"]["trace"]) for r in rows], 512)
     cfg = TrainConfig(batch_size=16)
     lengths = [len(ids) for ids, _ in examples]
     step = T.TrainStep(model, optim.AdamW(learning_rate=1e-5), cfg.grad_clip, compiled=compiled)
     first, again, shapes = [], [], []
     for s in range(n_batches):
-        idx = T.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, False)
-        b = T.collate([examples[i] for i in idx], True, T.COMPILED_PAD if compiled else None)
+        idx = batching.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, False)
+        b = batching.collate([examples[i] for i in idx], True, T.COMPILED_PAD if compiled else None)
         shapes.append([b.inputs.shape[1], b.positions.size])
         for times in (first, again):
             t = time.perf_counter()

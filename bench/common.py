@@ -63,6 +63,7 @@ def sft_steps_and_greedy(data: list[str], n_batches: int, n_prompts: int) -> dic
 
     from tracer import generate as G
     from tracer import model as tm
+    from tracer import adapters, batching
     from tracer import train as T
     from tracer.config import LoraConfig, TrainConfig
 
@@ -71,16 +72,16 @@ def sft_steps_and_greedy(data: list[str], n_batches: int, n_prompts: int) -> dic
     for path in data:
         mx.random.seed(0)
         model, tok = tm.load("smollm2-135m-instruct")
-        T.add_lora(model, T.lora_config(LoraConfig(rank=16, alpha=320.0, num_layers=-1), model))
+        adapters.add_lora(model, adapters.lora_config(LoraConfig(rank=16, alpha=320.0, num_layers=-1), model))
         model.train()
         rows = [json.loads(line) for line in open(path)]
-        examples = T.encode_pairs(tok, [(r["prompt"], r["ref"]["trace"]) for r in rows], 512)
+        examples = batching.encode_pairs(tok, [(r["prompt"], r["ref"]["trace"]) for r in rows], 512)
         lengths = [len(ids) for ids, _ in examples]
         step = T.TrainStep(model, optim.AdamW(learning_rate=1e-5), cfg.grad_clip, compiled=True)
         times, losses = [], []
         for s in range(n_batches):
-            idx = T.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, False)
-            b = T.collate([examples[i] for i in idx], True, T.COMPILED_PAD)
+            idx = batching.batch_for_step(s, lengths, cfg.batch_size, cfg.seed, None, False)
+            b = batching.collate([examples[i] for i in idx], True, T.COMPILED_PAD)
             for _ in range(2):
                 t = time.perf_counter()
                 loss = step(b)

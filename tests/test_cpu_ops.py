@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_causal_mask
 
-from tracer import cpu_ops, generate, train
+from tracer import adapters, batching, cpu_ops, generate, train
 from tracer.config import LoraConfig
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the CPU device and g++")
@@ -87,7 +87,7 @@ def _tiny_llama():
     mx.random.seed(0)
     model = llama.Model(args)
     mx.eval(model.parameters())
-    train.add_lora(model, train.lora_config(LoraConfig(rank=4, alpha=8.0, num_layers=-1), model))
+    adapters.add_lora(model, adapters.lora_config(LoraConfig(rank=4, alpha=8.0, num_layers=-1), model))
     model.train()
     return model
 
@@ -115,7 +115,7 @@ def test_compiled_step_trains_like_the_plain_one(share_prefix):
         pad = train.COMPILED_PAD if compiled else None
         losses = []
         for i in range(0, 24, 6):
-            b = train.collate(examples[i: i + 6], share_prefix, pad)
+            b = batching.collate(examples[i: i + 6], share_prefix, pad)
             assert (b.prefix is not None) == share_prefix
             if compiled:
                 assert b.inputs.shape[1] % 8 == 0 and b.positions.size % 32 == 0

@@ -6,7 +6,7 @@ import json
 import mlx.core as mx
 import pytest
 
-from tracer import cpu_ops, train
+from tracer import batching, cpu_ops, train
 from tracer.config import LoraConfig, TrainConfig
 from tracer.format import SYSTEM_PROMPT
 from tracer.generate import generate
@@ -35,8 +35,8 @@ def test_training_logits_are_the_models_own(family_model):
     m, tok = models.load(path)
     assert json.loads((__import__("pathlib").Path(path) / "config.json").read_text())["model_type"] == arch
     assert hasattr(m, "lm_head") != tie
-    b = train.collate(train.encode_pairs(tok, PAIRS, 256), share_prefix=True)
-    flat = train.collate(train.encode_pairs(tok, PAIRS, 256), share_prefix=False)
+    b = batching.collate(batching.encode_pairs(tok, PAIRS, 256), share_prefix=True)
+    flat = batching.collate(batching.encode_pairs(tok, PAIRS, 256), share_prefix=False)
     want = train.full_loss(m, flat.inputs, flat.positions, flat.targets).item()  # the model's own forward
     assert train.loss_fn(m, flat.inputs, flat.positions, flat.targets).item() == pytest.approx(want, rel=1e-5)
     assert train.loss_fn(m, b.inputs, b.positions, b.targets, b.prefix).item() == pytest.approx(want, rel=1e-4)

@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from pydantic import ValidationError
 
-from tracer import dataset, grpo, train
+from tracer import adapters, batching, dataset, grpo
 from tracer import model as models
 from tracer.config import LoraConfig, RewardConfig
 from tracer.errors import TrainingInterrupted
@@ -52,14 +52,14 @@ def lora_model(tiny_model, seed=0):
     """The tiny model with random (not zero) LoRA weights, so the adapter matters everywhere."""
     model, tok = models.load(str(tiny_model))
     mx.random.seed(seed)
-    train.add_lora(model, LoraConfig(rank=4, alpha=8.0))
+    adapters.add_lora(model, LoraConfig(rank=4, alpha=8.0))
     model.update(tree_map(lambda a: mx.random.normal(a.shape) * 0.05, model.trainable_parameters()))
     return model, tok
 
 
 def examples_for(tok, pool):
     pairs = [(q["prompt"], c) for q in pool[:2] for c in ("TRACE: a -b-> c\nANSWER: A", "TRACE: x\nANSWER: D")]
-    return train.encode_pairs(tok, pairs, 512)
+    return batching.encode_pairs(tok, pairs, 512)
 
 
 # ------------------------------------------------------------------------------- advantages
@@ -92,7 +92,7 @@ def test_config_defaults_and_bad_values():
 # ------------------------------------------------------------------------------------- loss
 
 
-def full_logprobs(model, plain: train.Batch) -> mx.array:
+def full_logprobs(model, plain: batching.Batch) -> mx.array:
     """Log-probs of the targets from a plain full-logits forward (no shared prefix, no gather first)."""
     logits = model(plain.inputs)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -103,7 +103,7 @@ def full_logprobs(model, plain: train.Batch) -> mx.array:
 def test_loss_and_gradient_match_the_hand_computed_case(tiny_model, pool):
     model, tok = lora_model(tiny_model)
     examples = examples_for(tok, pool)
-    b, plain = train.collate(examples), train.collate(examples, share_prefix=False)
+    b, plain = batching.collate(examples), batching.collate(examples, share_prefix=False)
     assert b.prefix is not None  # the loss under test runs the system prompt once
     adv_rows = np.array([1.0, -0.5, 0.7, -1.2], np.float32)
     adv = grpo.token_advantages(examples, adv_rows)
@@ -153,7 +153,7 @@ def test_on_policy_gradient_is_the_policy_gradient(tiny_model, pool):
     gradient is that of -sum(A x logp) / N."""
     model, tok = lora_model(tiny_model)
     examples = examples_for(tok, pool)
-    b = train.collate(examples)
+    b = batching.collate(examples)
     adv = grpo.token_advantages(examples, [0.9, -0.9, 0.3, -0.3])
     (loss, kl, clip), grads = nn.value_and_grad(model, grpo.grpo_loss)(model, b, adv)
     _, want = nn.value_and_grad(model, lambda m: -(adv * grpo.token_logprobs(m, b)).mean())(model)
@@ -166,9 +166,9 @@ def test_on_policy_gradient_is_the_policy_gradient(tiny_model, pool):
 def test_kl_is_zero_against_itself_and_the_reference_swap_restores_the_policy(tiny_model, pool):
     model, tok = lora_model(tiny_model)
     examples = examples_for(tok, pool)
-    b = train.collate(examples)
+    b = batching.collate(examples)
     adv = grpo.token_advantages(examples, [1.0, -1.0, 0.5, -0.5])
-    policy = train.adapter_weights(model)
+    policy = adapters.adapter_weights(model)
     (same,) = grpo.reference_logprobs(model, [b], dict(policy))
     loss, kl, clip = grpo.grpo_loss(model, b, adv, same, beta=0.05)
     assert kl.item() == 0.0 and clip.item() == 0.0
@@ -176,7 +176,7 @@ def test_kl_is_zero_against_itself_and_the_reference_swap_restores_the_policy(ti
     # another reference: its log-probs are those of a model holding its weights, and the policy stays
     other = {k: v * 0.5 for k, v in policy.items()}
     (ref,) = grpo.reference_logprobs(model, [b], other)
-    for k, v in train.adapter_weights(model).items():
+    for k, v in adapters.adapter_weights(model).items():
         assert mx.array_equal(v, policy[k]).item(), k
     twin, _ = lora_model(tiny_model)
     twin.update(tree_unflatten(list(other.items())))

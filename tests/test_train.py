@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from tracer import train
+from tracer import adapters, batching, train
 from tracer.cli import main
 from tracer.config import LoraConfig, TrainConfig, load_config, override, to_toml
 from tracer.errors import TrainingInterrupted
@@ -88,8 +88,8 @@ def test_learns_the_training_facts(facts_model, tmp_path):
 
 def test_masked_gather_loss_equals_full_logits_loss(facts_model):
     model, tok = fresh(facts_model)
-    examples = train.encode_pairs(tok, PAIRS[:6], 512)
-    b = train.collate(examples, share_prefix=False)
+    examples = batching.encode_pairs(tok, PAIRS[:6], 512)
+    b = batching.collate(examples, share_prefix=False)
     inputs, positions, targets = b.inputs, b.positions, b.targets
     assert b.prefix is None
     gathered = train.loss_fn(model, inputs, positions, targets).item()
@@ -112,11 +112,11 @@ def test_masked_gather_loss_equals_full_logits_loss(facts_model):
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(facts_model):
     model, tok = fresh(facts_model)
-    train.add_lora(model, LoraConfig(rank=4, alpha=8.0))
+    adapters.add_lora(model, LoraConfig(rank=4, alpha=8.0))
     # LoRA's B starts at zero: give it values so the adapter changes the prefix's keys/values too
     model.update(tree_map(lambda a: mx.random.normal(a.shape) * 0.05, model.trainable_parameters()))
-    examples = train.encode_pairs(tok, PAIRS[:7], 512)
-    shared, plain = train.collate(examples), train.collate(examples, share_prefix=False)
+    examples = batching.encode_pairs(tok, PAIRS[:7], 512)
+    shared, plain = batching.collate(examples), batching.collate(examples, share_prefix=False)
     P = shared.prefix.shape[1]
     assert P >= 8 and shared.inputs.shape[1] == plain.inputs.shape[1] - P
     assert shared.tokens == plain.tokens and shared.targets.tolist() == plain.targets.tolist()
@@ -130,19 +130,19 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(facts_model):
         assert mx.allclose(flat_s[k], flat_p[k], rtol=1e-4, atol=1e-6).item(), k
     # the prefix never swallows a loss position: an example whose completion starts early
     short = [(examples[0][0], 3)] + examples[1:]
-    assert train.collate(short).prefix is None
+    assert batching.collate(short).prefix is None
 
 
 def test_encode_pairs_keeps_the_completion_when_truncating(facts_model):
     _, tok = fresh(facts_model)
-    full = train.encode_pairs(tok, PAIRS[:1], 512)[0]
-    ids, start = train.encode_pairs(tok, PAIRS[:1], 20)[0]
+    full = batching.encode_pairs(tok, PAIRS[:1], 512)[0]
+    ids, start = batching.encode_pairs(tok, PAIRS[:1], 20)[0]
     completion = full[0][full[1]:]
     assert len(ids) == 20 and ids[start:] == completion and ids[:start] == full[0][full[1] - start: full[1]]
     assert completion[-1] == tok.eos_token_id
 
 
-def token_ce(model, b: train.Batch) -> mx.array:
+def token_ce(model, b: batching.Batch) -> mx.array:
     """Cross-entropy at each of the batch's loss positions, from full logits."""
     logits = model(b.inputs)
     return nn.losses.cross_entropy(logits.reshape(-1, logits.shape[-1])[b.positions], b.targets, reduction="none")
@@ -150,8 +150,8 @@ def token_ce(model, b: train.Batch) -> mx.array:
 
 def answer_ce(model, tok, pairs) -> float:
     """Mean cross-entropy of the answers' first tokens (what ``answer_weight`` weighs)."""
-    examples = train.encode_pairs(tok, pairs, 512)
-    b = train.collate(examples, False, None, train.answer_indices(tok, pairs, examples), 2.0)
+    examples = batching.encode_pairs(tok, pairs, 512)
+    b = batching.collate(examples, False, None, batching.answer_indices(tok, pairs, examples), 2.0)
     at_answer = (b.weights == 2.0).astype(mx.float32)
     return ((token_ce(model, b) * at_answer).sum() / at_answer.sum()).item()
 
@@ -159,16 +159,16 @@ def answer_ce(model, tok, pairs) -> float:
 def test_answer_indices_and_weighted_loss(facts_model):
     model, tok = fresh(facts_model)
     pairs = PAIRS[:6] + [("Follow DiskFull -caused_by-> ?", "TRACE: DiskFull -caused_by-> CronJob")]
-    examples = train.encode_pairs(tok, pairs, 512)
-    answers = train.answer_indices(tok, pairs, examples)
+    examples = batching.encode_pairs(tok, pairs, 512)
+    answers = batching.answer_indices(tok, pairs, examples)
     assert answers[-1] == -1  # no ANSWER line
     for (ids, start), at, (_, _, y) in zip(examples[:6], answers, FACTS):
         assert start <= at < len(ids) - 1 and tok.decode(ids[at:-1]).strip() == y
-    cut = train.encode_pairs(tok, PAIRS[:1], 8)  # the completion's end (answer, end-of-turn) cut off
-    assert len(cut[0][0]) == 8 and train.answer_indices(tok, PAIRS[:1], cut) == [-1]
+    cut = batching.encode_pairs(tok, PAIRS[:1], 8)  # the completion's end (answer, end-of-turn) cut off
+    assert len(cut[0][0]) == 8 and batching.answer_indices(tok, PAIRS[:1], cut) == [-1]
 
-    assert train.collate(examples, False, None, answers, 1.0).weights is None
-    b = train.collate(examples, False, None, answers, 5.0)
+    assert batching.collate(examples, False, None, answers, 1.0).weights is None
+    b = batching.collate(examples, False, None, answers, 5.0)
     width = b.inputs.shape[1]
     w = b.weights.tolist()
     assert len(w) == b.positions.size and set(w) == {1.0, 5.0}
@@ -181,7 +181,7 @@ def test_answer_indices_and_weighted_loss(facts_model):
     assert train.loss_fn(model, b.inputs, b.positions, b.targets, None, b.weights).item() == pytest.approx(expected, rel=1e-5)
     assert expected != pytest.approx(ce.mean().item(), rel=1e-3)
     # padded for the compiled step: padding weighs 0, the answers still 5, the same loss
-    padded = train.collate(examples, False, train.COMPILED_PAD, answers, 5.0)
+    padded = batching.collate(examples, False, train.COMPILED_PAD, answers, 5.0)
     pw = padded.weights.tolist()
     assert pw.count(5.0) == 6 and pw.count(0.0) == padded.positions.size - len(w)
     assert train.loss_fn(model, padded.inputs, padded.positions, padded.targets, None, padded.weights).item() == \
@@ -197,25 +197,6 @@ def test_answer_weight_trains_the_answer_token_faster(facts_model, tmp_path):
         train.train(model, tok, PAIRS, cfg, LoraConfig(rank=16, alpha=32.0), tmp_path / str(weight), "tiny")
         ce[weight] = answer_ce(model, tok, PAIRS)
     assert ce[10.0] < 0.5 * ce[1.0], ce
-
-
-def test_batches_are_length_grouped_and_deterministic():
-    lengths = [10, 200, 11, 199, 12, 198, 13, 197] * 8
-    a = train.epoch_batches(lengths, 4, seed=3, epoch=0)
-    assert a == train.epoch_batches(lengths, 4, seed=3, epoch=0)
-    assert a != train.epoch_batches(lengths, 4, seed=3, epoch=1)
-    assert sorted(i for b in a for i in b) == list(range(len(lengths)))
-    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in a)
-    assert waste < 0.05 * sum(lengths)
-    examples = [([0] * n, 1) for n in lengths]
-    assert train.batches(examples, 4, seed=3, epoch=0) == a
-    # step s's batch is a pure function of (seed, s): epoch 1 step 3 == batches(epoch=1)[3]
-    per_epoch = len(a)
-    assert train.batch_for_step(per_epoch + 3, lengths, 4, 3, None, False) == train.epoch_batches(lengths, 4, 3, 1)[3]
-    hops = [1, 3, 2, 1] * 16
-    cur = train.batches(examples, 4, seed=3, epoch=0, curriculum=True, hop_lens=hops)
-    flat = [hops[i] for b in cur for i in b]
-    assert flat == sorted(flat)
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(facts_model, tmp_path):
@@ -259,7 +240,7 @@ def test_adapter_loads_in_stock_mlx_lm_and_is_small(facts_model, tmp_path):
     model, tok = fresh(facts_model)
     cfg = TrainConfig(iters=3, batch_size=8, warmup=0, val_every=0, save_every=100)
     train.train(model, tok, PAIRS, cfg, LoraConfig(rank=4, alpha=8.0), tmp_path / "ad", "tiny")
-    acfg = train.read_adapter_config(tmp_path / "ad")
+    acfg = adapters.read_adapter_config(tmp_path / "ad")
     assert acfg["fine_tune_type"] == "lora" and acfg["base_model"] == "tiny" and acfg["tracer_version"]
     assert acfg["num_layers"] == 2
     assert acfg["lora_parameters"]["rank"] == 4 and acfg["lora_parameters"]["scale"] == 2.0
@@ -287,7 +268,7 @@ def test_init_adapter_continues_from_its_weights(facts_model, tmp_path):
     assert a.keys() == b.keys()  # the adapter's own rank (4), not the config's (16)
     for k in a:
         assert a[k].shape == b[k].shape and mx.allclose(a[k], b[k], atol=1e-6).item(), k
-    assert train.read_adapter_config(tmp_path / "b")["lora_parameters"]["rank"] == 4
+    assert adapters.read_adapter_config(tmp_path / "b")["lora_parameters"]["rank"] == 4
 
 
 def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys, tiny_model):

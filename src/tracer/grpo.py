@@ -36,6 +36,8 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from tracer import cpu_ops, reward
+from tracer.adapters import adapter_weights, attach_lora, load_checkpoint, save_adapter, save_checkpoint
+from tracer.batching import Batch, Example, collate
 from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
 from tracer.errors import TracerError, TrainingInterrupted
@@ -43,8 +45,7 @@ from tracer.format import answer_end, encode_chat
 from tracer.generate import finish_text, generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
-from tracer.train import (Batch, Example, _logits, adapter_weights, add_lora, collate, hidden, load_checkpoint,
-                          lora_config, read_adapter_config, save_adapter, save_checkpoint, schedule)
+from tracer.train import hidden, output_logits, schedule
 
 LOG_FILE = "grpo_log.jsonl"
 Scorer = Callable[[str, dict], dict]  # (completion, question row) -> reward.score()'s breakdown
@@ -74,7 +75,7 @@ def token_logprobs(model: nn.Module, b: Batch) -> mx.array:
     """Log-probability of each loss target of ``b`` (one per completion token, in ``b``'s order)."""
     h = hidden(model, b.inputs, b.prefix)
     h = h.reshape(-1, h.shape[-1])[b.positions]
-    return -nn.losses.cross_entropy(_logits(model, h), b.targets, reduction="none")
+    return -nn.losses.cross_entropy(output_logits(model, h), b.targets, reduction="none")
 
 
 def grpo_loss(model: nn.Module, b: Batch, adv: mx.array, ref_logp: mx.array | None = None,
@@ -104,7 +105,7 @@ def grpo_loss(model: nn.Module, b: Batch, adv: mx.array, ref_logp: mx.array | No
 
 
 def token_advantages(examples: list[Example], adv) -> mx.array:
-    """Each completion's advantage repeated over its loss positions (:func:`train.collate`'s order)."""
+    """Each completion's advantage repeated over its loss positions (:func:`tracer.batching.collate`'s order)."""
     return mx.array(np.repeat(np.asarray(adv, np.float32), [len(ids) - start for ids, start in examples]))
 
 
@@ -232,15 +233,7 @@ def step_seed(seed: int, step: int) -> int:
 def attach_policy(model: nn.Module, lora: LoraConfig, seed: int, init_adapter: str | None) -> dict:
     """Put LoRA on ``model`` (initialised from ``seed``, or ``init_adapter``'s weights); returns the
     adapter config saved with it."""
-    mx.random.seed(seed)
-    if init_adapter:
-        adapter_cfg = {k: v for k, v in read_adapter_config(init_adapter).items()
-                       if k in ("fine_tune_type", "num_layers", "lora_parameters")}
-        add_lora(model, adapter_cfg)
-        model.load_weights(str(Path(init_adapter) / "adapters.safetensors"), strict=False)
-    else:
-        adapter_cfg = lora_config(lora, model)
-        add_lora(model, adapter_cfg)
+    adapter_cfg = attach_lora(model, lora, seed, init_adapter)
     model.eval()  # no LoRA dropout: the policy trained is the one sampled
     return adapter_cfg
 

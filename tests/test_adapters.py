@@ -1,12 +1,14 @@
-"""Checkpoints survive damage and full disks: resume falls back, failed writes clean up."""
+"""LoRA adapters and checkpoints (tracer.adapters): attached fresh or from a saved adapter; checkpoints
+survive damage and full disks (resume falls back, failed writes clean up)."""
 
 import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_unflatten
 
-from tracer import train
+from tracer import adapters, train
 from tracer.config import LoraConfig, TrainConfig
 from tracer.errors import TracerError
 from tracer.format import SYSTEM_PROMPT
@@ -113,8 +115,26 @@ def test_full_disk_writing_an_adapter_leaves_no_temporary_file(model_dir, tmp_pa
         raise RuntimeError("[write] Unable to write")
 
     model, _ = fresh(model_dir)
-    train.add_lora(model, train.lora_config(LORA, model))
+    adapters.add_lora(model, adapters.lora_config(LORA, model))
     monkeypatch.setattr(mx, "save_safetensors", full_disk)
     with pytest.raises(TracerError, match="cannot write"):
-        train.save_adapter(model, tmp_path / "adapter", LORA, "tiny")
+        adapters.save_adapter(model, tmp_path / "adapter", LORA, "tiny")
     assert list((tmp_path / "adapter").iterdir()) == []
+
+
+def test_attach_lora_fresh_is_seeded_and_from_an_adapter_copies_it(model_dir, tmp_path):
+    a, _ = fresh(model_dir)
+    cfg = adapters.attach_lora(a, LORA, seed=5)
+    assert cfg == adapters.lora_config(LORA, a) and cfg["lora_parameters"]["rank"] == 4
+    b, _ = fresh(model_dir)
+    adapters.attach_lora(b, LORA, seed=5)
+    weights = adapters.adapter_weights(a)
+    assert weights and all(mx.array_equal(v, adapters.adapter_weights(b)[k]) for k, v in weights.items())
+    weights = {k: v + 0.5 for k, v in weights.items()}  # a trained-looking adapter: B is zero when fresh
+    a.update(tree_unflatten(list(weights.items())))
+    adapters.save_adapter(a, tmp_path / "saved", cfg, "tiny")
+    c, _ = fresh(model_dir)
+    again = adapters.attach_lora(c, LoraConfig(rank=8, alpha=1.0), seed=9, init_adapter=str(tmp_path / "saved"))
+    assert again == {k: cfg[k] for k in ("fine_tune_type", "num_layers", "lora_parameters")}  # the adapter's settings
+    got = adapters.adapter_weights(c)
+    assert set(got) == set(weights) and all(mx.array_equal(got[k], weights[k]) for k in weights)
