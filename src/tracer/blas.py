@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 
 _STATE: dict = {"attempted": False, "path": None, "reason": None, "gfortran": None, "config": None}
-_SHARE: dict = {"file": None, "next": 0.0, "threads": None}
+_SHARE: dict = {"file": None, "next": 0.0, "threads": None, "used": set(), "warned": False}
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -195,6 +195,7 @@ def preload_openblas() -> str | None:
             continue
         _STATE["path"] = str(Path(path))
         _STATE["reason"] = "loaded"
+        _SHARE["used"].add(_get_threads())  # what the first matmuls run with
         return _STATE["path"]
     _STATE["reason"] = "; ".join(errors) if errors else "libopenblas not found (pip install ngsolve-openblas)"
     warnings.warn(
@@ -259,6 +260,42 @@ def live_processes(registry: Path | None = None) -> int:
     return max(n, 1)
 
 
+def _get_threads() -> int | None:
+    if _STATE["path"] is None:
+        return None
+    return int(ctypes.CDLL(_STATE["path"]).openblas_get_num_threads())
+
+
+def pinned_threads() -> tuple[str, int] | None:
+    """The thread-count variable set in the environment (:data:`THREAD_ENV`) and its value, or None."""
+    for key in THREAD_ENV:
+        value = os.environ.get(key)
+        if value:
+            try:
+                return key, int(value)
+            except ValueError:
+                return key, 0
+    return None
+
+
+def threads_used() -> list[int]:
+    """Every OpenBLAS thread count this process's matmuls ran with so far (empty without OpenBLAS).
+    Results depend on it in the last bits (a float sum's order), so runs record it."""
+    return sorted(t for t in _SHARE["used"] if t)
+
+
+def _warn_pinned(key: str, threads: int, processes: int, cores: int) -> None:
+    """Once per process: a pinned thread count beside other tracer processes oversubscribes the cores."""
+    if _SHARE["warned"]:
+        return
+    _SHARE["warned"] = True
+    sys.stderr.write(
+        f"warning: {key}={threads} is pinned while {processes} tracer processes run on {cores} cores: their "
+        f"BLAS threads spin against each other (training fell from 13,600 to 520 tok/s when measured); unset "
+        f"{key} to let tracer split the cores, or run one process at a time\n")
+    sys.stderr.flush()
+
+
 def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | None:
     """Split this machine's cores evenly between the running tracer processes' OpenBLAS threads.
 
@@ -267,10 +304,12 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
     6.1-6.3 s with the cores shared (bench/bench_contention.py). Every ``interval`` seconds at
     most, this counts the live processes registered in a per-user temp folder and sets this one's
     thread count to cores // n (at least 1). Call it between computations only (nothing in
-    flight). Does nothing when a thread count is set in the environment (:data:`THREAD_ENV`) or no
-    OpenBLAS is loaded. Returns the thread count in effect, or None.
+    flight). Does nothing when no OpenBLAS is loaded. A thread count set in the environment
+    (:data:`THREAD_ENV`) is kept (and the process still counted, so the others make room); when
+    the processes' threads then outnumber the cores, a warning says so, once. Returns the thread
+    count in effect, or None when it is not tracer's to set.
     """
-    if _STATE["path"] is None or any(os.environ.get(k) for k in THREAD_ENV) or not sys.platform.startswith("linux"):
+    if _STATE["path"] is None or not sys.platform.startswith("linux"):
         return None
     now = time.monotonic()
     if now < _SHARE["next"]:
@@ -281,21 +320,31 @@ def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | No
         n = live_processes(registry)
     except OSError:  # no writable temp folder: this process alone, as before
         n = 1
+    pinned = pinned_threads()
+    if pinned is not None:
+        if n > 1 and pinned[1] * n > cores:
+            _warn_pinned(pinned[0], pinned[1], n, cores)
+        return None
     threads = max(1, cores // n)
     if threads != _SHARE["threads"]:
         ctypes.CDLL(_STATE["path"]).openblas_set_num_threads(threads)
         _SHARE["threads"] = threads
+        _SHARE["used"].add(threads)
     return threads
 
 
 def blas_info() -> dict:
-    """What :func:`preload_openblas` did: ``{"openblas", "config", "threads", "gfortran_shim",
-    "status"}`` (``threads``: OpenBLAS's thread count now, None without OpenBLAS)."""
-    threads = ctypes.CDLL(_STATE["path"]).openblas_get_num_threads() if _STATE["path"] else None
+    """What :func:`preload_openblas` did: ``{"openblas", "config", "threads", "threads_used",
+    "pinned", "gfortran_shim", "status"}`` (``threads``: OpenBLAS's thread count now, None without
+    OpenBLAS; ``threads_used``: :func:`threads_used`; ``pinned``: ``"VAR=n"`` when the environment
+    sets the count)."""
+    pinned = pinned_threads()
     return {
         "openblas": _STATE["path"],
         "config": _STATE["config"],
-        "threads": threads,
+        "threads": _get_threads(),
+        "threads_used": threads_used(),
+        "pinned": f"{pinned[0]}={pinned[1]}" if pinned else None,
         "gfortran_shim": _STATE["gfortran"],
         "status": _STATE["reason"] if _STATE["attempted"] else "not attempted",
     }

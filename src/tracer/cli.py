@@ -5,6 +5,7 @@ Bad input is reported as one line on stderr with exit code 2 and no traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -532,12 +533,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # `kill`, a CI cancel or a job scheduler stop like Ctrl-C: checkpoint, then exit
+_STOPPING: dict = {"signal": None}
+
+
+def _stop(signum, frame) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (`kill`, a CI cancel, a job scheduler's stop) alike: the first
+    raises KeyboardInterrupt, so training saves a checkpoint and exits 130 with the --resume hint.
+    Later ones are noted and ignored, so they cannot abort that checkpoint half-written
+    (kill -9 still stops the process at once)."""
+    if _STOPPING["signal"] is not None:
+        os.write(2, f"{signal.Signals(signum).name}: already stopping; finishing the checkpoint "
+                    "(kill -9 stops at once)\n".encode())
+        return
+    _STOPPING["signal"] = signum
+    raise KeyboardInterrupt
 
 
 def entry() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     sys.exit(main())
 
 

@@ -305,9 +305,34 @@ def init_run(run_dir: Path, config_toml: str, phases: list[str], seed: int) -> P
             "phases": phases,
             "timings": {},
             "contaminated": False,
+            "blas": blas_record(),
         },
     )
     return run_dir
+
+
+def blas_record(earlier: dict | None = None) -> dict:
+    """The BLAS settings results depend on, for meta.json: the library, the OpenBLAS thread counts
+    this process's matmuls ran with (with ``earlier``'s: every count the run saw), the variable
+    that pins them, if any, and the cores. A float sum's order, and so the last bits of every
+    matmul, follow the thread count: runs are bit-identical only at the same counts."""
+    from tracer.blas import blas_info, cpu_cores
+
+    info = blas_info()
+    seen = set((earlier or {}).get("threads_used") or []) | set(info["threads_used"])
+    return {"openblas": os.path.basename(info["openblas"]) if info["openblas"] else None,
+            "threads_used": sorted(seen), "pinned": info["pinned"], "cores": cpu_cores()}
+
+
+def note_blas(run_dir: Path) -> None:
+    """Add this process's BLAS thread counts to the run's meta.json (when it has one)."""
+    meta_file = run_dir / "meta.json"
+    if meta_file.is_file():
+        meta = read_json(meta_file)
+        if isinstance(meta, dict):
+            record = blas_record(meta.get("blas") if isinstance(meta.get("blas"), dict) else None)
+            if meta.get("blas") != record:
+                write_json(meta_file, dict(meta, blas=record))
 
 
 def update_meta(run_dir: Path, **fields: Any) -> dict:

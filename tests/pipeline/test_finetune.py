@@ -44,6 +44,38 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
     assert not (out / "adapters.safetensors").exists()
 
 
+def test_a_second_signal_does_not_abort_the_first_ones_checkpoint(tiny_work):
+    """SIGINT then SIGTERM within a millisecond: the interrupt's checkpoint completes, the exit is
+    130 with the --resume hint, and --resume continues from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tiny_work / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
+         "--iters", "100000", "--adapter-out", str(out)],
+        cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate(timeout=30)
+    time.sleep(0.5)  # a few steps past the periodic checkpoint
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) in (
+        ["checkpoint"], ["checkpoint", "checkpoint.prev"])  # no checkpoint.tmp left half-written
+    step = json.loads(state.read_text())["step"]
+    assert f"training interrupted at step {step}" in err
+    assert main(["sft", "-c", "tiny.toml", "--iters", str(step + 1), "--adapter-out", str(out), "--resume"]) == 0
+
+
 def files_of(path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 

@@ -105,3 +105,4 @@ def _record(ws: Workspace, phase: str, entry: dict, episodes: list[dict], contam
         runs.init_run(ws.run_dir, to_toml(ws.cfg), [phase], ws.cfg.run.seed)
     dataset.write_jsonl(runs.episodes_path(ws.run_dir, phase), episodes)
     runs.record_phase(ws.run_dir, phase, entry, contaminated=contaminated)
+    runs.note_blas(ws.run_dir)

@@ -134,7 +134,7 @@ def training_settings(ws: Workspace, section: str, rows: list[dict], init_adapte
 
     out = {"section": section, "settings": getattr(ws.cfg, section).model_dump(mode="json"),
            "base_model": ws.base_model_id(), "rows": len(rows), "rows_sha256": _rows_digest(rows),
-           "source": source, "blas_threads": blas_info()["threads"]}
+           "source": source, "blas_threads_at_start": blas_info()["threads"]}
     if init_adapter:
         out["init_adapter"] = str(init_adapter)
         out["init_adapter_sha256"] = _file_digest(Path(init_adapter) / "adapters.safetensors")

@@ -46,6 +46,7 @@ class _Run:
         t0 = time.perf_counter()
         out = fn()
         runs.update_meta(self.ws.run_dir, timings={name: round(time.perf_counter() - t0, 2)})
+        runs.note_blas(self.ws.run_dir)
         return out
 
     def evaluate(self, phase: str, adapter: str | None = None) -> dict:
@@ -79,6 +80,7 @@ def _phases(ws: Workspace, r: _Run, data_summary: dict | None, *, resume: bool, 
         if not runs.has_adapter(sft_dir):
             stats = sft(ws, adapter_out=sft_dir, allow_eval_overlap=allow_eval_overlap, **_train_into(sft_dir, resume))
             runs.update_meta(ws.run_dir, timings={"sft_train": stats["wall_s"]})  # across interruptions
+            runs.note_blas(ws.run_dir)
         results["phases"]["sft"] = r.evaluate("sft", str(sft_dir))
     rsft_phases = [p for p in planned_phases(ws.cfg) if p.startswith("rsft")]
     if "rsft" in ws.cfg.run.phases and not set(rsft_phases) <= r.done:
