@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from tracer import format as F
 from tracer import generate as G
+from tracer import sampling as S
 
 from tiny_model import build_tiny_model  # tests/tiny_model.py
 
@@ -107,7 +108,7 @@ def test_max_tokens_bound_and_order(tiny):
     toks = G.generate_tokens(model, tok, PROMPTS, max_tokens=7, stop_after_answer=False)
     assert len(toks) == len(PROMPTS)
     assert all(len(t) <= 7 for t in toks)
-    stops = G.stop_token_ids(tok)
+    stops = S.stop_token_ids(tok)
     assert not any(s in t for t in toks for s in stops)
     assert G.generate(model, tok, [], max_tokens=5) == []
 
@@ -149,13 +150,6 @@ def test_sample_k_shape_and_determinism(tiny):
     assert all(len(set(group)) > 1 for group in refilled[0][:2])
     with pytest.raises(ValueError):
         G.sample_k(model, tok, PROMPTS, 0)
-
-
-def test_top_p_keeps_nucleus():
-    logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = G.apply_top_p(logits, 0.7)
-    assert mx.isinf(kept).tolist() == [[False, False, True, True]]
-    assert not mx.isinf(G.apply_top_p(logits, 1.0)).any().item()
 
 
 # --- stop rules (scripted model) ---------------------------------------------------------------
@@ -200,7 +194,7 @@ def test_no_answer_stop_runs_to_max_tokens(tiny):
 def test_stop_at_eos_excludes_stop_token(tiny):
     _, tok = tiny
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    assert eos in G.stop_token_ids(tok)
+    assert eos in S.stop_token_ids(tok)
     model = scripted(tok, "TRACE: E0", tail=[eos] + list(tok.encode(" junk", add_special_tokens=False)))
     assert G.generate(model, tok, PROMPTS, max_tokens=50) == ["TRACE: E0"] * len(PROMPTS)
 
@@ -219,7 +213,7 @@ def test_greedy_matches_mlx_lm_reference(tiny, layers, monkeypatch):
     monkeypatch.setattr(G.cpu_ops, "available", lambda m=None: layers == "cpu_ops")
     for layer in model.layers:  # the module's model: earlier tests may have switched its layers
         layer.self_attn.__class__, layer.mlp.__class__ = llama.Attention, llama.MLP
-    stops = G.stop_token_ids(tok)
+    stops = S.stop_token_ids(tok)
     ours = G.generate_tokens(model, tok, PROMPTS, max_tokens=20, stop_after_answer=False)
     want = {"cpu_ops": (G.cpu_ops.CpuAttention, G.cpu_ops.CpuMLP), "grouped": (G.GroupedDecodeAttention, llama.MLP)}
     assert all((type(layer.self_attn), type(layer.mlp)) == want[layers] for layer in model.layers)
@@ -235,8 +229,8 @@ def test_shared_prefix_cache_matches_plain_prefill(tiny):
     enc = [F.encode_chat(tok, p) for p in PROMPTS]
     P = F.shared_prefix_len(enc)
     assert P > 8
-    stopper = G.RowStopper(tok, 16, False)
-    greedy = G.make_sampler(0.0, 1.0, mx.random.key(0))
+    stopper = S.RowStopper(tok, 16, False)
+    greedy = S.make_sampler(0.0, 1.0, mx.random.key(0))
     plain = G.decode_batch(model, enc, stopper, greedy)
     shared = G.decode_batch(model, enc, stopper, greedy, prefix_kv=G.prefix_cache(model, enc[0][:P]))
     assert plain == shared
@@ -254,7 +248,7 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
 
     enc = [F.encode_chat(tok, p) for p in PROMPTS[:2]]
     batch = [enc[0]] * 3 + [enc[1]] * 2
-    stopper = G.RowStopper(tok, 12, False)
+    stopper = S.RowStopper(tok, 12, False)
     calls = []
 
     class Spy:  # records the batch size of the prefill
@@ -266,7 +260,7 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(tiny):
             return self.m(x, cache=cache)
 
     spy = Spy(model)
-    sampled = G.decode_batch(spy, batch, stopper, G.make_sampler(1.0, 1.0, mx.random.key(7)))
+    sampled = G.decode_batch(spy, batch, stopper, S.make_sampler(1.0, 1.0, mx.random.key(7)))
     assert calls[0][0] == 2  # prefilled the 2 distinct prompts, not 5 rows
     assert calls[1][0] == 5  # then every row decodes
     assert len({tuple(s) for s in sampled[:3]}) > 1  # copies draw their own samples
@@ -279,7 +273,7 @@ def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
     model, tok = tiny
     enc = [F.encode_chat(tok, p) for p in PROMPTS + [p + " Why?" for p in PROMPTS]]
 
-    class Varying(G.RowStopper):  # rows end at different steps: after 3 + (first token % 7) tokens
+    class Varying(S.RowStopper):  # rows end at different steps: after 3 + (first token % 7) tokens
         def push(self, out, tok_id):
             out.append(tok_id)
             return len(out) >= 3 + out[0] % 7
@@ -295,7 +289,7 @@ def test_continuous_batching_refills_rows_and_matches_single_prompts(tiny):
             return self.m(x, cache=cache)
 
     stopper = Varying(tok, 10, False)
-    greedy = G.make_sampler(0.0, 1.0, mx.random.key(0))
+    greedy = S.make_sampler(0.0, 1.0, mx.random.key(0))
     batched = G.decode_batch(Spy(model), enc, stopper, greedy, batch_size=3)
     single = [G.decode_batch(model, [e], stopper, greedy)[0] for e in enc]
     assert batched == single

@@ -7,8 +7,7 @@ exactly the positions it would see alone) and decoded step by step. The token pr
 shares (system prompt) is prefilled once per call, and a prompt repeated within a prefill (K
 samples of one question) once. A row stops at an end-of-turn / eos token, at the newline that ends
 the ANSWER line the reward reads (when ``stop_after_answer``; the verdict is then the same as had
-it run on) or at ``max_tokens``; finished rows are
-dropped from the batch and cache, and waiting prompts take their places (continuous batching).
+it run on) or at ``max_tokens`` (:mod:`tracer.sampling`); finished rows are dropped from the batch and cache, and waiting prompts take their places (continuous batching).
 Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
 so Python bookkeeping overlaps the model's compute.
 """
@@ -23,78 +22,9 @@ from mlx_lm.models import llama
 
 from tracer import cpu_ops
 from tracer.blas import share_cores
-from tracer.format import answer_end, cut_after_answer, encode_chat, shared_prefix_len
+from tracer.format import encode_chat, shared_prefix_len
 from tracer.progress import NullProgress, Progress
-
-_NEWLINE_TOKENS: dict[int, frozenset[int]] = {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Stop rules
-# ---------------------------------------------------------------------------------------------
-
-
-def stop_token_ids(tokenizer) -> set[int]:
-    """End-of-turn / eos ids: ``tokenizer.eos_token_ids`` (mlx-lm wrapper) plus ``<|im_end|>``."""
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
-        ids.add(int(eos))
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for special in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
-        if special in vocab:
-            ids.add(int(vocab[special]))
-    return ids
-
-
-def newline_tokens(tokenizer) -> frozenset[int]:
-    """Ids whose text holds a newline: only after one of these can the ANSWER line newly end."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_TOKENS:
-        # byte-level BPE writes the newline byte as "Ċ" in its token strings
-        _NEWLINE_TOKENS[key] = frozenset(i for t, i in tokenizer.get_vocab().items() if "\n" in t or "Ċ" in t)
-    return _NEWLINE_TOKENS[key]
-
-
-def finish_text(tokenizer, tokens: list[int], stop_after_answer: bool = True) -> str:
-    """Decode a completion (stop token already excluded), cut at the end of the ANSWER line read."""
-    text = tokenizer.decode(tokens)
-    return cut_after_answer(text) if stop_after_answer else text
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
-
-
-def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
-    """Keep the smallest set of tokens whose probability mass reaches ``top_p`` (per row)."""
-    sorted_lp = mx.sort(logprobs, axis=-1)
-    sorted_p = mx.exp(sorted_lp)
-    mass_above = mx.cumsum(sorted_p, axis=-1, reverse=True, inclusive=False)
-    n_dropped = (mass_above >= top_p).sum(axis=-1, keepdims=True)
-    threshold = mx.take_along_axis(sorted_lp, n_dropped, axis=-1)
-    return mx.where(logprobs < threshold, -float("inf"), logprobs)
-
-
-def make_sampler(temperature: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array]:
-    """``logits (B, V) -> tokens (B,)``: argmax when temperature == 0, else seeded sampling.
-
-    The sampler owns ``key`` and splits it once per call, so a fixed seed and the same
-    batches give the same tokens.
-    """
-    if temperature <= 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-    state = {"key": key}
-
-    def sample(logits: mx.array) -> mx.array:
-        state["key"], sub = mx.random.split(state["key"])
-        scaled = logits.astype(mx.float32) / temperature
-        if top_p < 1.0:  # categorical takes unnormalised logits; only top-p needs log-probs
-            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
-        return mx.random.categorical(scaled, axis=-1, key=sub)
-
-    return sample
+from tracer.sampling import RowStopper, finish_text, make_sampler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,27 +143,8 @@ def filter_cache(cache: list, keep: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The decode loop
+# The decode loop (token choice and stop rules: :mod:`tracer.sampling`)
 # ---------------------------------------------------------------------------------------------
-
-
-class RowStopper:
-    """Per-row stop decisions from Python-side token ids."""
-
-    def __init__(self, tokenizer, max_tokens: int, stop_after_answer: bool):
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
-        self.stop_ids = stop_token_ids(tokenizer)
-        self.line_ends = newline_tokens(tokenizer) if stop_after_answer else frozenset()
-
-    def push(self, out: list[int], tok: int) -> bool:
-        """Record ``tok`` into ``out`` unless it is a stop token; True when the row is done."""
-        if tok in self.stop_ids:
-            return True
-        out.append(tok)
-        if tok in self.line_ends and answer_end(self.tokenizer.decode(out)) is not None:
-            return True
-        return len(out) >= self.max_tokens
 
 
 def prefill(model, prompts: list[list[int]], prefix_kv: list | None = None) -> tuple[list, mx.array]:
@@ -273,25 +184,17 @@ def decode_batch(
     """
     size = max(1, batch_size or len(prompts))
     outs: list[list[int]] = [[] for _ in prompts]
-    admitted = 0
-
-    def admit(n: int) -> tuple[list, mx.array, list[int | None]]:
-        nonlocal admitted
-        new_rows = list(range(admitted, min(admitted + n, len(prompts))))
-        admitted += len(new_rows)
-        cache, logits = prefill(model, [prompts[i] for i in new_rows], prefix_kv)
-        return cache, sampler(logits), new_rows
-
     if not prompts:
         return outs
-    cache, y, rows = admit(size)  # rows: batch position -> prompt index, None once finished
+    queue = _Queue(model, prompts, sampler, prefix_kv)
+    cache, y, rows = queue.admit(size)  # rows: batch position -> prompt index, None once finished
     mx.async_eval(y)
     while True:
         live = [r for r in rows if r is not None]
         # dispatch the next step before reading this one back (pipelining), unless every row
         # reaches max_tokens with this one and no prompt is waiting
         y_next = None
-        if admitted < len(prompts) or any(len(outs[r]) + 1 < stopper.max_tokens for r in live):
+        if queue.waiting or any(len(outs[r]) + 1 < stopper.max_tokens for r in live):
             y_next = sampler(last_logits(model, y[:, None], cache))
             mx.async_eval(y_next)
         for j, tok in enumerate(y.tolist()):
@@ -301,28 +204,56 @@ def decode_batch(
                 if on_done is not None:
                     on_done(r, outs[r])
         keep = [j for j, r in enumerate(rows) if r is not None]
-        if (not keep and admitted == len(prompts)) or y_next is None:  # None: every row hit max_tokens
+        if (not keep and not queue.waiting) or y_next is None:  # None: every row hit max_tokens
             break
         # finished rows keep their slots (their tokens are ignored) until a quarter of the batch
         # has finished: then the cache is compacted once (a copy of every layer's keys/values)
         # and waiting prompts are prefilled into the free slots
         if len(rows) - len(keep) >= max(1, len(rows) // 4):
-            rows = [rows[j] for j in keep]
-            if rows:
-                filter_cache(cache, keep)
-                y_next = y_next[mx.array(keep, dtype=mx.int32)]
-            if admitted < len(prompts):
-                new_cache, y_new, new_rows = admit(size - len(rows))
-                if rows:
-                    for c, n in zip(cache, new_cache):
-                        c.extend(n)
-                    y_next = mx.concatenate([y_next, y_new])
-                else:
-                    cache, y_next = new_cache, y_new
-                rows = rows + new_rows
-                mx.async_eval(y_next)
+            cache, y_next, rows = _refill(queue, cache, y_next, rows, keep, size)
         y = y_next
     return outs
+
+
+class _Queue:
+    """The prompts of a :func:`decode_batch` call, admitted in order and prefilled a batch at a time."""
+
+    def __init__(self, model, prompts: list[list[int]], sampler: Callable[[mx.array], mx.array],
+                 prefix_kv: list | None):
+        self.model, self.prompts, self.sampler, self.prefix_kv = model, prompts, sampler, prefix_kv
+        self.admitted = 0
+
+    @property
+    def waiting(self) -> bool:
+        return self.admitted < len(self.prompts)
+
+    def admit(self, n: int) -> tuple[list, mx.array, list[int | None]]:
+        """The next ``n`` prompts prefilled: their caches, first tokens and prompt indices."""
+        new_rows = list(range(self.admitted, min(self.admitted + n, len(self.prompts))))
+        self.admitted += len(new_rows)
+        cache, logits = prefill(self.model, [self.prompts[i] for i in new_rows], self.prefix_kv)
+        return cache, self.sampler(logits), new_rows
+
+
+def _refill(queue: _Queue, cache: list, y_next: mx.array, rows: list[int | None], keep: list[int],
+            size: int) -> tuple[list, mx.array, list[int | None]]:
+    """The batch without its finished rows (``keep``: the positions still decoding), and waiting
+    prompts prefilled into the free slots: the cache, the next tokens and the rows."""
+    rows = [rows[j] for j in keep]
+    if rows:
+        filter_cache(cache, keep)
+        y_next = y_next[mx.array(keep, dtype=mx.int32)]
+    if queue.waiting:
+        new_cache, y_new, new_rows = queue.admit(size - len(rows))
+        if rows:
+            for c, n in zip(cache, new_cache):
+                c.extend(n)
+            y_next = mx.concatenate([y_next, y_new])
+        else:
+            cache, y_next = new_cache, y_new
+        rows = rows + new_rows
+        mx.async_eval(y_next)
+    return cache, y_next, rows
 
 
 def generate_tokens(

@@ -42,9 +42,10 @@ from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
 from tracer.errors import TracerError, TrainingInterrupted
 from tracer.format import answer_end, encode_chat
-from tracer.generate import finish_text, generate_tokens
+from tracer.generate import generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
+from tracer.sampling import finish_text
 from tracer.train import hidden, output_logits, schedule
 
 LOG_FILE = "grpo_log.jsonl"
