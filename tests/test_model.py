@@ -1,4 +1,4 @@
-"""Model sources, q/k permutation, OpenBLAS preload and loading (no download needed)."""
+"""Model sources, OpenBLAS preload and loading (no download needed; GGUF conversion: test_gguf.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tracer.errors import TracerError
@@ -100,32 +99,6 @@ def test_resolve_dir_without_tokenizer(tmp_path):
 def test_model_id():
     assert tm.model_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
     assert tm.model_id("Org/name") == "Org/name"
-
-
-# ---------------------------------------------------------------- q/k permutation
-
-
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # convert_hf_to_gguf.py LlamaModel.permute
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-@pytest.mark.parametrize("n_heads,head_dim,cols", [(9, 64, 576), (3, 64, 576), (4, 8, 5), (1, 2, 3)])
-def test_unpermute_inverts_llama_cpp_permute(n_heads, head_dim, cols):
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((n_heads * head_dim, cols)).astype(np.float32)
-    permuted = _llama_cpp_permute(w, n_heads)
-    assert np.array_equal(np.array(tm.permute(mx.array(w), n_heads)), permuted)
-    assert np.array_equal(np.array(tm.unpermute(mx.array(permuted), n_heads)), w)
-    assert np.array_equal(np.array(tm.permute(tm.unpermute(mx.array(w), n_heads), n_heads)), w)
-    if head_dim > 2:
-        assert not np.array_equal(permuted, w)
-
-
-def test_unpermute_interleaved_to_half_split():
-    # one head, head_dim 4: GGUF rows are (x0, y0, x1, y1) → HF rows (x0, x1, y0, y1)
-    w = mx.array([[0.0], [1.0], [2.0], [3.0]])
-    assert np.array(tm.unpermute(w, 1)).ravel().tolist() == [0.0, 2.0, 1.0, 3.0]
 
 
 # ---------------------------------------------------------------- OpenBLAS preload

