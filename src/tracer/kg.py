@@ -1,8 +1,8 @@
-"""Knowledge graph: data model, validation, loading (JSON or triples files) and saving."""
+"""Knowledge graph: data model, validation, loading (JSON, or triples files read by
+:mod:`tracer.triples`) and saving."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import Counter, defaultdict
@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from tracer.errors import TracerError
 from tracer.format import NODE_TRIM, RELATION_CHARS
+from tracer.triples import KG_SUFFIXES, TRIPLE_SUFFIXES, read_text, read_triples, read_types
 
 ENTITY_KEYS = ("id", "label", "type")
 RELATION_KEYS = ("id", "label")
@@ -202,84 +203,6 @@ def kg_from_dict(data: Any, source: str = "<kg>") -> KG:
     )
 
 
-def _read_text(path: str | Path) -> str:
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TracerError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TracerError(f"{path}: is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise TracerError(f"{path}: not a UTF-8 text file") from None
-    except OSError as exc:
-        raise TracerError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-TRIPLE_SUFFIXES = (".tsv", ".csv")
-KG_SUFFIXES = (".json",) + TRIPLE_SUFFIXES
-# a first row that names its columns is a header, not a triple
-TRIPLE_HEADERS = {
-    ("head", "relation", "tail"), ("head", "rel", "tail"), ("h", "r", "t"), ("src", "rel", "dst"),
-    ("source", "relation", "target"), ("subject", "predicate", "object"), ("from", "relation", "to"),
-}
-TYPE_HEADERS = {("entity", "type"), ("id", "type"), ("entity_id", "type"), ("name", "type")}
-
-
-def _rows(path: str | Path, columns: tuple[str, ...], headers: set[tuple[str, ...]]) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of a .tsv or .csv file with exactly ``columns``; a header row, blank
-    lines and ``#`` comment lines are skipped. Ragged rows and empty fields raise TracerError."""
-    text = _read_text(path)
-    tsv = Path(path).suffix.lower() == ".tsv"
-    reader = csv.reader(text.splitlines(), delimiter="\t" if tsv else ",",
-                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-    out: list[tuple[int, list[str]]] = []
-    try:
-        for lineno, fields in enumerate(reader, 1):
-            if not fields or (len(fields) == 1 and not fields[0].strip()) or fields[0].lstrip().startswith("#"):
-                continue
-            fields = [f.strip() for f in fields]
-            if not out and tuple(f.lower() for f in fields) in headers:
-                continue
-            if len(fields) != len(columns):
-                raise TracerError(f"{path}:{lineno}: expected {len(columns)} columns ({', '.join(columns)}), "
-                                  f"got {len(fields)}")
-            for name, value in zip(columns, fields):
-                if not value:
-                    raise TracerError(f"{path}:{lineno}: empty {name}")
-            out.append((lineno, fields))
-    except csv.Error as exc:
-        raise TracerError(f"{path}:{reader.line_num}: {exc}") from None
-    return out
-
-
-def entity_id(name: str) -> str:
-    """An id the trace syntax keeps whole: whitespace and '->' become _, edge punctuation is dropped."""
-    return re.sub(r"\s+", "_", name.strip()).replace("->", "_").strip(NODE_TRIM)
-
-
-def relation_id(name: str) -> str:
-    """A relation id the trace syntax reads (`-rel->`): letters, digits and _."""
-    return re.sub(f"[^{RELATION_CHARS}]+", "_", name.strip()).strip("_")
-
-
-class _Ids:
-    """Names to ids, refusing two names that end up as one id."""
-
-    def __init__(self, path: str | Path, make, what: str):
-        self.path, self.make, self.what = path, make, what
-        self.label: dict[str, str] = {}
-
-    def __call__(self, name: str, lineno: int) -> str:
-        i = self.make(name)
-        if not i:
-            raise TracerError(f"{self.path}:{lineno}: {self.what} {name!r} has no letters or digits to make an id of")
-        other = self.label.setdefault(i, name)
-        if other != name:
-            raise TracerError(f"{self.path}:{lineno}: {self.what} names {other!r} and {name!r} both become id {i!r}")
-        return i
-
-
 def infer_types(entities: list[str], edges: list[Edge]) -> dict[str, str]:
     """A type per entity from the relations around it, for graphs without types: ``in:REL`` for the
     relation most often pointing at it (ties: alphabetical), ``out:REL`` for an entity nothing
@@ -296,57 +219,24 @@ def infer_types(entities: list[str], edges: list[Edge]) -> dict[str, str]:
     return out
 
 
-def load_types(path: str | Path, entities: dict[str, str]) -> dict[str, str]:
-    """``entity -> type`` from a two-column .tsv/.csv file (entity, type; names as in the KG file)."""
-    if Path(path).suffix.lower() not in TRIPLE_SUFFIXES:
-        raise TracerError(f"{path}: unknown types file format {Path(path).suffix or '(none)'!r} "
-                          f"(expected .tsv or .csv with columns entity, type)")
-    known = {name: i for i, name in entities.items()} | {i: i for i in entities}
-    types: dict[str, str] = {}
-    for lineno, (name, typ) in _rows(path, ("entity", "type"), TYPE_HEADERS):
-        eid = known.get(name)
-        if eid is None:
-            raise TracerError(f"{path}:{lineno}: unknown entity {name!r}")
-        if types.setdefault(eid, typ) != typ:
-            raise TracerError(f"{path}:{lineno}: entity {name!r} has two types, {types[eid]!r} and {typ!r}")
-    return types
-
-
 def load_triples(path: str | Path) -> KG:
     """A KG from a head/relation/tail .tsv or .csv file (the PyKEEN / OpenKE layout), header optional.
 
-    Names become ids the trace syntax keeps (:func:`entity_id`, :func:`relation_id`); the names are
-    the labels. Duplicate triples and self-loops are dropped and noted. Types are inferred
-    (:func:`infer_types`) unless a types file is given to :func:`load_kg`.
+    Names become ids the trace syntax keeps (:func:`tracer.triples.entity_id`,
+    :func:`tracer.triples.relation_id`); the names are the labels. Duplicate triples and self-loops
+    are dropped and noted. Types are inferred (:func:`infer_types`) unless a types file is given to
+    :func:`load_kg`.
     """
-    ent, rel = _Ids(path, entity_id, "entity"), _Ids(path, relation_id, "relation")
-    edges: list[Edge] = []
-    seen: set[tuple[str, str, str]] = set()
-    dup = loops = 0
-    for lineno, (h, r, t) in _rows(path, ("head", "relation", "tail"), TRIPLE_HEADERS):
-        e = Edge(ent(h, lineno), rel(r, lineno), ent(t, lineno))
-        if e.src == e.dst:
-            loops += 1
-        elif (e.src, e.rel, e.dst) in seen:
-            dup += 1
-        else:
-            seen.add((e.src, e.rel, e.dst))
-            edges.append(e)
-    if not edges:
-        raise TracerError(f"{path}: no edges (expected rows of head, relation, tail)")
-    types = infer_types(list(ent.label), edges)
-    notes = [f"types inferred from relations (give a types file for real ones)"]
-    if dup:
-        notes.append(f"{dup} duplicate triple(s) dropped")
-    if loops:
-        notes.append(f"{loops} self-loop(s) dropped")
+    entities, relations, triples, dropped = read_triples(path)
+    edges = [Edge(*t) for t in triples]
+    types = infer_types(list(entities), edges)
     return KG(
         version="1.0",
         domain=Path(path).stem,
-        entities={i: Entity(i, name, types[i]) for i, name in ent.label.items()},
-        relations={i: Relation(i, name) for i, name in rel.label.items()},
+        entities={i: Entity(i, name, types[i]) for i, name in entities.items()},
+        relations={i: Relation(i, name) for i, name in relations.items()},
         edges=edges,
-        notes=notes,
+        notes=["types inferred from relations (give a types file for real ones)"] + dropped,
     )
 
 
@@ -358,7 +248,7 @@ def load_kg(path: str | Path, types: str | Path | None = None) -> KG:
     if suffix in TRIPLE_SUFFIXES:
         kg = load_triples(path)
     elif suffix == ".json":
-        text = _read_text(path)
+        text = read_text(path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -370,7 +260,7 @@ def load_kg(path: str | Path, types: str | Path | None = None) -> KG:
         raise TracerError(f"{path}: unknown KG format {suffix or '(no extension)'!r} "
                           f"(expected {', '.join(KG_SUFFIXES)})")
     if types is not None:
-        given = load_types(types, {i: e.label for i, e in kg.entities.items()})
+        given = read_types(types, {i: e.label for i, e in kg.entities.items()})
         inferred = infer_types(list(kg.entities), kg.edges)
         kg.entities = {i: Entity(i, e.label, given.get(i, inferred[i])) for i, e in kg.entities.items()}
         kg.notes = [n for n in kg.notes if not n.startswith("types inferred")]
