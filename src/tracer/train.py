@@ -119,17 +119,40 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int) ->
 COMPILED_PAD = (8, 32)  # few distinct shapes to trace, for a few padding tokens (docs/performance.md)
 
 
+def world() -> tuple[int, int]:
+    """(rank, size) of the data-parallel group ``mlx.launch`` started; (0, 1) in a plain process."""
+    group = mx.distributed.init()
+    return group.rank(), group.size()
+
+
+def loss_weight(examples: list[Example], answers: list[int] | None, answer_weight: float) -> float:
+    """The total weight of the examples' loss positions (what the batch's weighted mean divides by):
+    one per completion token, ``answer_weight`` for the answer's."""
+    total = float(sum(len(ids) - start for ids, start in examples))
+    if answers is not None and answer_weight != 1.0:
+        total += (answer_weight - 1.0) * sum(1 for a in answers if a >= 0)
+    return total
+
+
 class TrainStep:
-    """``step(batch) -> loss``: loss, gradients, clipping and the AdamW update. ``compiled``: the
-    whole step as one ``mx.compile`` graph (traced again per batch shape) over the model with
-    :mod:`tracer.cpu_ops`' layers; batches then come padded (``collate(pad=COMPILED_PAD)``)."""
+    """``step(batch, share) -> loss``: loss, gradients, clipping and the AdamW update. ``compiled``:
+    the whole step as one ``mx.compile`` graph (traced again per batch shape) over the model with
+    :mod:`tracer.cpu_ops`' layers; batches then come padded (``collate(pad=COMPILED_PAD)``).
 
-    def __init__(self, model: nn.Module, optimizer, grad_clip: float, compiled: bool):
+    Data-parallel (``size`` ranks): each rank's batch is its shard of the global batch, ``share``
+    that shard's part of the global loss weight; its loss is scaled by ``share``, the gradients are
+    summed over ranks before clipping and the returned loss is the global batch's, so N ranks follow
+    one process's run on the whole batch (up to float rounding)."""
+
+    def __init__(self, model: nn.Module, optimizer, grad_clip: float, compiled: bool, size: int = 1):
         self.compiled = compiled
-        loss_and_grad = nn.value_and_grad(model, loss_fn)
+        loss_and_grad = nn.value_and_grad(model, lambda m, share, *a: loss_fn(m, *a) * share * size)
 
-        def step(*arrays):
-            loss, grads = loss_and_grad(model, *arrays)
+        def step(share, *arrays):
+            loss, grads = loss_and_grad(model, share, *arrays)
+            if size > 1:
+                grads = nn.average_gradients(grads)
+                loss = mx.distributed.all_sum(loss) / size
             if grad_clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, grad_clip)
             optimizer.update(model, grads)
@@ -143,13 +166,13 @@ class TrainStep:
             step = mx.compile(step, inputs=state, outputs=state)
         self._step = step
 
-    def __call__(self, b: Batch) -> mx.array:
+    def __call__(self, b: Batch, share: float = 1.0) -> mx.array:
         arrays = [b.inputs, b.positions, b.targets]
         if b.prefix is not None or b.weights is not None:
             arrays.append(b.prefix if b.prefix is not None else mx.zeros((1, 0), dtype=mx.int32))
         if b.weights is not None:
             arrays.append(b.weights)
-        return self._step(*arrays)
+        return self._step(mx.array(share, dtype=mx.float32), *arrays)
 
 
 @dataclass
@@ -191,10 +214,14 @@ def train(
     progress: Progress | None = None,
     init_adapter: str | None = None,
 ) -> dict:
-    """LoRA-train ``model`` on (prompt, completion) pairs; writes the adapter to ``out_dir``."""
+    """LoRA-train ``model`` on (prompt, completion) pairs; writes the adapter to ``out_dir``.
+
+    Under ``mlx.launch`` each rank trains on its share of every batch (:class:`TrainStep`); rank 0
+    alone writes checkpoints and the adapter and reports progress."""
     if not train_pairs:
         raise TracerError("no training examples")
-    progress = progress or NullProgress()
+    rank, size = world()
+    progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
     adapter_cfg = attach_lora(model, lora, cfg.seed, init_adapter)
     model.train()
@@ -206,17 +233,19 @@ def train(
     rec = _Record.resumed(load_checkpoint(model, optimizer, out, progress.log)) if resume else _Record()
 
     def checkpoint(step: int) -> Path:
+        if rank:
+            return out / "checkpoint"
         return save_checkpoint(model, optimizer, out, adapter_cfg, base_model, rec.state(step))
 
     progress.start("train", total=cfg.iters)
     progress.update(rec.start)
-    step_fn = TrainStep(model, optimizer, cfg.grad_clip, compiled=cfg.compile and cpu_ops.available(model))
+    step_fn = TrainStep(model, optimizer, cfg.grad_clip, cfg.compile and cpu_ops.available(model), size)
     pad = COMPILED_PAD if step_fn.compiled else None
     rec.t0 = time.perf_counter()
     try:
         for step in range(rec.start, cfg.iters):
-            batch = _batch(examples, lengths, answers, step, cfg, hop_lens, pad)
-            _train_step(model, optimizer, step_fn, batch, step, cfg.seed, rec)
+            batch, share = _batch(examples, lengths, answers, step, cfg, hop_lens, pad, rank, size)
+            _train_step(model, optimizer, step_fn, batch, share, step, cfg.seed, rec)
             _after_step(model, optimizer, rec, batch.tokens, step + 1, cfg, val_examples, progress)
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
@@ -233,25 +262,32 @@ def train(
     progress.stop()
     checkpoint(cfg.iters)
     model.eval()
-    save_adapter(model, out, adapter_cfg, base_model)
+    if rank == 0:
+        save_adapter(model, out, adapter_cfg, base_model)
     return _summary(rec, cfg.iters, time.perf_counter() - rec.t0)
 
 
 def _batch(examples: list[Example], lengths: list[int], answers: list[int] | None, step: int, cfg: TrainConfig,
-           hop_lens: list[int] | None, pad: tuple[int, int] | None) -> Batch:
-    """Step ``step``'s batch (:func:`tracer.batching.batch_for_step`), collated."""
+           hop_lens: list[int] | None, pad: tuple[int, int] | None, rank: int = 0, size: int = 1) -> tuple[Batch, float]:
+    """Step ``step``'s batch (:func:`tracer.batching.batch_for_step`), this rank's shard of it
+    collated, and the shard's share of the batch's loss weight."""
     idx = batch_for_step(step, lengths, cfg.batch_size, cfg.seed, hop_lens, cfg.curriculum)
-    return collate([examples[i] for i in idx], cfg.share_prefix, pad,
-                   None if answers is None else [answers[i] for i in idx], cfg.answer_weight)
+    mine = idx[rank::size]
+    if not mine:
+        raise TracerError(f"sft.batch_size={cfg.batch_size} leaves rank {rank} of {size} without examples")
+    pick = (lambda ids: None) if answers is None else (lambda ids: [answers[i] for i in ids])
+    share = 1.0 if size == 1 else (loss_weight([examples[i] for i in mine], pick(mine), cfg.answer_weight)
+                                   / loss_weight([examples[i] for i in idx], pick(idx), cfg.answer_weight))
+    return collate([examples[i] for i in mine], cfg.share_prefix, pad, pick(mine), cfg.answer_weight), share
 
 
-def _train_step(model: nn.Module, optimizer, step_fn: TrainStep, batch: Batch, step: int, seed: int,
+def _train_step(model: nn.Module, optimizer, step_fn: TrainStep, batch: Batch, share: float, step: int, seed: int,
                 rec: _Record) -> None:
     """One optimizer step on ``batch``, its loss recorded; ``rec.snapshot`` holds what it started from."""
     step_seed = seed * 1_000_003 + step  # dropout noise is a function of the step
     rec.snapshot = (model.parameters(), tree_map(lambda x: x, optimizer.state), step_seed)
     mx.random.seed(step_seed)
-    loss = step_fn(batch)
+    loss = step_fn(batch, share)
     mx.eval(loss, model.trainable_parameters(), optimizer.state)
     share_cores()  # nothing in flight here
     rec.losses.append(loss.item())
