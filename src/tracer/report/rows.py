@@ -13,7 +13,7 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tracer.metrics import mcnemar
+from tracer.metrics import mcnemar, wilson
 from tracer.report.load import read_episodes
 
 ROW_KEYS = ("phase", "status", "n", "accuracy", "ci_lo", "ci_hi", "path_coverage", "reward",
@@ -64,8 +64,6 @@ def phase_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(ci, (list, tuple)) and len(ci) == 2:
             row["ci_lo"], row["ci_hi"] = _num(ci[0]), _num(ci[1])
         elif isinstance(e.get("correct"), int) and row["n"]:
-            from tracer.metrics import wilson  # stdlib-only module
-
             row["ci_lo"], row["ci_hi"] = wilson(e["correct"], row["n"])
         for key in ("path_coverage", "reward", "format_rate", "edge_precision", "length_match", "shuffle_agreement"):
             row[key] = _num(e.get(key))
