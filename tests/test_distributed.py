@@ -33,6 +33,7 @@ def run(argv, cwd):
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
     out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
+    return out
 
 
 @pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
@@ -52,3 +53,22 @@ def test_two_ranks_follow_one_process(model_dir, tmp_path):
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-4).item(), k
     assert (tmp_path / "two" / "checkpoint" / "state.json").is_file()  # rank 0 checkpointed
+
+
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
+def test_tracer_sft_under_mlx_launch(tiny_work):
+    tracer = str(Path(sys.executable).parent / "tracer")
+    out = run([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, tracer, "sft", "-c", "tiny.toml",
+               "--iters", "2"], tiny_work)
+    assert "error" not in out.stdout + out.stderr, out.stdout + out.stderr  # mlx.launch exits 0 whatever the ranks do
+    sft = tiny_work / "data" / "runs" / "tiny" / "models" / "sft"
+    assert (sft / "adapters.safetensors").is_file() and json.loads((sft / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+def test_other_commands_refuse_data_parallel(tiny_work, monkeypatch, capsys):
+    from tracer.cli import main
+
+    monkeypatch.setenv("MLX_WORLD_SIZE", "2")
+    assert main(["eval", "-c", "tiny.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: tracer eval: under mlx.launch only continue, sft run data-parallel; run it as one process"]

@@ -479,6 +479,18 @@ def doctor() -> None:
 
 
 NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
+DATA_PARALLEL_COMMANDS = {"sft", "continue"}  # what runs sharded under mlx.launch (tracer.train)
+
+
+def _data_parallel(command: str | None) -> None:
+    """Under ``mlx.launch`` (``MLX_WORLD_SIZE`` > 1): only the training commands run sharded, and
+    ranks other than 0 print nothing but errors."""
+    if int(os.environ.get("MLX_WORLD_SIZE", "1")) <= 1:
+        return
+    if command not in DATA_PARALLEL_COMMANDS:
+        raise TracerError(f"tracer {command}: under mlx.launch only {', '.join(sorted(DATA_PARALLEL_COMMANDS))} "
+                          "run data-parallel; run it as one process")
+    console.quiet = os.environ.get("MLX_RANK", "0") != "0"
 
 
 @app.callback(invoke_without_command=True)
@@ -487,6 +499,7 @@ def _root(ctx: typer.Context,
     if version:
         console.print(f"tracer {__version__}")
         raise typer.Exit()
+    _data_parallel(ctx.invoked_subcommand)
     if ctx.invoked_subcommand and ctx.invoked_subcommand not in NO_MLX_COMMANDS:
         from tracer import backend
 

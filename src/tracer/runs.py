@@ -118,8 +118,15 @@ def _lock_holder(directory: Path) -> str | None:
     return None
 
 
+def _follower() -> bool:
+    """A rank other than 0 of an ``mlx.launch`` job: rank 0 holds the locks and writes for all."""
+    return os.environ.get("MLX_RANK", "0") != "0"
+
+
 def check_unlocked(directory: str | Path, what: str = "directory") -> None:
     """Refuse a directory another tracer process is working in (it holds its lock)."""
+    if _follower():
+        return
     pid = _lock_holder(Path(directory))
     if pid is not None:
         raise TracerError(f"{directory}: {what} in use by another tracer process (pid {pid}); "
@@ -135,7 +142,7 @@ def locked(directory: str | Path, what: str = "directory") -> Iterator[Path]:
 
     d = Path(directory)
     lock = d / LOCK_FILE
-    if str(lock) in _HELD:  # this process holds it already (run -> sft)
+    if str(lock) in _HELD or _follower():  # this process holds it already (run -> sft), or rank 0 does
         yield d
         return
     check_unlocked(d, what)
