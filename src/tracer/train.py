@@ -194,6 +194,13 @@ class _Record:
     def resumed(cls, state: dict) -> "_Record":
         return cls(state["step"], state["losses"], state["val_losses"], state["tokens"], state.get("wall_s", 0.0))
 
+    def roll_back(self, model: nn.Module, optimizer) -> None:
+        """After a Ctrl-C inside a step: back to the weights, optimizer and random state it started from."""
+        if self.snapshot is not None:
+            model.update(self.snapshot[0])
+            optimizer.state = self.snapshot[1]
+            mx.random.seed(self.snapshot[2])
+
     def state(self, step: int) -> dict:
         """A checkpoint's ``state.json``."""
         return {"step": step, "losses": self.losses, "val_losses": self.val_losses, "tokens": self.tokens,
@@ -225,10 +232,7 @@ def train(
     out = Path(out_dir)
     adapter_cfg = attach_lora(model, lora, cfg.seed, init_adapter)
     model.train()
-    examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len)
-    val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
-    answers = answer_indices(tokenizer, train_pairs, examples) if cfg.answer_weight != 1.0 else None
-    lengths = [len(ids) for ids, _ in examples]
+    examples, val_examples, answers, lengths = _encoded(tokenizer, train_pairs, val_pairs, cfg)
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     rec = _Record.resumed(load_checkpoint(model, optimizer, out, progress.log)) if resume else _Record()
 
@@ -250,10 +254,7 @@ def train(
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
     except KeyboardInterrupt:
-        if rec.snapshot is not None:  # stopped inside a step: roll back to the last finished one
-            model.update(rec.snapshot[0])
-            optimizer.state = rec.snapshot[1]
-            mx.random.seed(rec.snapshot[2])
+        rec.roll_back(model, optimizer)
         path = checkpoint(len(rec.losses))
         progress.stop()
         raise TrainingInterrupted(len(rec.losses), str(path)) from None
@@ -265,6 +266,16 @@ def train(
     if rank == 0:
         save_adapter(model, out, adapter_cfg, base_model)
     return _summary(rec, cfg.iters, time.perf_counter() - rec.t0)
+
+
+def _encoded(tokenizer, train_pairs: list[tuple[str, str]], val_pairs: list[tuple[str, str]] | None,
+             cfg: TrainConfig) -> tuple[list[Example], list[Example], list[int] | None, list[int]]:
+    """The training and validation examples, the answers' token indices (when ``answer_weight``
+    weighs them) and the examples' lengths."""
+    examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len)
+    val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
+    answers = answer_indices(tokenizer, train_pairs, examples) if cfg.answer_weight != 1.0 else None
+    return examples, val_examples, answers, [len(ids) for ids, _ in examples]
 
 
 def _batch(examples: list[Example], lengths: list[int], answers: list[int] | None, step: int, cfg: TrainConfig,
