@@ -149,10 +149,10 @@ def in_tmpfs(mount: Path, options: str, argv: list[str], save: Path | None = Non
 
 
 class Faults:
-    def __init__(self, w: Work, seed: int):
+    def __init__(self, w: Work, seed: int, mount: bool = True):
         self.w, self.rng = w, random.Random(seed)
         self.results: list[dict] = []
-        self.mount = can_mount()
+        self.mount = mount and can_mount()
 
     def record(self, kind: str, ok: bool, detail: str) -> None:
         self.results.append({"fault": kind, "survived": ok, "detail": detail})
@@ -304,21 +304,21 @@ class Faults:
                 ro = self.w.root / "ro_mount"
                 ro.mkdir(exist_ok=True)
                 argv = in_tmpfs(ro, "ro,size=64k", [a if a != "tiny.toml" else "ro.toml" for a in argv_of(ro)])
-                how = "read-only tmpfs"
+                how = "a read-only tmpfs"
             elif os.geteuid() != 0:
                 ro = self.w.root / "ro_dir"
                 ro.mkdir(exist_ok=True)
                 ro.chmod(0o555)
-                argv, how = [a if a != "tiny.toml" else "ro.toml" for a in argv_of(ro)], "mode 0555 directory"
+                argv, how = [a if a != "tiny.toml" else "ro.toml" for a in argv_of(ro)], "a mode 0555 directory"
             else:
-                ro, how = Path("/sys"), "/sys"
+                ro, how = Path("/sys"), "/sys (read-only to root too)"
                 argv = [a if a != "tiny.toml" else "ro.toml" for a in argv_of(ro)]
             t0 = time.monotonic()
             r = self.w.run(argv)
             took = time.monotonic() - t0
             ok = r.returncode == 2 and one_line(r.stderr) and "cannot write" in r.stderr and not fresh.exists()
             line = next((ln for ln in r.stderr.splitlines() if ln.startswith("error")), r.stderr.strip()[-200:])
-            self.record("read-only output", ok, f"{name} on a {how}: rc={r.returncode} after {took:.1f}s, {line!r}, "
+            self.record("read-only output", ok, f"{name} on {how}: rc={r.returncode} after {took:.1f}s, {line!r}, "
                                                 f"{'nothing written' if not fresh.exists() else 'SPLITS WRITTEN'}")
 
     def concurrent(self) -> None:
@@ -379,6 +379,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed after)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    ap.add_argument("--no-mount", action="store_true", help="simulate the full disk and the read-only output "
+                    "even where a tmpfs could be mounted")
     ap.add_argument("--child-enospc", type=int, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -390,7 +392,7 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         build(work)
-        f = Faults(Work(work), args.seed)
+        f = Faults(Work(work), args.seed, mount=not args.no_mount)
         print(f"scratch: {work}; mounting a tmpfs: {'yes' if f.mount else 'no'}", flush=True)
         f.reference()
         for i in range(args.kills):
