@@ -123,6 +123,9 @@ def _follower() -> bool:
     return os.environ.get("MLX_RANK", "0") != "0"
 
 
+is_follower = _follower
+
+
 def check_unlocked(directory: str | Path, what: str = "directory") -> None:
     """Refuse a directory another tracer process is working in (it holds its lock)."""
     if _follower():

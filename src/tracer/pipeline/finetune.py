@@ -103,7 +103,10 @@ def check_output(out_dir: str | Path, *, resume: bool, force: bool) -> None:
 
 def begin_training(out_dir: Path, settings: dict, *, resume: bool) -> None:
     """Once every check passed: a fresh training deletes what an earlier one left in ``out_dir``
-    (only :data:`TRAINING_OUTPUTS`); both record the settings they run under."""
+    (only :data:`TRAINING_OUTPUTS`); both record the settings they run under. Under ``mlx.launch``
+    rank 0 alone does (it writes for all ranks)."""
+    if runs.is_follower():
+        return
     if not resume:
         for name in TRAINING_OUTPUTS:
             p = out_dir / name
