@@ -1,0 +1,108 @@
+"""The entry point: one-line errors (exit 2) for bad input, no tracebacks; the backend set up once
+before a command that loads MLX; SIGINT and SIGTERM stop training cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+from tracer import __version__
+from tracer.cli.common import app, click_exc, console, err_console
+from tracer.errors import TracerError, TrainingInterrupted
+
+
+NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
+DATA_PARALLEL_COMMANDS = {"sft", "continue"}  # what runs sharded under mlx.launch (tracer.train)
+
+
+def _data_parallel(command: str | None) -> None:
+    """Under ``mlx.launch`` (``MLX_WORLD_SIZE`` > 1): only the training commands run sharded, and
+    ranks other than 0 print nothing but errors."""
+    if int(os.environ.get("MLX_WORLD_SIZE", "1")) <= 1:
+        return
+    if command not in DATA_PARALLEL_COMMANDS:
+        raise TracerError(f"tracer {command}: under mlx.launch only {', '.join(sorted(DATA_PARALLEL_COMMANDS))} "
+                          "run data-parallel; run it as one process")
+    console.quiet = os.environ.get("MLX_RANK", "0") != "0"
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        console.print(f"tracer {__version__}")
+        raise typer.Exit()
+    _data_parallel(ctx.invoked_subcommand)
+    if ctx.invoked_subcommand and ctx.invoked_subcommand not in NO_MLX_COMMANDS:
+        from tracer import backend
+
+        backend.setup()  # OpenBLAS and the heap, before the command first imports MLX
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors (exit 2) for bad input, no tracebacks."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="tracer", standalone_mode=False)
+        if rv == 130:  # typer turns Ctrl-C (and SIGTERM, see entry) into a silent 130
+            err_console.print("interrupted", markup=False)
+        return rv if isinstance(rv, int) else 0
+    except TracerError as e:
+        err_console.print(f"error: {e}", markup=False)
+        return 2
+    except click_exc.NoArgsIsHelpError as e:
+        # `tracer` / `tracer model` with no arguments: the error holds the help, which typer's rich
+        # formatter has printed already while making it (it returns ""); print it only if not
+        text = e.format_message()
+        if text.strip():
+            print(text)
+        return 0
+    except click_exc.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "tracer"
+        err_console.print(f"error: {cmd}: {e.format_message()}", markup=False)
+        return 2
+    except TrainingInterrupted as e:
+        err_console.print(f"{e}; rerun with --resume to continue", markup=False)
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # a path that is a directory, a full disk, no permission: one line, not a traceback
+        err_console.print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", markup=False)
+        return 2
+
+
+_STOPPING: dict = {"signal": None}
+
+
+def _stop(signum, frame) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (`kill`, a CI cancel, a job scheduler's stop) alike: the first
+    raises KeyboardInterrupt, so training saves a checkpoint and exits 130 with the --resume hint.
+    Later ones are noted and ignored, so they cannot abort that checkpoint half-written
+    (kill -9 still stops the process at once)."""
+    if _STOPPING["signal"] is not None:
+        os.write(2, f"{signal.Signals(signum).name}: already stopping; finishing the checkpoint "
+                    "(kill -9 stops at once)\n".encode())
+        return
+    _STOPPING["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def entry() -> None:
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
