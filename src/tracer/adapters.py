@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tracer import __version__
 from tracer.config import LoraConfig
 from tracer.errors import TracerError
-from tracer.runs import read_json
+from tracer.runs import CHECKPOINTS, read_json
 
 
 def add_lora(model: nn.Module, lora: LoraConfig | dict) -> None:
@@ -101,7 +101,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: LoraConfig | dic
     return out
 
 
-CHECKPOINTS = ("checkpoint", "checkpoint.prev", "checkpoint.old")  # newest first; .old: older tracers
 
 
 def save_checkpoint(model: nn.Module, optimizer, out_dir: Path, config: dict, base_model: str,

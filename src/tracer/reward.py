@@ -14,7 +14,6 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tracer.format import answer_span  # noqa: F401  (pipeline.rsft reads reward.answer_span)
 from tracer.format import parse_completion, parse_fact, trace_steps
 from tracer.kg import KG, Edge
 

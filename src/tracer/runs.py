@@ -193,7 +193,8 @@ def versions() -> dict[str, str]:
 # and into a training's adapter directory: ``run --force`` deletes these and nothing else.
 RUN_FILES = ("config.toml", "meta.json", "metrics.json", "rsft_samples.jsonl", LOCK_FILE)
 RUN_FILE_PATTERNS = (r"rsft_r\d+_samples\.partial\.jsonl", r"\..+\.tmp", r"\.tracer-probe-.*")
-CHECKPOINT_DIRS = ("checkpoint", "checkpoint.prev", "checkpoint.old", "checkpoint.tmp")
+CHECKPOINTS = ("checkpoint", "checkpoint.prev", "checkpoint.old")  # newest first; .old: older tracers
+CHECKPOINT_DIRS = (*CHECKPOINTS, "checkpoint.tmp")
 TRAINING_SETTINGS = "train_settings.json"
 ADAPTER_DIR_FILES = ("adapters.safetensors", "adapter_config.json", TRAINING_SETTINGS, "grpo_log.jsonl",
                      ".adapters.tmp.safetensors", ".adapter_config.tmp.json", LOCK_FILE)

@@ -42,7 +42,8 @@ def test_last_round_winners_plus_short_training_questions():
 
 
 def test_winner_traces_are_cut_where_the_parser_reads():
-    from tracer.reward import EntityMatcher, answer_span, parse_completion
+    from tracer.format import answer_span, parse_completion
+    from tracer.reward import EntityMatcher
 
     m = EntityMatcher(["x", "y"])
     for text in ["TRACE: x -r-> y\nanswer: D\nANSWER: D",  # a lower-case line is part of the trace

@@ -24,10 +24,9 @@ from tracer.dataset.jsonl import SPLIT_FILES, load_examples, normalize_row, read
 from tracer.dataset.paths import enumerate_paths, path_key
 from tracer.dataset.splits import generate_splits, question_counts
 from tracer.dataset.verify import summarize, train_edge_coverage, verify_row, verify_splits
-from tracer.format import ANSWER_TAG  # pipeline.rsft reads dataset.ANSWER_TAG
 
 __all__ = [
-    "ANSWER_TAG", "SPLIT_FILES", "enumerate_paths", "generate_splits", "load_examples", "normalize_row",
+    "SPLIT_FILES", "enumerate_paths", "generate_splits", "load_examples", "normalize_row",
     "path_key", "question_counts", "read_jsonl", "summarize", "train_edge_coverage", "verify_row",
     "verify_splits", "write_jsonl", "write_splits",
 ]

@@ -16,7 +16,6 @@ from tracer.errors import TracerError
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.workspace import Workspace
 
-CHECKPOINT_DIRS = ("checkpoint", "checkpoint.prev", "checkpoint.old")  # train.py's, newest first
 SETTINGS_FILE = runs.TRAINING_SETTINGS  # the settings a training started (or last resumed) under
 # what a training writes into its adapter directory: --force deletes these, nothing else
 TRAINING_OUTPUTS = tuple(n for n in (*runs.CHECKPOINT_DIRS, *runs.ADAPTER_DIR_FILES) if n != runs.LOCK_FILE)
@@ -62,7 +61,7 @@ def train_adapter(ws: Workspace, section: str, rows: list[dict], out_dir: Path, 
 
 def checkpoint_step(out_dir: Path) -> int | None:
     """The step of ``out_dir``'s newest readable checkpoint (what a resume starts from), or None."""
-    for name in CHECKPOINT_DIRS:
+    for name in runs.CHECKPOINTS:
         try:
             state = json.loads((out_dir / name / "state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -73,7 +72,7 @@ def checkpoint_step(out_dir: Path) -> int | None:
 
 
 def has_checkpoint(out_dir: Path) -> bool:
-    return any((out_dir / name).is_dir() for name in CHECKPOINT_DIRS)
+    return any((out_dir / name).is_dir() for name in runs.CHECKPOINTS)
 
 
 def check_output(out_dir: str | Path, *, resume: bool, force: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tracer import dataset, runs
 from tracer.config import load_config, to_toml
 from tracer.errors import TracerError
+from tracer.format import ANSWER_TAG, answer_span
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate, score_rows
 from tracer.pipeline.finetune import adapter_contaminated, check_adapter, copy_adapter, mark_contaminated, train_adapter
@@ -72,8 +73,6 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
     A correct winner sampled under another prompt of the same question (closed-book winners reused
     for facts prompts, whose options are drawn anew) gets the row's answer letter.
     """
-    from tracer import reward
-
     rows = []
     for w in winners:
         row = by_id.get(w["ex_id"])
@@ -83,12 +82,12 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
         if drawn_on is not None and drawn_on != row["path_star"]["entities"]:
             raise TracerError(f"sample {w['ex_id']}: drawn on another path than the pool's question {w['ex_id']} "
                               "(sampled from another RSFT pool? consolidate --pool names it)")
-        trace = reward.answer_span(w["completion"])
+        trace = answer_span(w["completion"])
         if w["prompt"] != row["prompt"]:
             if not w["correct"]:
                 raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
                                   "its answer letter cannot be carried over")
-            trace = trace.rsplit("\n", 1)[0] + f"\n{dataset.ANSWER_TAG} {row['answer_star']}"
+            trace = trace.rsplit("\n", 1)[0] + f"\n{ANSWER_TAG} {row['answer_star']}"
         rows.append(dict(row, ref={"trace": trace}))
     return rows
 
