@@ -1,8 +1,7 @@
 """Preload OpenBLAS before the first ``import mlx`` (Linux CPU).
 
-The mlx-cpu wheel links a generic reference BLAS (fp32 matmul ~3-8 GFLOP/s). Loading an
-OpenBLAS with ``RTLD_GLOBAL`` first makes MLX's ``cblas_sgemm`` calls resolve to it (~50x
-faster). No mlx import here: this must run before it. Set ``TRACER_NO_OPENBLAS=1`` to skip (for
+The mlx-cpu wheel links a generic reference BLAS. Loading an OpenBLAS with ``RTLD_GLOBAL`` first
+makes MLX's ``cblas_sgemm`` calls resolve to it (``bench/bench_blas.py``; docs/performance.md). No mlx import here: this must run before it. Set ``TRACER_NO_OPENBLAS=1`` to skip (for
 benchmarks).
 
 Candidates, in order: the ``ngsolve-openblas`` wheel (a ``DYNAMIC_ARCH`` build: it picks its
@@ -299,9 +298,8 @@ def _warn_pinned(key: str, threads: int, processes: int, cores: int) -> None:
 def share_cores(interval: float = 2.0, registry: Path | None = None) -> int | None:
     """Split this machine's cores evenly between the running tracer processes' OpenBLAS threads.
 
-    Two processes that each run a thread per core spin-wait against each other. On the 2-core
-    machine, a prefill of 8 prompts took 12.0-12.2 s with two processes at once, 5.4 s alone, and
-    6.1-6.3 s with the cores shared (bench/bench_contention.py). Every ``interval`` seconds at
+    Two processes that each run a thread per core spin-wait against each other
+    (``bench/bench_contention.py`` measures it; docs/performance.md). Every ``interval`` seconds at
     most, this counts the live processes registered in a per-user temp folder and sets this one's
     thread count to cores // n (at least 1). Call it between computations only (nothing in
     flight). Does nothing when no OpenBLAS is loaded. A thread count set in the environment

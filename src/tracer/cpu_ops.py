@@ -1,19 +1,18 @@
 """Faster element-wise work for training and generation on MLX's CPU backend.
 
-MLX's Linux CPU wheel computes ``exp`` one element at a time (21-27 ns per element here, with
-libm ``fmaf`` calls; an add costs 0.9 ns), on one thread, and SiLU, the attention softmax and the
-loss's log-sum-exp all pay it (perf: about half of an SFT step's time is element-wise work). Here
-``exp`` is a Cephes-style polynomial built from MLX ops; under ``mx.compile`` MLX's CPU backend
-fuses such chains into C++ kernels that it builds with g++ (3-5 ns per element, relative error
-1.1e-7 against mx.exp's 9.8e-7). Under ``mx.grad`` compiled functions run op by op, so these pay
-off only when the whole training step is compiled (``train.TrainStep``): ``bench/bench_cpu_ops.py``
-measured 1.14-1.16x per SFT step (18.0-18.2 -> 15.7-15.8 s). SiLU, softmax and log-sum-exp carry their own
-gradients (no exp in their backward passes except SiLU's sigmoid).
+MLX's Linux CPU wheel computes ``exp`` one element at a time, with libm calls, on one thread, and
+SiLU, the attention softmax and the loss's log-sum-exp all pay it. Here ``exp`` is a Cephes-style
+polynomial built from MLX ops; under ``mx.compile`` MLX's CPU backend fuses such chains into C++
+kernels that it builds with g++, faster and more accurate than ``mx.exp``. Under ``mx.grad``
+compiled functions run op by op, so these pay off only when the whole training step is compiled
+(``train.TrainStep``). SiLU, softmax and log-sum-exp carry their own gradients (no exp in their
+backward passes except SiLU's sigmoid). The measurements (``bench/bench_cpu_ops.py``,
+``bench/bench_decode.py``) are in docs/performance.md.
 
 :func:`use_cpu_ops` switches a model's llama attention and MLP layers to these; GPUs and machines
 without g++, and models not in float32 (:func:`available`), keep mlx-lm's. Generation uses the
 same layers outside ``mx.compile`` (``generate.use_fast_layers``): there each of exp's two halves
-is a fused kernel of its own, still 1.15x per decode step (``bench/bench_decode.py``).
+is a fused kernel of its own.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def _expand(n: mx.array, r: mx.array) -> mx.array:
 def exp(x: mx.array) -> mx.array:
     """float32 e^x; 0 below -87 (where float32's normal range ends). Not the smallest normal
     float: a causal softmax's masked half would hold it, and on x86 every product that turns it
-    into a subnormal takes a microcode assist (a 330-token attention layer ran 3.8x slower)."""
+    into a subnormal takes a microcode assist, which slows the whole layer (docs/performance.md)."""
     return _expand(*_reduce(x))
 
 

@@ -3,8 +3,8 @@
 MLX's CPU allocator calls ``malloc`` and ``free`` for every array it makes. glibc serves blocks
 over its mmap threshold (128 KB at first, at most 32 MB) with a fresh ``mmap`` and gives them back
 with ``munmap`` when freed, so every large intermediate of a step is faulted in page by page and
-zeroed by the kernel again, on each use: an open-book attention's scores for 16 rows are 52 MB,
-and an ``x + 1`` over 16M floats took 2.5 ns per element instead of 0.5 (``bench/bench_malloc.py``).
+zeroed by the kernel again, on each use (an open-book attention's scores for a batch are tens of
+MB; ``bench/bench_malloc.py`` measures the cost, docs/performance.md records it).
 :func:`retain_freed_memory` turns mmap allocations off and raises the heap's trim threshold, so
 freed blocks are reused from the heap. The process keeps its peak heap rather than returning it
 to the system, which a training or eval process would reach again at its next step anyway.

@@ -210,8 +210,7 @@ def _check_adapter(adapter: str, spec: str, model_dir: Path) -> Path:
 def fuse_lora(model) -> int:
     """Merge each LoRA layer over a float base weight into one linear layer (W + scale·BᵀAᵀ).
 
-    For inference only: the adapter's two extra matmuls per projection go away (decode steps
-    ≈ 25% faster on CPU). LoRA over quantized weights stays unfused, since re-quantizing the
+    For inference only: the adapter's two extra matmuls per projection go away. LoRA over quantized weights stays unfused, since re-quantizing the
     merged weight would round the adapter's update away. Returns the number of layers merged.
     """
     from mlx.utils import tree_unflatten
