@@ -9,7 +9,9 @@ import hashlib
 import json
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tracer import runs
 from tracer.errors import TracerError
@@ -39,12 +41,7 @@ def train_adapter(ws: Workspace, section: str, rows: list[dict], out_dir: Path, 
         raise TracerError(f"example {untraced}: no reference trace to train on "
                           "(give ref.trace, or path_star.edges or meta.relations to build one)")
     settings = training_settings(ws, section, rows, init_adapter, source)
-    if resume:
-        check_resume_settings(out_dir, settings, ws.progress.log)
-    ws.check_model()
-    with runs.locked(out_dir, "adapter directory"):
-        begin_training(out_dir, settings, resume=resume)
-        lm, tokenizer = ws.load_model()
+    with training_in(ws, out_dir, settings, resume=resume) as (lm, tokenizer):
         train_rows, val_rows = _split_val(rows, tcfg.val_size if tcfg.val_every else 0, tcfg.seed)
         stats = train.train(
             lm, tokenizer, _pairs(train_rows), tcfg, ws.cfg.lora, out_dir,
@@ -57,6 +54,19 @@ def train_adapter(ws: Workspace, section: str, rows: list[dict], out_dir: Path, 
 
 
 # ------------------------------------------------------------------- before a training starts
+
+
+@contextmanager
+def training_in(ws: Workspace, out_dir: Path, settings: dict, *, resume: bool) -> Iterator[tuple]:
+    """While a training writes into ``out_dir``: a resume's settings checked against the recorded
+    ones, the model checked, the directory locked and the settings recorded; yields the base model
+    and its tokenizer."""
+    if resume:
+        check_resume_settings(out_dir, settings, ws.progress.log)
+    ws.check_model()
+    with runs.locked(out_dir, "adapter directory"):
+        begin_training(out_dir, settings, resume=resume)
+        yield ws.load_model()
 
 
 def checkpoint_step(out_dir: Path) -> int | None:

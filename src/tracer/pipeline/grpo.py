@@ -7,8 +7,8 @@ from pathlib import Path
 from tracer import runs
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate
-from tracer.pipeline.finetune import (adapter_contaminated, begin_training, check_adapter, check_distinct, check_output,
-                                      check_resume_settings, mark_contaminated, training_settings)
+from tracer.pipeline.finetune import (adapter_contaminated, check_adapter, check_distinct, check_output, mark_contaminated,
+                                      training_in, training_settings)
 from tracer.pipeline.workspace import Workspace
 
 
@@ -32,12 +32,7 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     rows = ws.load_split("rsft", source)
     contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap) or adapter_contaminated(adapter)
     settings = training_settings(ws, "grpo", rows, adapter, source)
-    if resume:
-        check_resume_settings(out_dir, settings, ws.progress.log)
-    ws.check_model()
-    with runs.locked(out_dir, "adapter directory"):
-        begin_training(out_dir, settings, resume=resume)
-        lm, tokenizer = ws.load_model()
+    with training_in(ws, out_dir, settings, resume=resume) as (lm, tokenizer):
         stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,
                               out_dir, ws.base_model_id(), resume=resume, progress=ws.progress, init_adapter=adapter)
     mark_contaminated(out_dir, contaminated)
