@@ -38,3 +38,23 @@ def tiny_work(tmp_path, monkeypatch, tiny_model):
     (tmp_path / "tiny.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """Tiny matmuls gain nothing from BLAS threads, and OpenBLAS's spinning threads slow these tests
+    when other processes share the cores; restore the thread count afterwards (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_blas_thread")``)."""
+    import ctypes
+
+    from tracer.blas import blas_info
+
+    path = blas_info()["openblas"]
+    lib = ctypes.CDLL(path) if path else None
+    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(1)
+    yield
+    lib.openblas_set_num_threads(before)

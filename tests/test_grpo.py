@@ -21,25 +21,7 @@ from tracer.kg import load_kg
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TIMING = ("tok_s", "sample_s", "update_s")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """Tiny matmuls gain nothing from BLAS threads, and spinning ones slow the tests when other
-    processes share the cores; restore the thread count afterwards."""
-    import ctypes
-
-    from tracer.blas import blas_info
-
-    path = blas_info()["openblas"]
-    lib = ctypes.CDLL(path) if path else None
-    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
-        yield
-        return
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(1)
-    yield
-    lib.openblas_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

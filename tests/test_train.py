@@ -32,23 +32,7 @@ FACTS = [(ENTS[i], RELS[i % 4], ENTS[(i * 7 + 3) % 20]) for i in range(20)]
 PAIRS = [(f"Follow {x} -{rel}-> ?", f"TRACE: {x} -{rel}-> {y}\nANSWER: {y}") for x, rel, y in FACTS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_blas_thread():
-    """Tiny matmuls gain nothing from BLAS threads, and OpenBLAS's spinning threads slow these tests
-    ~10x when other processes share the 2 cores; restore the thread count afterwards."""
-    import ctypes
-
-    from tracer.blas import blas_info
-
-    path = blas_info()["openblas"]
-    lib = ctypes.CDLL(path) if path else None
-    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
-        yield
-        return
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(1)
-    yield
-    lib.openblas_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
