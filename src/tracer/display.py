@@ -142,7 +142,8 @@ def ask_panel(out: dict) -> Panel:
         body.append(f"  {letter}) {option}\n", style="bold" if letter == out.get("answer_star") else "")
     body.append("\n" + out["completion"].strip() + "\n\n")
     for h in out["hops"]:
-        body.append(f"{'✓' if h['real'] else '✗'} {h['src']} -{h['rel']}-> {h['dst']}\n",
+        arrow = f"-{h['rel']}->" if h["rel"] else "->"
+        body.append(f"{'✓' if h['real'] else '✗'} {h['src']} {arrow} {h['dst']}\n",
                     style="green" if h["real"] else "bold red")
     verdict = "no valid answer" if not out["valid_format"] else f"answer {out['answer']}"
     if "correct" in out:
