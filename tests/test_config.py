@@ -33,7 +33,10 @@ SHIPPED = sorted((ROOT / "configs").glob("*.toml")) + sorted((ROOT / "configs" /
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT / "configs").with_suffix("")))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.eval.max_tokens > 0 and (ROOT / cfg.data.kg).is_file()
+    kg = (ROOT / cfg.data.kg).resolve()
+    if not kg.is_file() and not kg.is_relative_to(ROOT):
+        pytest.skip(f"{cfg.data.kg}: shared data outside the checkout is not here")
+    assert cfg.eval.max_tokens > 0 and kg.is_file()
 
 
 def test_experiment_configs_point_to_their_log_entry():
