@@ -5,6 +5,26 @@ import json
 from tracer.cli import main
 
 
+def _sft_until_first_checkpoint(tiny_work):
+    """A long `tracer sft` in its own process, once it has written its first checkpoint; returns
+    the process, its adapter directory and the checkpoint's state.json."""
+    import subprocess
+    import sys
+    import time
+
+    out = tiny_work / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
+         "--iters", "100000", "--adapter-out", str(out)],
+        cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate(timeout=30)
+    return proc, out, state
+
+
 def test_sft_through_cli_learns_training_questions(tiny_work):
     """`tracer sft` on the tiny KG, then `tracer eval` on its training questions: far above chance (25%)."""
     adapter = tiny_work / "learned"
@@ -21,20 +41,8 @@ def test_sft_through_cli_learns_training_questions(tiny_work):
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tiny_work):
     """`kill` (SIGTERM) of a training command stops it cleanly: checkpoint, message, exit 130."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    out = tiny_work / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
-         "--iters", "100000", "--adapter-out", str(out)],
-        cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert state.exists(), proc.communicate(timeout=30)
+    proc, out, state = _sft_until_first_checkpoint(tiny_work)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -49,20 +57,9 @@ def test_a_second_signal_does_not_abort_the_first_ones_checkpoint(tiny_work):
     130 with the --resume hint, and --resume continues from it."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    out = tiny_work / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from tracer.cli import entry; entry()", "sft", "-c", "tiny.toml",
-         "--iters", "100000", "--adapter-out", str(out)],
-        cwd=tiny_work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert state.exists(), proc.communicate(timeout=30)
+    proc, out, state = _sft_until_first_checkpoint(tiny_work)
     time.sleep(0.5)  # a few steps past the periodic checkpoint
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGTERM)
