@@ -136,3 +136,10 @@ def test_shards_cover_every_prompt_once_with_balanced_lengths():
     assert abs(totals[0] - totals[1]) <= max(lengths)
     assert workers.shards(lengths, 1) == [list(range(9))] and workers.shards([], 2) == []
     assert len(workers.shards([1, 2], 4)) == 2
+
+
+def test_each_rank_under_mlx_launch_generates_in_its_own_process(monkeypatch):
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    assert workers.auto_workers(2) == 2
+    monkeypatch.setenv("MLX_RANK", "1")  # what mlx.launch sets: the ranks are the processes
+    assert workers.auto_workers(2) == 1 and workers.auto_workers(0) == 1

@@ -36,7 +36,13 @@ MIN_PROMPTS = 32  # a worker process is started only for at least this many prom
 def auto_workers(requested: int = 0) -> int:
     """``requested`` if set, else one process per core on a CPU (at most
     :data:`MAX_AUTO_WORKERS`), and one on a GPU (which the processes would only share) or when a
-    BLAS thread count is set in the environment (each worker would take that many threads)."""
+    BLAS thread count is set in the environment (each worker would take that many threads).
+    Under ``mlx.launch`` always one: each rank generates its share in its own process, the ranks
+    already keep the cores busy."""
+    from tracer.distributed import launched
+
+    if launched():
+        return 1
     if requested:
         return requested
     import mlx.core as mx

@@ -11,17 +11,19 @@ import typer
 
 from tracer import __version__
 from tracer.cli.common import app, click_exc, console, err_console
+from tracer.distributed import launched
 from tracer.errors import TracerError, TrainingInterrupted
 
 
 NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
-DATA_PARALLEL_COMMANDS = {"sft", "continue"}  # what runs sharded under mlx.launch (tracer.train)
+# what runs sharded under mlx.launch: training (tracer.train), generation (tracer.distributed)
+DATA_PARALLEL_COMMANDS = {"sft", "continue", "eval", "rsft"}
 
 
 def _data_parallel(command: str | None) -> None:
-    """Under ``mlx.launch`` (``MLX_WORLD_SIZE`` > 1): only the training commands run sharded, and
-    ranks other than 0 print nothing but errors."""
-    if int(os.environ.get("MLX_WORLD_SIZE", "1")) <= 1:
+    """Under ``mlx.launch``: only :data:`DATA_PARALLEL_COMMANDS` run sharded, and ranks other
+    than 0 print nothing but errors."""
+    if not launched():
         return
     if command not in DATA_PARALLEL_COMMANDS:
         raise TracerError(f"tracer {command}: under mlx.launch only {', '.join(sorted(DATA_PARALLEL_COMMANDS))} "

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from tracer import runs
 from tracer.cli.common import (AdapterOpt, ConfigOpt, ForceOpt, KgOpt, ModelOpt, OverlapOpt, RunDirOpt, SeedOpt,
                                TypesOpt, _config, _old_name, _progress, _renamed, _workspace, app, click_exc,
                                console, err_console, print_phase)
@@ -64,6 +65,8 @@ def eval_(
     cfg = _config(config, data__kg=kg, eval__max_examples=max_examples, eval__max_tokens=max_tokens, eval__seed=seed)
     ws = _workspace(cfg, run_dir=_renamed(run_dir, output, "--run-dir", "--output"), model=model)
     out = evaluate(ws, examples=examples, adapter=adapter, phase=phase, shuffled=shuffled)
+    if runs.is_follower():  # under mlx.launch rank 0 records the phase and prints it
+        return
     print_phase(out["run_dir"])
     console.print(f"episodes: {out['episodes']}")
 
@@ -155,6 +158,8 @@ def rsft(
                            pool=_renamed(pool, train, "--pool", "--train"),
                            adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                            allow_eval_overlap=allow_eval_overlap, resume=resume)
+    if runs.is_follower():  # under mlx.launch rank 0 records the rounds and prints them
+        return
     console.print(rsft_table(out["rounds"]))
     console.print(f"samples: {out['samples']}; adapter: {out['adapter']}")
     if out["rounds"] and "eval" in out["rounds"][-1]:

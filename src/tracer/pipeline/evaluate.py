@@ -1,12 +1,15 @@
 """Evaluation: answer the eval questions (greedy), score each answer with the KG reward, and record
-the phase (metrics and episodes) in the run directory."""
+the phase (metrics and episodes) in the run directory.
+
+Under ``mlx.launch`` each rank answers its share of the questions (:mod:`tracer.distributed`);
+the answers are gathered back in question order, and rank 0 alone records the phase."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from tracer import dataset, runs
+from tracer import dataset, distributed, runs
 from tracer.config import to_toml
 from tracer.pipeline.finetune import adapter_contaminated, check_adapter
 from tracer.pipeline.workspace import Workspace
@@ -55,11 +58,13 @@ def evaluate(
             entry["shuffle_agreement"] = _shuffle_agreement(ws, pool, examples, rows, episodes, phase)
     entry["wall_s"] = round(time.perf_counter() - t0, 2)  # model loading included
     entry["workers"] = pool.used
+    entry["ranks"] = distributed.world()[1]
     entry["finished_at"] = runs.now()
     entry["model"] = ws.model_spec()
     entry["adapter"] = adapter
     entry["examples"] = str(examples or ws.split_path("eval"))
-    _record(ws, phase, entry, episodes, contaminated)
+    if not runs.is_follower():
+        _record(ws, phase, entry, episodes, contaminated)
     return {"phase": phase, "entry": entry, "run_dir": str(ws.run_dir), "episodes": str(runs.episodes_path(ws.run_dir, phase))}
 
 
@@ -78,13 +83,15 @@ def _eval_rows(ws: Workspace, examples: str | None) -> list[dict]:
 
 
 def _answer(ws: Workspace, pool, rows: list[dict]) -> list[str]:
-    """Greedy completions of ``rows``' prompts, on one progress bar."""
+    """Greedy completions of ``rows``' prompts, on one progress bar; under ``mlx.launch`` this rank
+    answers its shard and every rank gets all the completions back, in ``rows``' order."""
     ec = ws.cfg.eval
-    ws.progress.start("generate", total=len(rows))
-    texts = pool.generate([r["prompt"] for r in rows], progress=OneBar(ws.progress), max_tokens=ec.max_tokens,
+    mine = distributed.shard(rows)
+    ws.progress.start("generate", total=len(mine))
+    texts = pool.generate([r["prompt"] for r in mine], progress=OneBar(ws.progress), max_tokens=ec.max_tokens,
                           batch_size=ec.batch_size, seed=ec.seed)
     ws.progress.stop()
-    return texts
+    return distributed.gather_shards(texts)
 
 
 def _shuffle_agreement(ws: Workspace, pool, examples: str | None, rows: list[dict], episodes: list[dict],

@@ -303,8 +303,9 @@ def adapter_contaminated(adapter: str | Path | None) -> bool:
 
 
 def mark_contaminated(adapter: str | Path, contaminated: bool) -> None:
-    """Record in the adapter's config that it was trained with eval overlap (when it was)."""
-    if contaminated:
+    """Record in the adapter's config that it was trained with eval overlap (when it was); under
+    ``mlx.launch``, rank 0 (which wrote the adapter)."""
+    if contaminated and not runs.is_follower():
         cfg_file = Path(adapter) / "adapter_config.json"
         runs.write_json(cfg_file, dict(runs.read_json(cfg_file), contaminated=True))
 

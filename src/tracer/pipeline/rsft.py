@@ -4,6 +4,10 @@ the latest adapter, keeps the KG-rewarded winners and fine-tunes on them (plus r
 A round's samples are drawn in chunks, each appended to a partial file as it finishes, so an
 interrupted round resumes where it stopped; with ``resume``, rounds already finished in the run
 directory are skipped, and the run ends as an uninterrupted one would.
+
+Under ``mlx.launch`` the ranks sample the chunks one each at a time and every rank gets every
+chunk's samples (the same ones one process draws); rank 0 alone writes, and training runs
+data-parallel as ``tracer sft`` does.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tracer import dataset, runs
+from tracer import dataset, distributed, runs
 from tracer.config import load_config, to_toml
 from tracer.errors import TracerError
 from tracer.format import ANSWER_TAG, answer_span
@@ -140,7 +144,8 @@ def rsft(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
                                                 contaminated=state.contaminated)["entry"]
         rounds.append(stat)
     if adapter_out and Path(adapter_out) != Path(current):
-        copy_adapter(Path(current), Path(adapter_out))
+        if not runs.is_follower():
+            copy_adapter(Path(current), Path(adapter_out))
         current = str(adapter_out)
     return {"rounds": rounds, "adapter": current, "samples": str(state.samples_file), "contaminated": state.contaminated}
 
@@ -167,7 +172,7 @@ def _start(ws: Workspace, *, adapter: str | None, pool: str | None, adapter_out:
         contaminated |= guard_leakage(ws, replay_pool, str(train_file), allow=allow)
     ws.check_model()
     stored = ws.run_dir / "config.toml"
-    if resume and stored.is_file():  # the run now holds this many rounds
+    if resume and stored.is_file() and not runs.is_follower():  # the run now holds this many rounds
         runs.write_text_atomic(stored, to_toml(ws.cfg))
     samples_file = ws.run_dir / "rsft_samples.jsonl"
     previous = dataset.read_jsonl(samples_file) if resume and samples_file.is_file() else []
@@ -203,9 +208,11 @@ def _finished_round(state: _Rounds, r: int) -> dict | None:
 def _new_round(state: _Rounds, r: int, adapter: str) -> dict:
     """Round r from ``adapter``: sample, keep the winners, train on them (or carry the adapter over)."""
     ws, rc = state.ws, state.ws.cfg.rsft
+    lead = not runs.is_follower()  # rank 0 (or the only process) writes
     state.previous = []  # every later round depends on this one: redo them all
     out_dir = runs.model_dir(ws.run_dir, rsft_phase_name(r))
-    (out_dir / "adapters.safetensors").unlink(missing_ok=True)  # a stale one would pass for finished
+    if lead:
+        (out_dir / "adapters.safetensors").unlink(missing_ok=True)  # a stale one would pass for finished
     t0 = time.perf_counter()
     questions = state.questions(r)
     partial = ws.run_dir / f"rsft_r{r}_samples.partial.jsonl"
@@ -216,7 +223,8 @@ def _new_round(state: _Rounds, r: int, adapter: str) -> dict:
     for w in winners:
         w["kept"] = True
     state.samples.extend(scored)
-    dataset.write_jsonl(state.samples_file, state.samples)
+    if lead:
+        dataset.write_jsonl(state.samples_file, state.samples)
     stat = _round_stat(r, questions, scored, winners)
     stat["sample_s"] = round(time.perf_counter() - t0, 2)
     _log_round(ws, stat, scored, winners)
@@ -230,9 +238,12 @@ def _new_round(state: _Rounds, r: int, adapter: str) -> dict:
         mark_contaminated(out_dir, state.contaminated)
     else:
         ws.progress.log(f"[yellow]RSFT round {r}: no sample qualified; the adapter is carried over unchanged[/yellow]")
-        copy_adapter(Path(adapter), out_dir)
+        if lead:
+            copy_adapter(Path(adapter), out_dir)
         stat["skipped"] = True
-    partial.unlink(missing_ok=True)  # kept until the round's adapter is saved
+    if lead:
+        partial.unlink(missing_ok=True)  # kept until the round's adapter is saved
+    distributed.barrier()  # the round's adapter is written before any rank reads it
     return stat
 
 
@@ -288,7 +299,7 @@ def sample_round(ws: Workspace, *, adapter: str, questions: list[dict], round_in
     """
     rc, r = ws.cfg.rsft, round_index
     sampler = _Sampler(ws, adapter, r, partial, _reusable_rows(partial, r, rc.k_samples) if reuse else {})
-    if not reuse:
+    if not (reuse or runs.is_follower()):
         partial.unlink(missing_ok=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     first = rc.first_samples or rc.k_samples
@@ -326,7 +337,8 @@ def _reusable_rows(partial: Path, r: int, k_samples: int) -> dict[str, dict[int,
     if stale:
         for qid in stale:
             del have[qid]
-        dataset.write_jsonl(partial, [row for rows in have.values() for row in rows.values()])
+        if not runs.is_follower():
+            dataset.write_jsonl(partial, [row for rows in have.values() for row in rows.values()])
     return have
 
 
@@ -355,7 +367,7 @@ class _Sampler:
         if todo:
             jobs = [self._job(chunks[c], k, seed + 1000 * c) for c in todo]
             with self.ws.generation_pool(self.adapter) as pool:
-                pool.map(jobs, OneBar(progress), on_done=lambda j, texts: self._record(chunks[todo[j]], indices, texts))
+                map_jobs(pool, jobs, OneBar(progress), lambda j, texts: self._record(chunks[todo[j]], indices, texts))
         progress.stop()
         return not todo
 
@@ -375,7 +387,26 @@ class _Sampler:
                 e["sample"], e["round"] = i, r
                 self.have.setdefault(q["id"], {})[i] = e
             rows.extend(eps)
+        if runs.is_follower():
+            return
         with self.partial.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
+
+
+def map_jobs(pool, jobs: list[dict], progress, on_done) -> None:
+    """``pool.map(jobs, progress, on_done=on_done)``; under ``mlx.launch``, in waves of one job per
+    rank, each wave's completions gathered on every rank and handed to ``on_done(index,
+    completions)`` in job order (``progress`` also advances for the other ranks' jobs)."""
+    rank, size = distributed.world()
+    if size == 1:
+        pool.map(jobs, progress, on_done=on_done)
+        return
+    for start in range(0, len(jobs), size):
+        wave = jobs[start : start + size]
+        done = [texts for part in distributed.gather(pool.map(wave[rank : rank + 1], progress)) for texts in part]
+        for i, texts in enumerate(done):
+            if i != rank:
+                progress.update(len(texts))
+            on_done(start + i, texts)

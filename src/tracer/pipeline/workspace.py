@@ -69,14 +69,20 @@ class Workspace:
         """:func:`tracer.pipeline.data.ensure_data`, once: the first call's result is kept. Before
         it writes splits, it checks that their directory is writable and, with ``model_first``
         (the commands that go on to load the model), that the base model is there: the command
-        would fail on it later, with the splits written."""
+        would fail on it later, with the splits written. Under ``mlx.launch`` rank 0 writes them
+        and the other ranks then read them."""
         if self._data is _UNCHECKED:
-            if data.missing_splits(self.cfg):
-                runs.check_writable(self.cfg.data.out_dir, "the splits (data.out_dir)")
-                if model_first:
-                    self.check_model()
-            self._data = data.ensure_data(self.cfg, self.kg)
+            from tracer import distributed
+
+            self._data = distributed.rank_zero_first(lambda: self._make_data(model_first))
         return self._data
+
+    def _make_data(self, model_first: bool) -> dict | None:
+        if data.missing_splits(self.cfg):
+            runs.check_writable(self.cfg.data.out_dir, "the splits (data.out_dir)")
+            if model_first:
+                self.check_model()
+        return data.ensure_data(self.cfg, self.kg)
 
     def split_path(self, split: str) -> Path:
         return data.split_path(self.cfg, split)
