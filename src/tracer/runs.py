@@ -73,6 +73,8 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         raise TracerError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise TracerError(f"{p}: not UTF-8 text") from None
+    except OSError as e:
+        raise TracerError(f"{p}: cannot read: {e.strerror or e}") from None
 
 
 def check_writable(path: str | Path, what: str) -> Path:

@@ -37,7 +37,7 @@ def test_invalid_json(run_a):
     with pytest.raises(TracerError) as ei:
         report.load_run(run_a)
     msg = str(ei.value)
-    assert msg.startswith(f"{run_a}/metrics.json: invalid JSON: ") and "\n" not in msg
+    assert msg.startswith(f"{run_a}/metrics.json: invalid JSON at line ") and "\n" not in msg
 
 
 def test_invalid_toml(run_a):

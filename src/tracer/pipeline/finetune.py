@@ -314,3 +314,17 @@ def copy_adapter(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in runs.ADAPTER_FILES:
         shutil.copy2(src / name, dst / name)
+
+
+def rl_start(ws: Workspace, adapter: str | None, pool: str | None, allow: bool) -> tuple[str, str, list[dict], bool]:
+    """What RSFT and GRPO start from: the adapter (default the run's SFT adapter), checked; the
+    question pool (default the rsft split, generated if missing), its source path and rows; and
+    whether the pool overlaps the eval split or the adapter is already contaminated."""
+    adapter = adapter or str(runs.model_dir(ws.run_dir, "sft"))
+    check_adapter(ws, adapter)
+    if pool is None:
+        ws.ensure_data(model_first=True)
+    source = pool or str(ws.split_path("rsft"))
+    rows = ws.load_split("rsft", source)
+    contaminated = guard_leakage(ws, rows, source, allow=allow) or adapter_contaminated(adapter)
+    return adapter, source, rows, contaminated

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tracer import runs
-from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate
-from tracer.pipeline.finetune import (adapter_contaminated, check_adapter, check_distinct, check_output, mark_contaminated,
-                                      training_in, training_settings)
+from tracer.pipeline.finetune import (check_distinct, check_output, mark_contaminated, rl_start, training_in,
+                                      training_settings)
 from tracer.pipeline.workspace import Workspace
 
 
@@ -23,14 +22,8 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     check_output(out_dir, resume=resume, force=force)
     if evaluate_after:
         check_recording(ws, "grpo")
-    adapter = adapter or str(runs.model_dir(ws.run_dir, "sft"))
-    check_adapter(ws, adapter)
-    check_distinct(adapter, out_dir)
-    if pool is None:
-        ws.ensure_data(model_first=True)
-    source = pool or str(ws.split_path("rsft"))
-    rows = ws.load_split("rsft", source)
-    contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap) or adapter_contaminated(adapter)
+    check_distinct(adapter or runs.model_dir(ws.run_dir, "sft"), out_dir)
+    adapter, source, rows, contaminated = rl_start(ws, adapter, pool, allow_eval_overlap)
     settings = training_settings(ws, "grpo", rows, adapter, source)
     with training_in(ws, out_dir, settings, resume=resume) as (lm, tokenizer):
         stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,

@@ -25,7 +25,7 @@ from tracer.errors import TracerError
 from tracer.format import ANSWER_TAG, answer_span
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate, score_rows
-from tracer.pipeline.finetune import adapter_contaminated, check_adapter, copy_adapter, mark_contaminated, train_adapter
+from tracer.pipeline.finetune import copy_adapter, mark_contaminated, rl_start, train_adapter
 from tracer.pipeline.workspace import Workspace
 from tracer.progress import OneBar
 
@@ -159,13 +159,7 @@ def _start(ws: Workspace, *, adapter: str | None, pool: str | None, adapter_out:
         runs.check_writable(adapter_out, "the adapter")
     if resume:
         _check_resume(ws)
-    adapter = adapter or str(runs.model_dir(ws.run_dir, "sft"))
-    check_adapter(ws, adapter)
-    if pool is None:
-        ws.ensure_data(model_first=True)
-    source = pool or str(ws.split_path("rsft"))
-    pool_rows = ws.load_split("rsft", source)
-    contaminated = guard_leakage(ws, pool_rows, source, allow=allow) or adapter_contaminated(adapter)
+    adapter, source, pool_rows, contaminated = rl_start(ws, adapter, pool, allow)
     train_file = ws.split_path("train")
     replay_pool = ws.load_split("train") if rc.replay > 0 and train_file.exists() else []
     if replay_pool:

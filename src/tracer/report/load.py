@@ -13,17 +13,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency the
     import tomli as tomllib
 
 from tracer.errors import TracerError
-
-
-def _read_json(path: Path, run_dir: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TracerError(f"{run_dir}/{path.name}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise TracerError(f"{run_dir}/{path.name}: not UTF-8 text") from None
-    except OSError as e:
-        raise TracerError(f"{run_dir}/{path.name}: cannot read: {e.strerror or e}") from None
+from tracer.runs import read_json
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -38,8 +28,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     meta_p, metrics_p, config_p = d / "meta.json", d / "metrics.json", d / "config.toml"
     if not meta_p.exists() and not metrics_p.exists():
         raise TracerError(f"{d}: not a tracer run (no meta.json or metrics.json)")
-    meta = _read_json(meta_p, d) if meta_p.exists() else {}
-    metrics = _read_json(metrics_p, d) if metrics_p.exists() else {}
+    meta = read_json(meta_p) if meta_p.exists() else {}
+    metrics = read_json(metrics_p) if metrics_p.exists() else {}
     if not isinstance(meta, dict):
         raise TracerError(f"{d}/meta.json: invalid run metadata: expected a JSON object")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("phases", {}), dict):
