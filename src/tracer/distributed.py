@@ -3,13 +3,16 @@ gathering every rank's results (JSON values) back in the list's order.
 
 A plain process is rank 0 of 1: :func:`shard` returns the whole list and :func:`gather_shards`
 its results, without touching MLX. Under ``mlx.launch`` (:func:`launched`) every rank must make
-the same collective calls in the same order (:func:`gather`, :func:`barrier`)."""
+the same collective calls in the same order (:func:`gather`, :func:`barrier`); when a rank stops,
+the others' next collective fails (:func:`peer_lost`)."""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Callable, TypeVar
+
+from tracer.errors import PeerLost
 
 T = TypeVar("T")
 
@@ -19,6 +22,13 @@ def launched() -> bool:
     loaded): ``MLX_RANK`` (every backend it starts processes for itself; ring sets nothing else)
     or ``MLX_WORLD_SIZE`` (NCCL)."""
     return "MLX_RANK" in os.environ or int(os.environ.get("MLX_WORLD_SIZE", "1")) > 1
+
+
+def peer_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says another rank stopped: the ring backend's error from a collective whose
+    peer is gone (it exited or was killed), or the :class:`PeerLost` training turned it into."""
+    return isinstance(exc, PeerLost) or (isinstance(exc, RuntimeError)
+                                         and "[ring] connection to a peer was lost" in str(exc))
 
 
 def world() -> tuple[int, int]:

@@ -23,7 +23,8 @@ from tracer.adapters import attach_lora, load_checkpoint, save_adapter, save_che
 from tracer.batching import Batch, Example, answer_indices, batch_for_step, collate, encode_pairs
 from tracer.blas import share_cores
 from tracer.config import LoraConfig, TrainConfig
-from tracer.errors import TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
+from tracer.distributed import peer_lost
+from tracer.errors import PeerLost, TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
 from tracer.progress import NullProgress, Progress
 
 
@@ -224,7 +225,8 @@ def train(
     """LoRA-train ``model`` on (prompt, completion) pairs; writes the adapter to ``out_dir``.
 
     Under ``mlx.launch`` each rank trains on its share of every batch (:class:`TrainStep`); rank 0
-    alone writes checkpoints and the adapter and reports progress."""
+    alone writes checkpoints and the adapter and reports progress. A Ctrl-C, or under ``mlx.launch``
+    a rank that stops, ends the training with a checkpoint of the last finished step (:func:`_stopped`)."""
     if not train_pairs:
         raise TracerError("no training examples")
     rank, size = world()
@@ -253,11 +255,13 @@ def train(
             _after_step(model, optimizer, rec, batch.tokens, step + 1, cfg, val_examples, progress)
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        if not (isinstance(exc, KeyboardInterrupt) or peer_lost(exc)):
+            raise
         rec.roll_back(model, optimizer)
         path = checkpoint(len(rec.losses))
         progress.stop()
-        raise TrainingInterrupted(len(rec.losses), str(path)) from None
+        raise _stopped(exc, rank, len(rec.losses), path) from None
     finally:
         cpu_ops.use_cpu_ops(model, False)
     progress.stop()
@@ -266,6 +270,14 @@ def train(
     if rank == 0:
         save_adapter(model, out, adapter_cfg, base_model)
     return _summary(rec, cfg.iters, time.perf_counter() - rec.t0)
+
+
+def _stopped(exc: BaseException, rank: int, step: int, path: Path) -> Exception:
+    """What a training stopped by ``exc`` after ``step`` steps raises: :class:`PeerLost` when another
+    rank stopped (rank 0 saved the checkpoint ``path``), else :class:`TrainingInterrupted`."""
+    if peer_lost(exc):
+        return PeerLost(rank, step, str(path) if rank == 0 else "")
+    return TrainingInterrupted(step, str(path))
 
 
 def _encoded(tokenizer, train_pairs: list[tuple[str, str]], val_pairs: list[tuple[str, str]] | None,

@@ -1,5 +1,6 @@
 """The entry point: one-line errors (exit 2) for bad input, no tracebacks; the backend set up once
-before a command that loads MLX; SIGINT and SIGTERM stop training cleanly."""
+before a command that loads MLX; SIGINT and SIGTERM stop training cleanly; under mlx.launch a rank
+that stopped ends the others with one line (exit 1)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import typer
 
 from tracer import __version__
 from tracer.cli.common import app, click_exc, console, err_console
-from tracer.distributed import launched
-from tracer.errors import TracerError, TrainingInterrupted
+from tracer.distributed import launched, peer_lost
+from tracer.errors import PeerLost, TracerError, TrainingInterrupted
 
 
 NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         err_console.print(f"{e}; rerun with --resume to continue", markup=False)
         return 130
+    except (PeerLost, RuntimeError) as e:
+        if not peer_lost(e):
+            raise
+        _STOPPING["signal"] = _PEER_LOST
+        err_console.print(f"error: {_peer_lost_line(e)}", markup=False)
+        return 1
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
@@ -84,14 +91,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _peer_lost_line(e: BaseException) -> str:
+    """The line for a rank whose peer stopped: training's :class:`PeerLost` says where it stopped."""
+    if isinstance(e, PeerLost):
+        return f"{e}; rerun with --resume to continue"
+    return f"rank {os.environ.get('MLX_RANK', '0')}: lost the connection to another rank, which stopped; the job stops"
+
+
 _STOPPING: dict = {"signal": None}
+_PEER_LOST = "peer lost"  # _STOPPING's signal once another rank stopped: mlx.launch's SIGTERM follows
 
 
 def _stop(signum, frame) -> None:
     """SIGINT (Ctrl-C) and SIGTERM (`kill`, a CI cancel, a job scheduler's stop) alike: the first
     raises KeyboardInterrupt, so training saves a checkpoint and exits 130 with the --resume hint.
     Later ones are noted and ignored, so they cannot abort that checkpoint half-written
-    (kill -9 still stops the process at once)."""
+    (kill -9 still stops the process at once). Under mlx.launch, once this rank met a stopped peer
+    (it is handling that error, or has), the SIGTERM mlx.launch sends all ranks then is ignored."""
+    if _STOPPING["signal"] is None and peer_lost(sys.exc_info()[1]):
+        _STOPPING["signal"] = _PEER_LOST
+    if _STOPPING["signal"] == _PEER_LOST:
+        return
     if _STOPPING["signal"] is not None:
         os.write(2, f"{signal.Signals(signum).name}: already stopping; finishing the checkpoint "
                     "(kill -9 stops at once)\n".encode())
