@@ -18,11 +18,12 @@ import time
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.models import llama
+from mlx_lm.models import gemma2, llama
 
 from tracer import cpu_ops
 from tracer.blas import share_cores
 from tracer.format import encode_chat, shared_prefix_len
+from tracer.model import head
 from tracer.progress import NullProgress, Progress
 from tracer.sampling import RowStopper, finish_text, make_sampler
 
@@ -67,15 +68,8 @@ def prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]]:
 
 
 def _head(model):
-    """The output projection of an mlx-lm ``Model(model=..., lm_head|tied)``, else None."""
-    inner, args = getattr(model, "model", None), getattr(model, "args", None)
-    if inner is None or args is None:
-        return None
-    if hasattr(model, "lm_head"):
-        return model.lm_head
-    if getattr(args, "tie_word_embeddings", False) and hasattr(inner, "embed_tokens"):
-        return inner.embed_tokens.as_linear
-    return None
+    """The output head of an mlx-lm ``Model(model=..., lm_head|tied)`` (:func:`tracer.model.head`), else None."""
+    return head(model)
 
 
 def last_logits(model, inputs: mx.array, cache: list) -> mx.array:
@@ -112,11 +106,39 @@ class GroupedDecodeAttention(llama.Attention):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
 
 
+class Gemma2BatchAttention(gemma2.Attention):
+    """mlx-lm's Gemma 2 attention taking a batched mask. With grouped KV heads it computes scores
+    ``(B, Hk, H / Hk, L, S)``, which a ``BatchKVCache``'s ``(B, 1, L, S)`` padding mask does not
+    broadcast against (batch against KV heads); here that mask gets the group axis."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        if isinstance(mask, mx.array) and mask.ndim == 4 and self.repeats > 1:
+            if mask.shape[1] == 1:
+                mask = mask[:, :, None]
+            else:  # per query head
+                mask = mask.reshape(mask.shape[0], self.n_kv_heads, self.repeats, *mask.shape[2:])
+        return super().__call__(x, mask, cache)
+
+
+def fit_batch_masks(model) -> int:
+    """Switch the model's layers that cannot take a batched padding mask to ones that can
+    (:class:`Gemma2BatchAttention`); returns how many were switched."""
+    n = 0
+    for layer in getattr(model, "layers", []):
+        if type(getattr(layer, "self_attn", None)) is gemma2.Attention:
+            layer.self_attn.__class__ = Gemma2BatchAttention
+            n += 1
+    return n
+
+
 def use_fast_layers(model) -> str:
     """On CPU, switch the model's llama layers to faster ones with the same outputs up to float
     rounding: :mod:`cpu_ops`' layers (its polynomial exp in SiLU and the attention softmax, KV heads
     not copied) where :func:`cpu_ops.available`, else :class:`GroupedDecodeAttention`. GPUs keep
-    mlx-lm's fused kernels. Returns which layers the model now has: "cpu_ops", "grouped" or "mlx-lm"."""
+    mlx-lm's fused kernels. Other families keep their own layers (:func:`cpu_ops.use_cpu_ops` swaps
+    llama's only), on every device fitted to a batched padding mask (:func:`fit_batch_masks`).
+    Returns which llama layers the model now has: "cpu_ops", "grouped" or "mlx-lm"."""
+    fit_batch_masks(model)
     if mx.default_device().type != mx.DeviceType.cpu:
         return "mlx-lm"
     if cpu_ops.available(model):

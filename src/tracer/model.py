@@ -170,6 +170,30 @@ def pull(alias: str, cache_dir: str | Path = "~/.cache/tracer", progress: Progre
     return _check_model_dir(_atomic_dir(cache / "models" / alias, build))
 
 
+# ---------------------------------------------------------------- the output head
+
+
+def head(model):
+    """Final hidden states -> logits, as the model's own ``__call__`` computes them: its ``lm_head``
+    or, tied, its input embeddings (``tie_word_embeddings``, true when the family's config has no
+    such key: Gemma's), then the final logit soft-cap ``cap * tanh(logits / cap)`` where the family
+    has one (Gemma 2's ``final_logit_softcapping``). None for a model not shaped like mlx-lm's
+    ``Model(model=..., lm_head | tied)``; callers then run the whole model."""
+    inner, args = getattr(model, "model", None), getattr(model, "args", None)
+    if inner is None or args is None:
+        return None
+    if hasattr(model, "lm_head"):
+        proj = model.lm_head
+    elif getattr(args, "tie_word_embeddings", True) and hasattr(inner, "embed_tokens"):
+        proj = inner.embed_tokens.as_linear
+    else:
+        return None
+    cap = getattr(args, "final_logit_softcapping", None)
+    if not cap:
+        return proj
+    return lambda h: mx.tanh(proj(h) / cap) * cap
+
+
 # ---------------------------------------------------------------- loading
 
 

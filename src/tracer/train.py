@@ -25,6 +25,7 @@ from tracer.blas import share_cores
 from tracer.config import LoraConfig, TrainConfig
 from tracer.distributed import peer_lost
 from tracer.errors import PeerLost, TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
+from tracer.model import head
 from tracer.progress import NullProgress, Progress
 
 
@@ -32,9 +33,9 @@ from tracer.progress import NullProgress, Progress
 
 
 def output_logits(model: nn.Module, h: mx.array) -> mx.array:
-    if getattr(model.args, "tie_word_embeddings", True):
-        return model.model.embed_tokens.as_linear(h)
-    return model.lm_head(h)
+    """Logits of final hidden states ``h`` through the model's own head (:func:`tracer.model.head`:
+    tied or not, Gemma 2's soft-cap included)."""
+    return head(model)(h)
 
 
 class PrefixKV:
@@ -55,8 +56,10 @@ class PrefixKV:
         return mx.concatenate([k, keys], axis=2), mx.concatenate([v, values], axis=2)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        if not self.offset:
-            return "causal" if N > 1 else None
+        if not self.offset:  # an array when asked for one (Gemma 2's attention takes no "causal")
+            if N == 1:
+                return None
+            return create_causal_mask(N, window_size=window_size) if return_array else "causal"
         return create_causal_mask(N, self.offset, window_size=window_size)
 
 
