@@ -1,4 +1,5 @@
-"""Data-parallel training, evaluation and RSFT under `mlx.launch -n 2 --backend ring`: two ranks follow one process."""
+"""Data-parallel training, evaluation, RSFT, consolidation and `tracer run` under
+`mlx.launch -n 2 --backend ring`: two ranks follow one process."""
 
 import importlib
 import json
@@ -130,6 +131,63 @@ def _adapter(path: Path) -> dict:
     return mx.load(str(path / "adapters.safetensors"))
 
 
+def _same_adapter(a: Path, b: Path, atol: float = 1e-4) -> None:
+    a, b = _adapter(a), _adapter(b)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=atol).item(), k
+
+
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
+def test_tracer_consolidate_under_mlx_launch_trains_and_answers_as_one_process(tiny_work):
+    from tracer.cli import main
+
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2"]) == 0
+    assert main(["rsft", "-c", "tiny.toml", "--iters", "2"]) == 0
+    rsft = tiny_work / "data" / "runs" / "tiny"
+    tracer = str(Path(sys.executable).parent / "tracer")
+    args = ["consolidate", "-c", "tiny.toml", "--iters", "2", "--samples", str(rsft / "rsft_samples.jsonl"),
+            "--adapter", str(rsft / "models" / "rsft")]
+    stdout = _launch([tracer, *args, "--run-dir", "two"], tiny_work)
+    assert stdout.count("consolidated on ") == 1  # rank 0 prints, rank 1 does not
+    assert main([*args, "--run-dir", "one"]) == 0
+    one, two = tiny_work / "one", tiny_work / "two"
+    _same_adapter(one / "models" / "consolidate", two / "models" / "consolidate")
+    (want, ranks_one), (got, ranks_two) = _phase(one, "consolidate"), _phase(two, "consolidate")
+    assert (ranks_one, ranks_two) == (1, 2)
+    assert (want.pop("adapter"), got.pop("adapter")) == ("one/models/consolidate", "two/models/consolidate")
+    assert got == want
+    assert (two / "episodes" / "consolidate.jsonl").read_text() == (one / "episodes" / "consolidate.jsonl").read_text()
+
+
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
+def test_tracer_run_under_mlx_launch_records_what_one_process_does(tiny_work):
+    from tracer.cli import main
+
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 4", 1))  # sft; rsft, consolidate: 4
+    tracer = str(Path(sys.executable).parent / "tracer")
+    stdout = _launch([tracer, "run", "tiny.toml", "--name", "two"], tiny_work)
+    assert stdout.count("run directory: ") == 1  # rank 0 prints, rank 1 does not
+    assert main(["run", "tiny.toml", "--name", "one"]) == 0
+    runs_dir = tiny_work / "data" / "runs"
+    one, two = (json.loads((runs_dir / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert set(one["phases"]) == set(two["phases"]) == {"base", "sft", "rsft", "consolidate"}
+    for phase, want in one["phases"].items():
+        got = two["phases"][phase]
+        assert (want["ranks"], got["ranks"]) == (1, 2)
+        for key in ("n", "accuracy", "shuffle_agreement"):
+            assert got[key] == want[key], (phase, key)
+    for phase in ("sft", "rsft"):
+        _same_adapter(runs_dir / "one" / "models" / phase, runs_dir / "two" / "models" / phase)
+    # consolidation continues the chain: AdamW's normalisation blows the last bits of near-zero
+    # gradients up to about lr, so a couple of weights (2 of 131072 when tried) end 1.5e-4 apart
+    _same_adapter(runs_dir / "one" / "models" / "consolidate", runs_dir / "two" / "models" / "consolidate", 1e-3)
+    meta = json.loads((runs_dir / "two" / "meta.json").read_text())
+    assert meta["phases"] == ["base", "sft", "rsft", "consolidate"] and "finished_at" in meta
+    assert set(meta["timings"]) >= {"base", "sft_train", "sft", "rsft", "consolidate_train", "consolidate"}
+
+
 def _launch_dying(args: list[str], cwd: Path) -> str:
     """tests/scripts/dist_die.py ``args`` under ``mlx.launch -n 2``: its output."""
     out = run([LAUNCH, "-n", "2", "--backend", "ring", "--python", sys.executable, str(SCRIPT.parent / "dist_die.py"),
@@ -243,5 +301,19 @@ def test_other_commands_refuse_data_parallel(tiny_work, monkeypatch, capsys):
     monkeypatch.setenv("MLX_RANK", "0")  # what mlx.launch --backend ring sets
     assert main(["grpo", "-c", "tiny.toml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: tracer grpo: under mlx.launch only continue, eval, rsft, sft run data-parallel; "
-                   "run it as one process"]
+    assert err == ["error: tracer grpo: under mlx.launch only consolidate, continue, eval, rsft, run, sft run "
+                   "data-parallel (GRPO does not); run it as one process"]
+
+
+def test_run_with_grpo_is_refused_under_mlx_launch_before_any_work(tiny_work, monkeypatch, capsys):
+    from tracer.cli import main
+
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "grpo.toml").write_text(text.replace('phases = ["base", "sft", "rsft", "consolidate"]',
+                                                      'phases = ["base", "sft", "grpo"]'))
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert main(["run", "grpo.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: tracer run: under mlx.launch run.phases may not include grpo (GRPO does not run "
+                   "data-parallel); drop it from run.phases or run it as one process"]
+    assert not (tiny_work / "data" / "runs").exists() and not (tiny_work / "data" / "tiny").exists()

@@ -216,6 +216,8 @@ def consolidate(
     out = train_consolidation(_workspace(cfg, run_dir=run_dir, model=model), adapter=adapter, samples=samples,
                               pool=pool, adapter_out=_renamed(adapter_out, output, "--adapter-out", "--output"),
                               allow_eval_overlap=allow_eval_overlap, resume=resume, force=force)
+    if runs.is_follower():  # under mlx.launch rank 0 records the phase and prints it
+        return
     console.print(f"consolidated on {out['winners']} winners of RSFT round {out['round']} + {out['facts']} "
                   "training questions")
     _print_train(out["train"])
@@ -243,6 +245,8 @@ def run_(
     cfg = _config(config, run__name=name, model__path=model, run__seed=seed, sft__seed=seed, rsft__seed=seed,
                   consolidate__seed=seed, eval__seed=seed)
     out = run_pipeline(_workspace(cfg), force=force, resume=resume, allow_eval_overlap=allow_eval_overlap)
+    if runs.is_follower():  # under mlx.launch rank 0 writes the run and prints it
+        return
     if out.get("data"):
         console.print(data_table(out["data"]["summary"]))
     print_phase(out["run_dir"])

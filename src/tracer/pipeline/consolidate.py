@@ -3,13 +3,16 @@ winners plus the short (and renamed) training questions.
 
 RSFT keeps chains long but wears down the recall of single facts; one pass over both restores
 the facts without shortening the chains.
+
+Under ``mlx.launch`` the pass trains data-parallel and the evaluation is sharded
+(:mod:`tracer.distributed`); rank 0 alone writes the adapter and records the phase.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tracer import dataset, runs
+from tracer import dataset, distributed, runs
 from tracer.errors import TracerError
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate
@@ -66,6 +69,7 @@ def consolidate(ws: Workspace, *, adapter: str | None = None, samples: str | Non
     stats = train_adapter(ws, "consolidate", rows, out_dir, resume=resume, force=force, init_adapter=adapter,
                           source=f"{samples_file} + {train_source}")
     mark_contaminated(out_dir, contaminated)
+    distributed.barrier()  # under mlx.launch: rank 0 wrote the adapter before any rank reads it
     out = {"train": stats, "adapter": str(out_dir), "winners": len(parts["winners"]), "facts": len(parts["facts"]),
            "round": parts["round"], "contaminated": contaminated, "run_dir": str(ws.run_dir)}
     if evaluate_after:

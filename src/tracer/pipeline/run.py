@@ -1,6 +1,10 @@
 """The whole pipeline into one run directory: data → base eval → SFT → eval → RSFT rounds (each
 evaluated) → GRPO → eval → consolidation → eval, the phases ``run.phases`` names; ``resume`` skips
-finished ones."""
+finished ones.
+
+Under ``mlx.launch`` every phase but GRPO runs data-parallel (training) or sharded (evaluation,
+RSFT sampling) on every rank, in step; rank 0 alone prepares, locks and writes the run directory,
+and the others wait for it (:func:`tracer.distributed.barrier`) where they read what it wrote."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tracer import runs
+from tracer import distributed, runs
 from tracer.config import Config, load_config, to_toml
 from tracer.errors import TracerError
 from tracer.pipeline.consolidate import consolidate
@@ -45,8 +49,7 @@ class _Run:
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         out = fn()
-        runs.update_meta(self.ws.run_dir, timings={name: round(time.perf_counter() - t0, 2)})
-        runs.note_blas(self.ws.run_dir)
+        _meta(self.ws.run_dir, timings={name: round(time.perf_counter() - t0, 2)})
         return out
 
     def evaluate(self, phase: str, adapter: str | None = None) -> dict:
@@ -57,11 +60,33 @@ def run(ws: Workspace, *, force: bool = False, resume: bool = False, allow_eval_
     """The whole pipeline into ``ws.run_dir``; ``resume`` skips finished phases, ``force``
     overwrites an existing run (only what tracer wrote there: see :func:`tracer.runs.check_run_dir`).
     The run directory is locked meanwhile: a second process refuses it."""
+    check_launchable(ws.cfg)
     action = _check(ws, force=force, resume=resume)
     data_summary, contaminated = _validate(ws, resume=resume, allow_eval_overlap=allow_eval_overlap)
     with runs.locked(ws.run_dir, "run directory"):
         r = _prepare(ws, action, contaminated, resume=resume)
         return _phases(ws, r, data_summary, resume=resume, allow_eval_overlap=allow_eval_overlap)
+
+
+def check_launchable(cfg: Config) -> None:
+    """Under ``mlx.launch``: refuse, before any work, a run whose phases include GRPO (not data-parallel)."""
+    if distributed.launched() and "grpo" in cfg.run.phases:
+        raise TracerError("tracer run: under mlx.launch run.phases may not include grpo (GRPO does not run "
+                          "data-parallel); drop it from run.phases or run it as one process")
+
+
+def _meta(run_dir, **fields: Any) -> None:
+    """Rank 0 (or the only process) updates the run's meta.json and notes its BLAS threads."""
+    if not runs.is_follower():
+        runs.update_meta(run_dir, **fields)
+        runs.note_blas(run_dir)
+
+
+def _trained(ws: Workspace, phase: str, wall_s: float) -> None:
+    """After a phase's training: its time recorded; under ``mlx.launch`` the adapter rank 0 wrote
+    is there before any rank reads it."""
+    _meta(ws.run_dir, timings={f"{phase}_train": wall_s})  # across interruptions
+    distributed.barrier()
 
 
 def _train_into(model_dir, resume: bool) -> dict:
@@ -79,8 +104,7 @@ def _phases(ws: Workspace, r: _Run, data_summary: dict | None, *, resume: bool, 
     if r.wanted("sft"):
         if not runs.has_adapter(sft_dir):
             stats = sft(ws, adapter_out=sft_dir, allow_eval_overlap=allow_eval_overlap, **_train_into(sft_dir, resume))
-            runs.update_meta(ws.run_dir, timings={"sft_train": stats["wall_s"]})  # across interruptions
-            runs.note_blas(ws.run_dir)
+            _trained(ws, "sft", stats["wall_s"])
         results["phases"]["sft"] = r.evaluate("sft", str(sft_dir))
     rsft_phases = [p for p in planned_phases(ws.cfg) if p.startswith("rsft")]
     if "rsft" in ws.cfg.run.phases and not set(rsft_phases) <= r.done:
@@ -91,16 +115,18 @@ def _phases(ws: Workspace, r: _Run, data_summary: dict | None, *, resume: bool, 
         if not runs.has_adapter(grpo_dir):
             out = grpo(ws, adapter=str(sft_dir), adapter_out=grpo_dir, allow_eval_overlap=allow_eval_overlap,
                        evaluate_after=False, **_train_into(grpo_dir, resume))
-            runs.update_meta(ws.run_dir, timings={"grpo_train": out["train"]["wall_s"]})
+            _trained(ws, "grpo", out["train"]["wall_s"])
         results["phases"]["grpo"] = r.evaluate("grpo", str(grpo_dir))
     cons_dir = runs.model_dir(ws.run_dir, "consolidate")
     if r.wanted("consolidate"):
         if not runs.has_adapter(cons_dir):
             out = consolidate(ws, adapter_out=cons_dir, allow_eval_overlap=allow_eval_overlap, evaluate_after=False,
                               **_train_into(cons_dir, resume))
-            runs.update_meta(ws.run_dir, timings={"consolidate_train": out["train"]["wall_s"]})
+            _trained(ws, "consolidate", out["train"]["wall_s"])
         results["phases"]["consolidate"] = r.evaluate("consolidate", str(cons_dir))
-    runs.update_meta(ws.run_dir, finished_at=runs.now())
+    if not runs.is_follower():
+        runs.update_meta(ws.run_dir, finished_at=runs.now())
+    distributed.barrier()  # rank 0 recorded every phase before any rank reads metrics.json
     results["metrics"] = runs.read_json(ws.run_dir / "metrics.json", default={})
     return results
 
@@ -116,7 +142,10 @@ def _check(ws: Workspace, *, force: bool, resume: bool) -> str:
     stored, config_toml = run_dir / "config.toml", to_toml(cfg)
     if resume and stored.is_file() and load_config(stored) == cfg and stored.read_text() != config_toml:
         # the same settings, written by a tracer that had fewer knobs: not a config change
-        runs.write_text_atomic(stored, config_toml)
+        if runs.is_follower():  # under mlx.launch rank 0 rewrites it
+            config_toml = stored.read_text()
+        else:
+            runs.write_text_atomic(stored, config_toml)
     return runs.check_run_dir(run_dir, config_toml, force=force, resume=resume)
 
 
@@ -143,8 +172,10 @@ def _prepare(ws: Workspace, action: str, contaminated: bool, *, resume: bool) ->
     elif action == "adopt":
         ws.progress.log(f"{run_dir}: no meta.json (another tracer command wrote it); continuing from what it holds: "
                         f"{runs.describe_contents(run_dir)}")
-    runs.prepare_run(run_dir, to_toml(cfg), planned_phases(cfg), cfg.run.seed, action)
+    if not runs.is_follower():  # under mlx.launch rank 0 deletes (--force), creates and writes the run
+        runs.prepare_run(run_dir, to_toml(cfg), planned_phases(cfg), cfg.run.seed, action)
+        if contaminated:
+            runs.update_meta(run_dir, contaminated=True)
+    distributed.barrier()  # the others read it once it is prepared
     done = runs.finished_phases(run_dir) if resume else set()
-    if contaminated:
-        runs.update_meta(run_dir, contaminated=True)
     return _Run(ws, contaminated, done)
