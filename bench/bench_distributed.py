@@ -27,7 +27,7 @@ def child(args: argparse.Namespace) -> None:
     from tracer import backend
 
     backend.setup()
-    from tracer import dataset, train
+    from tracer import dataset, distributed, train
     from tracer import model as models
     from tracer.config import Config, LoraConfig, TrainConfig
     from tracer.kg import load_kg
@@ -45,9 +45,10 @@ def child(args: argparse.Namespace) -> None:
     model, tok = models.load(cfg.model.path, cfg.model.cache_dir)
     tcfg = TrainConfig(iters=args.steps, batch_size=args.batch, warmup=1, val_every=0, save_every=10_000)
     train.train(model, tok, pairs, tcfg, LoraConfig(), args.out, models.model_id(cfg.model.path), progress=Clock())
-    if train.world()[0] == 0:
+    rank, size = distributed.world()
+    if rank == 0:
         steps = [b - a for a, b in zip(times[1:], times[2:])]  # times[0]: the start; times[1]: step 1 (compiles)
-        print(json.dumps({"size": train.world()[1], "s_per_step": sum(steps) / len(steps)}))
+        print(json.dumps({"size": size, "s_per_step": sum(steps) / len(steps)}))
 
 
 def run(argv: list[str]) -> dict:

@@ -60,25 +60,20 @@ def prefix_cache(model, prefix: list[int]) -> list[tuple[mx.array, mx.array]]:
     from mlx_lm.models.cache import KVCache
 
     cache = [KVCache() for _ in model.layers]
-    body = model.model if _head(model) is not None else model
+    body = model.model if head(model) is not None else model
     body(mx.array([prefix], dtype=mx.int32), cache=cache)
     kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
     mx.eval(kv)
     return kv
 
 
-def _head(model):
-    """The output head of an mlx-lm ``Model(model=..., lm_head|tied)`` (:func:`tracer.model.head`), else None."""
-    return head(model)
-
-
 def last_logits(model, inputs: mx.array, cache: list) -> mx.array:
     """Logits ``(B, V)`` of the last position; skips the lm head on the other positions."""
-    head = _head(model)
-    if head is None:
+    proj = head(model)
+    if proj is None:
         return model(inputs, cache=cache)[:, -1, :]
     hidden = model.model(inputs, cache=cache)
-    return head(hidden[:, -1:, :])[:, -1, :]
+    return proj(hidden[:, -1:, :])[:, -1, :]
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:

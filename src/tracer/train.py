@@ -23,7 +23,7 @@ from tracer.adapters import attach_lora, load_checkpoint, save_adapter, save_che
 from tracer.batching import Batch, Example, answer_indices, batch_for_step, collate, encode_pairs
 from tracer.blas import share_cores
 from tracer.config import LoraConfig, TrainConfig
-from tracer.distributed import peer_lost
+from tracer.distributed import peer_lost, world
 from tracer.errors import PeerLost, TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
 from tracer.model import head
 from tracer.progress import NullProgress, Progress
@@ -121,12 +121,6 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int) ->
 
 
 COMPILED_PAD = (8, 32)  # few distinct shapes to trace, for a few padding tokens (docs/performance.md)
-
-
-def world() -> tuple[int, int]:
-    """(rank, size) of the data-parallel group ``mlx.launch`` started; (0, 1) in a plain process."""
-    group = mx.distributed.init()
-    return group.rank(), group.size()
 
 
 def loss_weight(examples: list[Example], answers: list[int] | None, answer_weight: float) -> float:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from tracer import backend
 from tracer.blas import THREAD_ENV, cpu_cores, share_cores, step_aside
+from tracer.distributed import launched
 from tracer.errors import TracerError
 from tracer.progress import NullProgress, Progress
 
@@ -39,8 +40,6 @@ def auto_workers(requested: int = 0) -> int:
     BLAS thread count is set in the environment (each worker would take that many threads).
     Under ``mlx.launch`` always one: each rank generates its share in its own process, the ranks
     already keep the cores busy."""
-    from tracer.distributed import launched
-
     if launched():
         return 1
     if requested:

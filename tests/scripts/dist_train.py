@@ -10,7 +10,7 @@ from tracer import backend
 backend.setup()
 
 from tracer import model as models  # noqa: E402
-from tracer import train  # noqa: E402
+from tracer import distributed, train  # noqa: E402
 from tracer.config import LoraConfig, TrainConfig  # noqa: E402
 
 PAIRS = [(f"Follow E{i} -r{i % 3}-> ?", f"TRACE: E{i} -r{i % 3}-> E{(i * 7 + 3) % 12}\nANSWER: A") for i in range(12)]
@@ -21,7 +21,7 @@ LORA = LoraConfig(rank=4, alpha=8.0)
 def main(model_dir: str, out: str) -> None:
     model, tok = models.load(model_dir)
     stats = train.train(model, tok, PAIRS, CFG, LORA, out, models.model_id(model_dir))
-    rank, size = train.world()
+    rank, size = distributed.world()
     if rank == 0:
         (Path(out) / "losses.json").write_text(json.dumps({"losses": stats["losses"], "size": size}))
 

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from tracer import __version__
+from tracer import __version__, runs
 from tracer.cli.common import app, click_exc, console, err_console
 from tracer.distributed import launched, peer_lost
 from tracer.errors import PeerLost, TracerError, TrainingInterrupted
@@ -30,7 +30,7 @@ def _data_parallel(command: str | None) -> None:
     if command not in DATA_PARALLEL_COMMANDS:
         raise TracerError(f"tracer {command}: under mlx.launch only {', '.join(sorted(DATA_PARALLEL_COMMANDS))} "
                           "run data-parallel (GRPO does not); run it as one process")
-    console.quiet = os.environ.get("MLX_RANK", "0") != "0"
+    console.quiet = runs.is_follower()
 
 
 @app.callback(invoke_without_command=True)

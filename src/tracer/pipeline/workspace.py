@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracer import dataset, runs
+from tracer import dataset, distributed, runs
 from tracer.config import Config
 from tracer.kg import KG
 from tracer.pipeline import data
@@ -72,8 +72,6 @@ class Workspace:
         would fail on it later, with the splits written. Under ``mlx.launch`` rank 0 writes them
         and the other ranks then read them."""
         if self._data is _UNCHECKED:
-            from tracer import distributed
-
             self._data = distributed.rank_zero_first(lambda: self._make_data(model_first))
         return self._data
 
