@@ -85,6 +85,13 @@ def test_lora_num_layers_zero_is_refused():
     assert config_from_dict({"lora": {"num_layers": 3}}).lora.num_layers == 3
 
 
+def test_frontier_traces_refuse_renamed_questions():
+    with pytest.raises(TracerError, match="counterfactual: renamed questions have path traces only"):
+        config_from_dict({"data": {"context": "facts", "counterfactual": 0.5, "trace": "frontier"}})
+    with pytest.raises(TracerError, match="data.trace"):
+        config_from_dict({"data": {"trace": "sets"}})
+
+
 def test_constraint_violation(tmp_path):
     p = tmp_path / "x.toml"
     p.write_text("[rsft]\nk_samples = 0\n")

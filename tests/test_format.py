@@ -153,3 +153,15 @@ def test_format_imports_no_mlx():
     code = "import sys, tracer.format, tracer.reward, tracer.metrics, tracer.dataset; print('mlx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_frontier_trace_lists_each_hops_entities_in_the_order_first_reached():
+    edges = {("S", "r"): ["B", "A"], ("A", "s"): ["T", "X"], ("B", "s"): ["T", "C"]}
+    trace = F.frontier_trace("S", ["r", "s"], lambda x, rel: edges.get((x, rel), []), "C")
+    # A's targets first (A sorts before B), each member's sorted, T only once
+    assert trace == "TRACE: S -r-> {A, B} -s-> {T, X, C}\nANSWER: C"
+    nodes, rels = F.trace_steps(trace.split("\n")[0].removeprefix("TRACE: "))
+    assert [F.node_names(n) for n in nodes] == [["S"], ["A", "B"], ["T", "X", "C"]] and rels == ["r", "s"]
+    assert F.node_names("{}") == [] and F.node_names("{ A, `B`, }") == ["A", "B"] and F.node_names("{A") == ["{A"]
+    assert F.node_names("{Smith,John, B}") == ["Smith,John", "B"]  # an id may hold a comma, not a space
+    assert F.with_answer(trace, "A") == "TRACE: S -r-> {A, B} -s-> {T, X, C}\nANSWER: A"

@@ -104,6 +104,37 @@ def test_edge_precision_checks_the_relation_and_both_endpoints():
     assert m2m("S -> A -> T")["edge_precision"] == 0.0
 
 
+# --- frontier traces: every entity each hop reaches -------------------------------------------
+
+
+@pytest.mark.parametrize("trace, hits, walked, precision", [
+    ("S -r-> {A, B} -s-> {T, X, Y}", 3, 3, 1.0),   # the exact frontiers
+    ("S -r-> {B} -s-> {T}", 3, 3, 1.0),            # a subset that still holds a path to the answer
+    ("S -r-> {A, B, C} -s-> {T}", 3, 3, 0.75),     # C is listed though S -r-> C is no edge
+    ("S -r-> {A} -s-> {X}", 2, 3, 1.0),            # real edges that leave the answer behind
+    ("S -r-> {B} -s-> {X}", 2, 2, 0.5),            # B -s-> X is no edge: the walk stops at B
+    ("S -r-> {C} -s-> {T}", 1, 1, 0.5),            # the chain breaks at once
+    ("S -r-> {} -s-> {T}", 1, 1, 0.0),             # an empty frontier reaches nothing
+])
+def test_a_frontier_trace_is_judged_entity_by_entity(trace, hits, walked, precision):
+    r = m2m(trace)
+    assert (r["hits"], r["walked"]) == (hits, walked)
+    assert r["edge_precision"] == pytest.approx(precision)
+
+
+def test_a_frontier_names_its_wrong_entities_as_hallucinated_hops():
+    r = m2m("S -r-> {A, B, C} -s-> {T, Z}")
+    assert r["hallucinated_hops"] == [["S", "C"], ["{A, B, C}", "Z"]]
+
+
+def test_a_frontier_trace_may_repeat_an_entity_across_hops_but_not_within_one():
+    # S -r-> {A, B} -s-> {T} -s-> ... : T may come back in a later frontier; listed twice in one it is spam
+    ok = m2m("S -r-> {A, B} -s-> {T, X, Y}")
+    assert ok["spam_penalty"] == 0.0
+    assert m2m("S -r-> {A, B, A} -s-> {T}")["spam_penalty"] == CFG.spam_penalty
+    assert m2m("S -r-> {A, B} -s-> {T} -s-> {T}")["spam_penalty"] == CFG.spam_penalty  # more hops than the chain
+
+
 def test_wrong_with_all_path_entities_is_negative():
     r = run("TRACE: E0 -a-> E1 -b-> E2 -c-> E3\nANSWER: B")
     assert not r["correct"]

@@ -14,7 +14,7 @@ from tracer.config import Config
 from tracer.errors import TracerError
 from tracer.format import LETTERS, build_prompt, parse_completion, trace_steps
 from tracer.kg import KG
-from tracer.reward import EntityMatcher, judging_graph, score
+from tracer.reward import EntityMatcher, judging_graph, score, written_hops
 
 _OPTION = re.compile(r"^\s*([A-D])\s*[).:]\s*(\S.*?)\s*$")
 
@@ -44,10 +44,10 @@ def question_row(text: str) -> dict[str, Any]:
 
 
 def checked_hops(completion: str, graph: KG, matcher: EntityMatcher) -> list[dict[str, Any]]:
-    """Each hop the trace writes, ``{"src", "rel", "dst", "real"}``: real when the graph has that
-    edge, relation included."""
+    """Each hop the trace writes, ``{"src", "rel", "dst", "real"}`` (:func:`tracer.reward.written_hops`):
+    real when the graph has that edge, relation included."""
     nodes, rels = trace_steps(parse_completion(completion, matcher).trace_text)
-    return [{"src": a, "rel": r, "dst": b, "real": graph.has_triple(a, r, b)} for a, r, b in zip(nodes, rels, nodes[1:])]
+    return [{"src": a, "rel": r, "dst": b, "real": real} for a, r, b, real in written_hops(nodes, rels, graph)]
 
 
 def ask(model, tokenizer, row: dict[str, Any], kg: KG, cfg: Config) -> dict[str, Any]:

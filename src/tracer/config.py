@@ -60,12 +60,18 @@ class DataConfig(Section):
     )
     shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
     letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
+    trace: Literal["path", "frontier"] = Field(
+        "path", description="Reference traces: 'path' (one path to the answer) or 'frontier' (every entity each hop "
+        "reaches: exact where a pair has several targets, and longer).",
+    )
 
     @model_validator(mode="after")
     def _check_counterfactual(self) -> "DataConfig":
         for name in ("counterfactual", "counterfactual_pool"):
             if getattr(self, name) and self.context != "facts":
                 raise ValueError(f"{name}: renamed questions need the facts in the prompt (context = 'facts')")
+            if getattr(self, name) and self.trace == "frontier":
+                raise ValueError(f"{name}: renamed questions have path traces only (trace = 'path')")
         return self
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tracer.errors import TracerError
 
@@ -95,6 +95,23 @@ def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
         _, rel, _ = edge_tuple(e)
         text += f" -{rel}-> {entities[i + 1]}"
     return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
+
+
+def frontier_trace(start: str, rels: list[str], targets: Callable[[str, str], Iterable[str]], letter: str) -> str:
+    """``TRACE: E0 -caused_by-> {E1, E2} -fixed_by-> {E3}\nANSWER: C``: after each relation, every
+    entity the chain reaches (its frontier), in the order first reached: each member of the previous
+    frontier in turn, its ``targets(member, rel)`` sorted. Exact on a graph whose pairs have several
+    targets, where one path must guess the branch that reaches an option."""
+    frontier, text = [start], start
+    for rel in rels:
+        frontier = list(dict.fromkeys(t for x in frontier for t in sorted(targets(x, rel))))
+        text += f" -{rel}-> {{{', '.join(frontier)}}}"
+    return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
+
+
+def with_answer(trace: str, letter: str) -> str:
+    """A reference trace with its ANSWER line's letter replaced by ``letter``."""
+    return f"{trace.rsplit(chr(10), 1)[0]}\n{ANSWER_TAG} {letter}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +193,17 @@ def trace_nodes(trace_text: str) -> list[str]:
     if not trace_text.strip():
         return []
     return [node.strip(NODE_TRIM) for node in _ARROW_RE.split(trace_text.strip())]
+
+
+_FRONTIER_SEP = re.compile(r",\s+")
+
+
+def node_names(node: str) -> list[str]:
+    """What one trace node names: a frontier ``{A, B}`` (:func:`frontier_trace`) → ``["A", "B"]``
+    (``{}`` → ``[]``); any other node → ``[node]``."""
+    if node.startswith("{") and node.endswith("}"):  # ", " parts: an entity id has no whitespace
+        return [n for n in (x.strip(NODE_TRIM) for x in _FRONTIER_SEP.split(node[1:-1])) if n]
+    return [node]
 
 
 def trace_steps(trace_text: str) -> tuple[list[str], list[str]]:

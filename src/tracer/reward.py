@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tracer.format import parse_completion, parse_fact, trace_steps
+from tracer.format import node_names, parse_completion, parse_fact, trace_steps
 from tracer.kg import KG, Edge
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -52,18 +52,23 @@ def judging_graph(kg: KG, example: dict[str, Any] | None = None) -> KG:
     return KG("facts", "facts", {}, {}, edges)
 
 
-def edge_check(nodes: list[str], rels: list[str], graph: KG) -> tuple[float, list[list[str]]]:
-    """Edge precision over the hops as written (``nodes[i] -rels[i]-> nodes[i+1]``), and the
-    hops (endpoint pairs) that are not edges of ``graph`` (:func:`judging_graph`).
+def written_hops(nodes: list[str], rels: list[str], graph: KG) -> list[tuple[str, str, str, bool]]:
+    """Each hop the trace writes, ``(node, relation, entity, real)``: ``nodes[i] -rels[i]->
+    nodes[i+1]``, real when that exact edge, relation included, is in ``graph``. A hop to a name
+    that is no entity, from an entity to itself, under another relation or a bare ``->`` is not.
+    A frontier node (``{A, B}``, :func:`tracer.format.frontier_trace`) writes one hop per entity it
+    lists, real when an entity of the node before it has that edge into it."""
+    return [(a, r, b, any(graph.has_triple(x, r, b) for x in node_names(a)))
+            for a, r, node in zip(nodes, rels, nodes[1:]) for b in node_names(node)]
 
-    A hop counts when that exact edge, relation included, exists: one to a name that is no
-    entity, from an entity to itself, under another relation or a bare ``->`` does not.
-    No hops → precision 0.0.
-    """
-    hops = list(zip(nodes, rels, nodes[1:]))
+
+def edge_check(nodes: list[str], rels: list[str], graph: KG) -> tuple[float, list[list[str]]]:
+    """Edge precision over the hops as written (:func:`written_hops`), and the hops (``[node,
+    entity]`` pairs) that are not edges of ``graph`` (:func:`judging_graph`). No hops → 0.0."""
+    hops = written_hops(nodes, rels, graph)
     if not hops:
         return 0.0, []
-    bad = [[a, b] for a, r, b in hops if not graph.has_triple(a, r, b)]
+    bad = [[a, b] for a, _, b, real in hops if not real]
     return (len(hops) - len(bad)) / len(hops), bad
 
 
@@ -72,7 +77,9 @@ def chain_walk(nodes: list[str], rels: list[str], graph: KG, example: dict[str, 
     question's start entity. ``walked``: one more for each hop that writes the chain's next relation
     along a real edge. ``on_path`` (<= walked): the same, as long as the rest of the chain still
     reaches the answer from the node reached. ``on_path == hop_len + 1``: the trace follows the
-    chain to the answer, by any branch."""
+    chain to the answer, by any branch. A frontier node (``{A, B}``) counts when one entity it lists
+    is reached by a real edge from the entities counted at the node before it (for ``on_path``:
+    one from which the rest of the chain still reaches the answer)."""
     ps = example["path_star"]
     ents = ps["entities"]
     chain = [e["rel"] for e in ps.get("edges") or []] or list((example.get("meta") or {}).get("relations") or [])
@@ -81,12 +88,18 @@ def chain_walk(nodes: list[str], rels: list[str], graph: KG, example: dict[str, 
     back = [set() for _ in chain] + [{ents[-1]}]  # back[i]: entities from which chain[i:] reaches the answer
     for i in range(len(chain) - 1, -1, -1):
         back[i] = {s for d in back[i + 1] for s in graph.sources(d, chain[i])}
+    walk = path = {ents[0]}  # the entities walked / on a path to the answer, at the node reached
     on_path = walked = 1
     for i, rel in enumerate(chain):
-        if i + 1 >= len(nodes) or rels[i] != rel or not graph.has_triple(nodes[i], rel, nodes[i + 1]):
+        if i + 1 >= len(nodes) or rels[i] != rel:
+            break
+        written = node_names(nodes[i + 1])
+        walk = {b for b in written if any(graph.has_triple(a, rel, b) for a in walk)}
+        if not walk:
             break
         walked += 1
-        on_path += on_path == walked - 1 and nodes[i + 1] in back[i + 1]
+        path = {b for b in written if b in back[i + 1] and any(graph.has_triple(a, rel, b) for a in path)}
+        on_path += on_path == walked - 1 and bool(path)
     return on_path, walked
 
 
@@ -126,6 +139,15 @@ def path_score(coverage: float, hits: int, trace_text: str, cfg: RewardConfig) -
     return min(raw, cfg.max_path_reward)
 
 
+def spammed(nodes: list[str], entities: list[str], hop_len: int, repeat_max: int) -> bool:
+    """Whether a trace repeats itself: an entity named more than ``repeat_max`` times; in a frontier
+    trace, whose frontiers may share entities, an entity listed twice in one node or more hops than
+    the chain has."""
+    if any(n.startswith("{") for n in nodes[1:]):
+        return len(nodes) - 1 > hop_len or any(len(set(names)) < len(names) for names in map(node_names, nodes))
+    return any(c > repeat_max for c in Counter(entities).values())
+
+
 def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: KG,
           cfg: RewardConfig) -> dict[str, Any]:
     """Score one completion against its example; returns a flat breakdown dict.
@@ -145,9 +167,7 @@ def score(completion: str, example: dict[str, Any], matcher: EntityMatcher, kg: 
     if p.valid_format:
         correctness = cfg.correct if correct else cfg.incorrect
         path_reward = path_score(coverage, hits, p.trace_text, cfg)
-        counts = Counter(p.trace_entities)
-        spammed = any(c > cfg.repeat_max for c in counts.values())
-        spam = cfg.spam_penalty if spammed else 0.0
+        spam = cfg.spam_penalty if spammed(nodes, p.trace_entities, example["hop_len"], cfg.repeat_max) else 0.0
         total = cfg.w_correct * correctness + cfg.w_path * path_reward - spam
     else:
         correctness, path_reward, spam, total = 0.0, 0.0, 0.0, cfg.invalid

@@ -7,11 +7,13 @@ import time
 import pytest
 
 from tracer import dataset as ds
-from tracer.config import DataConfig
+from tracer.config import DataConfig, RewardConfig
 from tracer.dataset.paths import canonical_path
 from tracer.dataset.verify import letter_balance
 from tracer.errors import TracerError
+from tracer.format import node_names, trace_steps
 from tracer.kg import kg_from_dict, load_kg
+from tracer.reward import EntityMatcher, score
 
 from synthetic import SHIPPED_KG, synth_kg_dict
 
@@ -184,6 +186,29 @@ def test_non_functional_relations(kg):
         assert not (set(r["options"].values()) - {r["options"][r["answer_star"]]}) & targets
     cov = ds.train_edge_coverage(sp["train"], nf)
     assert min(cov.values()) >= cfg.min_edge_coverage
+
+
+def test_frontier_traces_list_every_entity_each_hop_reaches(kg):
+    """trace = 'frontier': the same questions, each reference trace naming the chain's whole frontier
+    after every hop; the last frontier holds the answer and no distractor, and the trace scores full."""
+    d = synth_kg_dict(extra_edges=[("Sym00", "caused_by", "Cause39"), ("Sym00", "caused_by", "Cause38")])
+    nf = kg_from_dict(d, "nonfunctional")
+    cfg = DataConfig(eval_size=100, rsft_size=100, train_per_hop={"2": 200, "3": 200})
+    path, frontier = ds.generate_splits(nf, cfg), ds.generate_splits(nf, cfg.model_copy(update={"trace": "frontier"}))
+    matcher, wide = EntityMatcher(nf.entities), 0
+    for name in path:
+        for p, f in zip(path[name], frontier[name]):
+            assert {k: v for k, v in p.items() if k != "ref"} == {k: v for k, v in f.items() if k != "ref"}
+            nodes, rels = trace_steps(f["ref"]["trace"].split("\n")[0].removeprefix("TRACE: "))
+            start, chain = f["path_star"]["entities"][0], rels_of(f)
+            assert nodes[0] == start and rels == chain
+            for i, node in enumerate(nodes[1:], 1):
+                assert set(node_names(node)) == nf.follow(start, chain[:i])
+            wide += len(node_names(nodes[-1])) > 1
+            assert f["ref"]["trace"].endswith(f"ANSWER: {f['answer_star']}")
+            r = score(f["ref"]["trace"], f, matcher, nf, RewardConfig())
+            assert r["correct"] and r["path_coverage"] == 1.0 and r["edge_precision"] == 1.0 and not r["spam_penalty"]
+    assert wide > 0
 
 
 def test_generation_is_deterministic(kg, cfg, tmp_path):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from tracer.dataset.paths import Path_, unique_edges
 from tracer.dataset.templates import render_question
 from tracer.errors import TracerError
-from tracer.format import LETTERS, build_prompt, format_fact, reference_trace
+from tracer.format import LETTERS, build_prompt, format_fact, frontier_trace, reference_trace
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.config import DataConfig
@@ -167,7 +167,8 @@ def make_row(ctx: QuestionContext, p: Path_, letter: str, template: int, split: 
         "answer_star": letter,
         "path_star": {"entities": list(ents), "edges": edges},
         "prompt": build_prompt(question, options, facts),
-        "ref": {"trace": reference_trace(list(ents), edges, letter)},
+        "ref": {"trace": frontier_trace(ents[0], list(rels), ctx.kg.targets, letter) if ctx.cfg.trace == "frontier"
+                else reference_trace(list(ents), edges, letter)},
         "meta": meta,
     }
 

@@ -20,7 +20,7 @@ from tracer.dataset.questions import QuestionContext, make_row
 from tracer.dataset.templates import templates_for
 from tracer.dataset.verify import verify_splits
 from tracer.errors import TracerError
-from tracer.format import LETTERS, build_prompt, reference_trace
+from tracer.format import LETTERS, build_prompt, with_answer
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.config import DataConfig
@@ -61,7 +61,7 @@ def _shuffle_row(row: dict[str, Any], rng: random.Random, counts: Counter) -> di
         "answer_star": new,
         "path_star": {"entities": list(ps["entities"]), "edges": [dict(e) for e in ps["edges"]]},
         "prompt": build_prompt(row["question"], options, meta.get("facts")),
-        "ref": {"trace": reference_trace(ps["entities"], ps["edges"], new)},
+        "ref": {"trace": with_answer(row["ref"]["trace"], new)},
         "meta": meta,
     }
 

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from tracer.errors import TracerError
-from tracer.format import parsed_nodes, trace_steps
+from tracer.format import node_names, parsed_nodes, trace_steps
 from tracer.report.load import as_run, read_episodes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,10 +25,12 @@ def _hop_list(ep: dict[str, Any], kg: KG | None) -> list[dict[str, Any]]:
     rels = trace_steps(parsed["trace_text"] or "")[1] if "trace_text" in parsed else [""] * len(nodes)
     bad = {tuple(h) for h in ep.get("hallucinated_hops") or [] if len(h) == 2}
 
-    def real(a: str, r: str, b: str) -> bool:
+    def real(a: str, r: str, b: str) -> bool:  # a frontier node b: every entity it lists
         if kg is None:
-            return (a, b) not in bad
-        return kg.has_triple(a, r, b) if "trace_text" in parsed else kg.has_edge(a, b)
+            return not any((a, y) in bad for y in node_names(b))
+        if "trace_text" not in parsed:
+            return kg.has_edge(a, b)
+        return all(any(kg.has_triple(x, r, y) for x in node_names(a)) for y in node_names(b))
 
     return [{"src": a, "dst": b, "real": real(a, r, b)} for a, r, b in zip(nodes, rels, nodes[1:])]
 
