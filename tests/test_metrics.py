@@ -146,6 +146,9 @@ def test_failure_kinds_read_how_far_the_trace_follows_the_chain():
         "branch": ep("S -r-> A -s-> X", 2, 3),
         "short": ep("S -r-> A", 2, 2),
     }
+    # a wrong branch first, then a made-up hop to reach an option: the branch is the first mistake
+    assert failure(ep("S -r-> B -s-> Q -t-> T", 1, 2, hop=3)) == "branch"
+    assert failure(ep("S -r-> A -s-> Made_Up -t-> T", 2, 2, hop=3)) == "broken"  # on the answer's branch
     for kind, e in cases.items():
         assert failure(e) == kind
     right = ep("S -r-> A -s-> T", 3, 3, correct=True)

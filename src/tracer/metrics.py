@@ -104,11 +104,12 @@ def failure(e: dict[str, Any]) -> str | None:
 
     - ``format``: no well-formed TRACE/ANSWER (e.g. ran out of tokens);
     - ``start``: the trace does not start at the question's start entity;
-    - ``broken``: a hop within the chain's length is no edge of the graph under the chain's
-      relation (a hallucinated hop or a wrong relation);
-    - ``branch``: every hop is a real chain edge, but one leads where the rest of the chain can no
-      longer reach the answer (the wrong branch of a many-target pair);
-    - ``short``: real chain edges that stop before the chain ends;
+    - ``branch``: the first wrong step is a real chain edge to where the rest of the chain can no
+      longer reach the answer (the wrong branch of a many-target pair), whatever the trace writes
+      after it (often a made-up hop to reach an option);
+    - ``broken``: the first wrong step is a hop within the chain's length that is no edge of the
+      graph under the chain's relation (a hallucinated hop or a wrong relation);
+    - ``short``: real chain edges, on the answer's branch, that stop before the chain ends;
     - ``letter``: the trace follows the chain to the answer, and the letter is wrong.
     """
     p = e["parsed"]
@@ -122,9 +123,9 @@ def failure(e: dict[str, Any]) -> str | None:
         return "letter"
     if walked == 0:
         return "start"
-    if walked < min(written, h + 1):
-        return "broken"
-    return "branch" if written >= h + 1 else "short"
+    if on_path < walked:
+        return "branch"
+    return "broken" if walked < min(written, h + 1) else "short"
 
 
 def failures(episodes: list[dict[str, Any]]) -> dict[str, int]:
