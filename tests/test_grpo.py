@@ -186,6 +186,51 @@ def test_sampled_completions_end_as_they_were_sampled(tiny_model, pool, monkeypa
     assert texts == ["TRACE: a", tok.decode(budget), "TRACE: a\nANSWER: B", "TRACE: a"]
 
 
+def test_a_chunk_samples_the_same_completions_whichever_rank_samples_it(tiny_model, pool):
+    """Under mlx.launch rank r samples every N-th chunk of a step; each chunk is drawn under its own
+    seed, so a rank's share gives the completions (and scores) one process draws for those chunks."""
+    model, tok = lora_model(tiny_model)
+    cfg = run_cfg(batch_questions=4, sample_batch_size=2, temperature=1.0)  # one question per chunk
+    questions, scorer = pool[:4], lambda text, row: {"total": len(text), "valid_format": False, "correct": False}
+    chunks = list(enumerate(grpo.sampling_chunks(len(questions), cfg)))
+    assert chunks == [(0, [0]), (1, [1]), (2, [2]), (3, [3])]
+    assert grpo.sampling_chunks(5, run_cfg(sample_batch_size=4)) == [[0, 1], [2, 3], [4]]
+    whole, whole_done = grpo.sample_chunks(model, tok, questions, scorer, cfg, 11, chunks)
+    share, share_done = grpo.sample_chunks(model, tok, questions, scorer, cfg, 11, chunks[1::2])  # rank 1 of 2
+    assert share == whole[2:4] + whole[6:8] and share_done == whole_done[1::2]
+    assert len({tuple(ids[start:]) for ids, start in whole}) > 4  # sampled, not greedy: chunks differ
+
+
+def test_two_shares_of_an_update_with_summed_gradients_make_the_whole_update(tiny_model, pool, monkeypatch):
+    """What policy_update does under mlx.launch, two ranks played in turn: each share normalised by
+    the whole batch's tokens, the gradients and the loss's parts summed (:func:`grpo.all_ranks`)
+    before clipping, give one process's update and metrics on the whole batch."""
+    examples, adv = examples_for(models.load(str(tiny_model))[1], pool), np.array([1.0, -1.0, 0.4, -0.4], np.float32)
+    n_tokens = sum(len(ids) - start for ids, start in examples)
+    cfg = run_cfg(batch_size=1, grad_clip=0.5, learning_rate=1e-2)
+
+    def update(rows, reduce=None):
+        model, _ = lora_model(tiny_model)
+        if reduce is not None:
+            monkeypatch.setattr(grpo, "all_ranks", reduce)
+        opt = grpo.optim.AdamW(learning_rate=cfg.learning_rate)
+        stats = grpo.policy_update(model, opt, [examples[i] for i in rows], adv[rows], cfg, n_tokens=n_tokens)
+        return stats, adapters.adapter_weights(model)
+
+    whole, want = update([0, 1, 2, 3])
+    other = {}
+    update([0, 1], lambda grads, totals: other.update(grads=grads, totals=totals) or (grads, totals))
+    summed, got = update([2, 3], lambda grads, totals: (tree_map(mx.add, grads, other["grads"]),
+                                                        totals + other["totals"]))
+    assert summed["kl"] is whole["kl"] is None and whole["loss"] != 0
+    for key in ("loss", "clip_frac", "lr"):
+        assert summed[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    alone, _ = update([2, 3], lambda grads, totals: (grads, totals))  # a share alone is another update
+    assert alone["loss"] != pytest.approx(whole["loss"], rel=1e-3)
+    for k in want:
+        assert mx.allclose(got[k], want[k], atol=1e-6).item(), k
+
+
 # ------------------------------------------------------------------------------------- runs
 
 

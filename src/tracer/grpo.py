@@ -17,8 +17,15 @@ short completion more weight than those of a long one with the same advantage.
 Each step samples from the policy it then updates once, so the sampling policy's log-probs equal
 the policy's (``logp_old = stop_gradient(logp)``): the ratio is 1 and the clip only matters for a
 caller that passes older log-probs. LoRA dropout is off throughout: the policy scored is the one
-sampled. The questions and the sampling seed of step ``s`` are functions of (seed, s), and the
+sampled. The questions and the sampling seeds of step ``s`` are functions of (seed, s), and the
 optimizer state is checkpointed with the adapter, so ``resume`` reproduces an uninterrupted run.
+
+A step's questions are sampled in chunks (:func:`sampling_chunks`), each by its own call under its
+own seed, so a chunk's completions do not depend on which process samples it. Under ``mlx.launch``
+the ranks take the chunks in turn (:func:`tracer.distributed.shard`), score and train on their own
+(a question's G completions stay on one rank, so its group's advantages are local); the loss is
+divided by the whole step's completion tokens and the gradients are summed over the ranks before
+clipping, so N ranks follow one process's run (to float rounding). Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -35,18 +42,19 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
-from tracer import cpu_ops, reward
+from tracer import cpu_ops, distributed, reward
 from tracer.adapters import adapter_weights, attach_lora, load_checkpoint, save_adapter, save_checkpoint
 from tracer.batching import Batch, Example, collate
 from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
-from tracer.errors import TracerError, TrainingInterrupted
+from tracer.distributed import peer_lost, world
+from tracer.errors import TracerError
 from tracer.format import answer_end, encode_chat
 from tracer.generate import generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
 from tracer.sampling import finish_text
-from tracer.train import hidden, output_logits, schedule
+from tracer.train import _stopped, hidden, output_logits, schedule
 
 LOG_FILE = "grpo_log.jsonl"
 Scorer = Callable[[str, dict], dict]  # (completion, question row) -> reward.score()'s breakdown
@@ -159,13 +167,53 @@ def kg_scorer(kg: KG, cfg: RewardConfig) -> Scorer:
     return lambda text, row: reward.score(text, row, matcher, kg, cfg)
 
 
+def sampling_chunks(n_questions: int, cfg: GRPOConfig) -> list[list[int]]:
+    """A step's questions (their positions) in sampling chunks of ``sample_batch_size // group_size``
+    questions (at least one: what one decode batch holds), each sampled by its own call."""
+    per = max(1, cfg.sample_batch_size // cfg.group_size)
+    return [list(range(i, min(i + per, n_questions))) for i in range(0, n_questions, per)]
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Sampling seed of a step's chunk ``chunk`` (the first samples under the step's ``seed`` itself)."""
+    return (seed + 1_000_000 * chunk) % 2**31
+
+
+def sample_chunks(model: nn.Module, tokenizer, questions: list[dict], scorer: Scorer, cfg: GRPOConfig, seed: int,
+                  chunks: list[tuple[int, list[int]]]) -> tuple[list[Example], list[list[list]]]:
+    """The completions of ``chunks`` (index c and question positions, of :func:`sampling_chunks`),
+    chunk c sampled under ``chunk_seed(seed, c)`` and scored: the examples, groups in chunk order,
+    and per chunk, per completion, ``[reward, valid format, correct, completion tokens]``."""
+    examples, done = [], []
+    for c, chunk in chunks:
+        qs = [questions[i] for i in chunk]
+        ex, texts = sample_completions(model, tokenizer, qs, cfg, chunk_seed(seed, c))
+        scores = [scorer(text, q) for text, q in zip(texts, [q for q in qs for _ in range(cfg.group_size)])]
+        examples += ex
+        done.append([[float(s["total"]), bool(s["valid_format"]), bool(s["correct"]), len(ids) - start]
+                     for s, (ids, start) in zip(scores, ex)])
+    return examples, done
+
+
+def all_ranks(grads, totals: np.ndarray) -> tuple[Any, np.ndarray]:
+    """``grads`` and ``totals`` summed over the ``mlx.launch`` ranks (as is, in a plain process): the
+    gradients as :class:`tracer.train.TrainStep` sums them (``nn.average_gradients`` x size)."""
+    _, size = world()
+    if size == 1:
+        return grads, totals
+    grads = tree_map(lambda g: g * size, nn.average_gradients(grads))
+    return grads, np.sum(distributed.gather(totals.tolist()), axis=0)
+
+
 def policy_update(model: nn.Module, optimizer, examples: list[Example], adv: np.ndarray, cfg: GRPOConfig,
-                  reference: dict[str, mx.array] | None = None) -> dict[str, float]:
+                  reference: dict[str, mx.array] | None = None, n_tokens: int | None = None) -> dict[str, float]:
     """One AdamW step on :func:`grpo_loss` over ``examples`` (``cfg.batch_size`` at a time, gradients
-    summed; every part normalised by the whole batch's completion tokens). Without a KL term, a
-    completion whose advantage is 0 adds nothing to the loss or its gradient, so it is skipped."""
+    summed; every part normalised by ``n_tokens``, the whole batch's completion tokens, by default
+    ``examples``'). Under ``mlx.launch`` the gradients and the loss's parts are summed over the ranks
+    (:func:`all_ranks`), each with its share of the batch. Without a KL term, a completion whose
+    advantage is 0 adds nothing to the loss or its gradient, so it is skipped."""
     cpu_ops.use_cpu_ops(model, False)  # mlx-lm's layers: generation leaves cpu_ops' ones, slower under mx.grad
-    n_tokens = sum(len(ids) - start for ids, start in examples)
+    n_tokens = n_tokens or sum(len(ids) - start for ids, start in examples)
     use_kl = reference is not None and cfg.beta > 0
     rows = [i for i in range(len(examples)) if use_kl or adv[i] != 0]
     parts = [rows[i: i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
@@ -181,6 +229,7 @@ def policy_update(model: nn.Module, optimizer, examples: list[Example], adv: np.
         totals += [v.item() for v in values]
     if grads is None:  # nothing to learn from: a zero gradient, so AdamW's state still advances
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    grads, totals = all_ranks(grads, totals)
     if cfg.grad_clip > 0:
         grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
     optimizer.update(model, grads)
@@ -191,24 +240,26 @@ def policy_update(model: nn.Module, optimizer, examples: list[Example], adv: np.
 
 def grpo_step(model: nn.Module, tokenizer, optimizer, questions: list[dict], scorer: Scorer, cfg: GRPOConfig,
               seed: int, reference: dict[str, mx.array] | None = None) -> dict[str, Any]:
-    """Sample G completions per question (seeded by ``seed``), score them, update once; returns the
-    step's metrics: rewards (mean, std), format rate, accuracy, KL, clip fraction, tokens/s."""
+    """Sample G completions per question (seeded by ``seed``, chunk by chunk: :func:`sample_chunks`),
+    score them, update once; returns the step's metrics: rewards (mean, std), format rate, accuracy,
+    KL, clip fraction, tokens/s. Under ``mlx.launch`` this rank samples and trains on its share of
+    the chunks; the metrics, gathered, are the whole step's on every rank."""
     t0 = time.perf_counter()
-    examples, texts = sample_completions(model, tokenizer, questions, cfg, seed)
-    rows = [q for q in questions for _ in range(cfg.group_size)]
-    scores = [scorer(text, row) for text, row in zip(texts, rows)]
-    rewards = np.array([s["total"] for s in scores], dtype=np.float64)
+    chunks = distributed.shard(list(enumerate(sampling_chunks(len(questions), cfg))))
+    examples, done = sample_chunks(model, tokenizer, questions, scorer, cfg, seed, chunks)
+    rewards = np.array([c[0] for chunk in done for c in chunk], dtype=np.float64)
     adv = advantages(rewards, cfg.group_size, cfg.advantage_scale)
+    every = np.array([c for chunk in distributed.gather_shards(done) for c in chunk], dtype=np.float64).reshape(-1, 4)
+    tokens = int(every[:, 3].sum())
     t1 = time.perf_counter()
-    stats = policy_update(model, optimizer, examples, adv, cfg, reference)
+    stats = policy_update(model, optimizer, examples, adv, cfg, reference, tokens)
     t2 = time.perf_counter()
-    tokens = sum(len(ids) - start for ids, start in examples)
-    groups = rewards.reshape(-1, cfg.group_size)
+    groups = every[:, 0].reshape(-1, cfg.group_size)
     return {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "format_rate": float(np.mean([s["valid_format"] for s in scores])),
-        "accuracy": float(np.mean([s["correct"] for s in scores])),
+        "reward_mean": float(every[:, 0].mean()),
+        "reward_std": float(every[:, 0].std()),
+        "format_rate": float(every[:, 1].mean()),
+        "accuracy": float(every[:, 2].mean()),
         **stats,
         "flat_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),  # no learning signal
         "completion_tokens": tokens,
@@ -240,8 +291,9 @@ def attach_policy(model: nn.Module, lora: LoraConfig, seed: int, init_adapter: s
 
 
 def _write_log(path: Path, rows: list[dict], append: bool) -> None:
-    with path.open("a" if append else "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if distributed.world()[0] == 0:  # under mlx.launch rank 0 writes for all
+        with path.open("a" if append else "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _progress_info(m: dict) -> dict:
@@ -252,29 +304,52 @@ def _progress_info(m: dict) -> dict:
     return dict(info, clip=round(m["clip_frac"], 3), tok_s=round(m["tok_s"]))
 
 
+def _started(model: nn.Module, optimizer, out: Path, resume: bool, progress: Progress) -> tuple[int, list, float]:
+    """The step to start at, the log so far and the time spent before: a resume's from the checkpoint
+    (read by every rank); the log file is (re)written to match (a resumed run drops steps logged
+    after its checkpoint)."""
+    start, log, earlier_s = 0, [], 0.0
+    if resume:
+        state = load_checkpoint(model, optimizer, out, progress.log)
+        start, log, earlier_s = state["step"], state["log"], state.get("wall_s", 0.0)
+    if distributed.world()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _write_log(out / LOG_FILE, log, append=False)
+    return start, log, earlier_s
+
+
+def _roll_back(model: nn.Module, optimizer, log: list[dict], snapshot: tuple | None) -> None:
+    """After a stop inside a step (``snapshot``: what it started from): back to the last finished one."""
+    if snapshot is not None:
+        swap_adapter(model, snapshot[0])
+        optimizer.state = snapshot[1]
+        del log[snapshot[2]:]
+
+
 def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cfg: GRPOConfig, lora: LoraConfig,
                out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
                init_adapter: str | None = None) -> dict:
     """GRPO-train a LoRA policy on the ``pool`` questions, rewarded by ``scorer`` (:func:`kg_scorer`),
     from ``init_adapter`` (else a fresh LoRA); the reference of the KL term is that start. Writes
-    the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``."""
+    the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``.
+
+    Under ``mlx.launch`` each rank samples and trains on its share of every step (:func:`grpo_step`);
+    rank 0 alone writes and reports progress. A Ctrl-C, or under ``mlx.launch`` a rank that stops,
+    ends the training with a checkpoint of the last finished step (:func:`tracer.train._stopped`)."""
     if not pool:
         raise TracerError("no GRPO questions")
-    progress = progress or NullProgress()
+    rank, _ = world()
+    progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     adapter_cfg = attach_policy(model, lora, cfg.seed, init_adapter)
     reference = dict(adapter_weights(model)) if cfg.beta > 0 else None
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
-    start, log, earlier_s = 0, [], 0.0
-    if resume:
-        state = load_checkpoint(model, optimizer, out, progress.log)
-        start, log, earlier_s = state["step"], state["log"], state.get("wall_s", 0.0)
-    log_path = out / LOG_FILE
-    _write_log(log_path, log, append=False)  # a resumed run drops steps logged after its checkpoint
+    start, log, earlier_s = _started(model, optimizer, out, resume, progress)
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> Path:
+        if rank:
+            return out / "checkpoint"
         wall_s = round(earlier_s + time.perf_counter() - t0, 2)
         return save_checkpoint(model, optimizer, out, adapter_cfg, base_model,
                                {"step": step, "log": log, "wall_s": wall_s})
@@ -290,23 +365,23 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
                           step_seed(cfg.seed, step), reference)
             log.append({"step": step + 1, **m, "questions": [pool[i].get("id", i) for i in idx]})
             snapshot = None
-            _write_log(log_path, log[-1:], append=True)
+            _write_log(out / LOG_FILE, log[-1:], append=True)
             share_cores()  # nothing in flight here
             progress.update(1, **_progress_info(m))
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
-    except KeyboardInterrupt:
-        if snapshot is not None:  # stopped inside a step: roll back to the last finished one
-            swap_adapter(model, snapshot[0])
-            optimizer.state = snapshot[1]
-            del log[snapshot[2]:]
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        if not (isinstance(exc, KeyboardInterrupt) or peer_lost(exc)):
+            raise
+        _roll_back(model, optimizer, log, snapshot)
         path = checkpoint(len(log))
         progress.stop()
-        raise TrainingInterrupted(len(log), str(path)) from None
+        raise _stopped(exc, rank, len(log), path) from None
     finally:
         cpu_ops.use_cpu_ops(model, False)
     progress.stop()
     checkpoint(cfg.iters)
-    save_adapter(model, out, adapter_cfg, base_model)
+    if rank == 0:
+        save_adapter(model, out, adapter_cfg, base_model)
     return {"steps": cfg.iters, "log": log, "wall_s": round(earlier_s + time.perf_counter() - t0, 2),
             "final_reward": log[-1]["reward_mean"] if log else float("nan"), "adapter": str(out)}

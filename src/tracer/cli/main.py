@@ -17,9 +17,9 @@ from tracer.errors import PeerLost, TracerError, TrainingInterrupted
 
 
 NO_MLX_COMMANDS = {"data", "kg", "report"}  # pure Python: they start without loading the backend
-# what runs sharded under mlx.launch: training (tracer.train), generation (tracer.distributed);
-# `run` only when its phases leave out grpo (tracer.pipeline.run.check_launchable)
-DATA_PARALLEL_COMMANDS = {"sft", "continue", "eval", "rsft", "consolidate", "run"}
+# what runs sharded under mlx.launch: training (tracer.train), GRPO (tracer.grpo), generation
+# (tracer.distributed); `run` with any of its phases
+DATA_PARALLEL_COMMANDS = {"sft", "continue", "eval", "rsft", "grpo", "consolidate", "run"}
 
 
 def _data_parallel(command: str | None) -> None:
@@ -29,7 +29,7 @@ def _data_parallel(command: str | None) -> None:
         return
     if command not in DATA_PARALLEL_COMMANDS:
         raise TracerError(f"tracer {command}: under mlx.launch only {', '.join(sorted(DATA_PARALLEL_COMMANDS))} "
-                          "run data-parallel (GRPO does not); run it as one process")
+                          "run data-parallel; run it as one process")
     console.quiet = runs.is_follower()
 
 

@@ -1,10 +1,13 @@
-"""GRPO: policy-gradient RL from the SFT adapter on the RSFT pool, the KG as reward, then eval."""
+"""GRPO: policy-gradient RL from the SFT adapter on the RSFT pool, the KG as reward, then eval.
+
+Under ``mlx.launch`` the training runs data-parallel (:func:`tracer.grpo.train_grpo`): rank 0 alone
+writes the adapter directory, and every rank evaluates the adapter once it is written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tracer import runs
+from tracer import distributed, runs
 from tracer.pipeline.evaluate import check_recording, evaluate
 from tracer.pipeline.finetune import (check_distinct, check_output, mark_contaminated, rl_start, training_in,
                                       training_settings)
@@ -29,7 +32,9 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
         stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,
                               out_dir, ws.base_model_id(), resume=resume, progress=ws.progress, init_adapter=adapter)
     mark_contaminated(out_dir, contaminated)
+    distributed.barrier()  # under mlx.launch: rank 0 wrote the adapter before any rank reads it
     out = {"train": stats, "adapter": str(out_dir), "contaminated": contaminated}
     if evaluate_after:
         out["eval"] = evaluate(ws, adapter=str(out_dir), phase="grpo", contaminated=contaminated)["entry"]
+        distributed.barrier()  # rank 0 recorded the phase before any rank reads metrics.json
     return out

@@ -2,7 +2,7 @@
 evaluated) → GRPO → eval → consolidation → eval, the phases ``run.phases`` names; ``resume`` skips
 finished ones.
 
-Under ``mlx.launch`` every phase but GRPO runs data-parallel (training) or sharded (evaluation,
+Under ``mlx.launch`` every phase runs data-parallel (training, GRPO) or sharded (evaluation,
 RSFT sampling) on every rank, in step; rank 0 alone prepares, locks and writes the run directory,
 and the others wait for it (:func:`tracer.distributed.barrier`) where they read what it wrote."""
 
@@ -60,19 +60,11 @@ def run(ws: Workspace, *, force: bool = False, resume: bool = False, allow_eval_
     """The whole pipeline into ``ws.run_dir``; ``resume`` skips finished phases, ``force``
     overwrites an existing run (only what tracer wrote there: see :func:`tracer.runs.check_run_dir`).
     The run directory is locked meanwhile: a second process refuses it."""
-    check_launchable(ws.cfg)
     action = _check(ws, force=force, resume=resume)
     data_summary, contaminated = _validate(ws, resume=resume, allow_eval_overlap=allow_eval_overlap)
     with runs.locked(ws.run_dir, "run directory"):
         r = _prepare(ws, action, contaminated, resume=resume)
         return _phases(ws, r, data_summary, resume=resume, allow_eval_overlap=allow_eval_overlap)
-
-
-def check_launchable(cfg: Config) -> None:
-    """Under ``mlx.launch``: refuse, before any work, a run whose phases include GRPO (not data-parallel)."""
-    if distributed.launched() and "grpo" in cfg.run.phases:
-        raise TracerError("tracer run: under mlx.launch run.phases may not include grpo (GRPO does not run "
-                          "data-parallel); drop it from run.phases or run it as one process")
 
 
 def _meta(run_dir, **fields: Any) -> None:
