@@ -188,6 +188,8 @@ def grpo(
     ws = _workspace(cfg, run_dir=run_dir, model=model)
     out = policy_gradient(ws, adapter=adapter, pool=pool, adapter_out=adapter_out, resume=resume, force=force,
                           allow_eval_overlap=allow_eval_overlap)
+    if runs.is_follower():  # under mlx.launch rank 0 records the phase and prints it
+        return
     console.print(f"adapter: {out['adapter']}; step log: {Path(out['adapter']) / 'grpo_log.jsonl'}")
     print_phase(str(ws.run_dir))
 

@@ -36,5 +36,4 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     out = {"train": stats, "adapter": str(out_dir), "contaminated": contaminated}
     if evaluate_after:
         out["eval"] = evaluate(ws, adapter=str(out_dir), phase="grpo", contaminated=contaminated)["entry"]
-        distributed.barrier()  # rank 0 recorded the phase before any rank reads metrics.json
     return out
