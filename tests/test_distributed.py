@@ -217,24 +217,31 @@ def test_tracer_consolidate_under_mlx_launch_trains_and_answers_as_one_process(t
     assert (two / "episodes" / "consolidate.jsonl").read_text() == (one / "episodes" / "consolidate.jsonl").read_text()
 
 
-@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
-def test_tracer_run_under_mlx_launch_records_what_one_process_does(tiny_work):
+def _run_on_two_ranks_and_one(tiny_work: Path, config: str, phases: set[str]) -> Path:
+    """``tracer run CONFIG`` on 2 ring ranks (run ``two``) and in one process (run ``one``): rank 0
+    alone prints, and each phase's n, accuracy and shuffle agreement are equal. The runs directory."""
     from tracer.cli import main
 
-    text = (tiny_work / "tiny.toml").read_text()
-    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 4", 1))  # sft; rsft, consolidate: 4
     tracer = str(Path(sys.executable).parent / "tracer")
-    stdout = _launch([tracer, "run", "tiny.toml", "--name", "two"], tiny_work)
+    stdout = _launch([tracer, "run", config, "--name", "two"], tiny_work)
     assert stdout.count("run directory: ") == 1  # rank 0 prints, rank 1 does not
-    assert main(["run", "tiny.toml", "--name", "one"]) == 0
+    assert main(["run", config, "--name", "one"]) == 0
     runs_dir = tiny_work / "data" / "runs"
     one, two = (json.loads((runs_dir / d / "metrics.json").read_text()) for d in ("one", "two"))
-    assert set(one["phases"]) == set(two["phases"]) == {"base", "sft", "rsft", "consolidate"}
+    assert set(one["phases"]) == set(two["phases"]) == phases
     for phase, want in one["phases"].items():
         got = two["phases"][phase]
         assert (want["ranks"], got["ranks"]) == (1, 2)
         for key in ("n", "accuracy", "shuffle_agreement"):
             assert got[key] == want[key], (phase, key)
+    return runs_dir
+
+
+@pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
+def test_tracer_run_under_mlx_launch_records_what_one_process_does(tiny_work):
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "tiny.toml").write_text(text.replace("iters = 12", "iters = 4", 1))  # sft; rsft, consolidate: 4
+    runs_dir = _run_on_two_ranks_and_one(tiny_work, "tiny.toml", {"base", "sft", "rsft", "consolidate"})
     for phase in ("sft", "rsft"):
         _same_adapter(runs_dir / "one" / "models" / phase, runs_dir / "two" / "models" / phase)
     # consolidation continues the chain: AdamW's normalisation blows the last bits of near-zero
@@ -364,23 +371,10 @@ def test_other_commands_refuse_data_parallel(tiny_work, monkeypatch, capsys):
 
 @pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is not installed")
 def test_tracer_run_with_grpo_under_mlx_launch_records_what_one_process_does(tiny_work):
-    from tracer.cli import main
-
     text = (tiny_work / "tiny.toml").read_text().replace("iters = 12", "iters = 4", 1)  # sft
     text = text.replace('phases = ["base", "sft", "rsft", "consolidate"]', 'phases = ["base", "sft", "grpo"]')
     (tiny_work / "grpo.toml").write_text(text + GRPO_TOML)
-    tracer = str(Path(sys.executable).parent / "tracer")
-    stdout = _launch([tracer, "run", "grpo.toml", "--name", "two"], tiny_work)
-    assert stdout.count("run directory: ") == 1  # rank 0 prints, rank 1 does not
-    assert main(["run", "grpo.toml", "--name", "one"]) == 0
-    runs_dir = tiny_work / "data" / "runs"
-    one, two = (json.loads((runs_dir / d / "metrics.json").read_text()) for d in ("one", "two"))
-    assert set(one["phases"]) == set(two["phases"]) == {"base", "sft", "grpo"}
-    for phase, want in one["phases"].items():
-        got = two["phases"][phase]
-        assert (want["ranks"], got["ranks"]) == (1, 2)
-        for key in ("n", "accuracy", "shuffle_agreement"):
-            assert got[key] == want[key], (phase, key)
+    runs_dir = _run_on_two_ranks_and_one(tiny_work, "grpo.toml", {"base", "sft", "grpo"})
     # the plain KG reward: the tiny model's groups are flat, so this checks the plumbing, not learning
     one_log, two_log = (_grpo_log(runs_dir / d / "models" / "grpo") for d in ("one", "two"))
     assert [m["completion_tokens"] for m in two_log] == [m["completion_tokens"] for m in one_log]
