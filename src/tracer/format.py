@@ -198,10 +198,15 @@ def trace_nodes(trace_text: str) -> list[str]:
 _FRONTIER_SEP = re.compile(r",\s+")
 
 
+def is_frontier(node: str) -> bool:
+    """Whether a trace node is a frontier, ``{A, B}`` (:func:`frontier_trace`)."""
+    return node.startswith("{") and node.endswith("}")
+
+
 def node_names(node: str) -> list[str]:
-    """What one trace node names: a frontier ``{A, B}`` (:func:`frontier_trace`) → ``["A", "B"]``
-    (``{}`` → ``[]``); any other node → ``[node]``."""
-    if node.startswith("{") and node.endswith("}"):  # ", " parts: an entity id has no whitespace
+    """What one trace node names: a frontier ``{A, B}`` → ``["A", "B"]`` (``{}`` → ``[]``); any
+    other node → ``[node]``."""
+    if is_frontier(node):  # ", " parts: an entity id has no whitespace
         return [n for n in (x.strip(NODE_TRIM) for x in _FRONTIER_SEP.split(node[1:-1])) if n]
     return [node]
 

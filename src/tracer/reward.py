@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tracer.format import node_names, parse_completion, parse_fact, trace_steps
+from tracer.format import is_frontier, node_names, parse_completion, parse_fact, trace_steps
 from tracer.kg import KG, Edge
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -143,7 +143,7 @@ def spammed(nodes: list[str], entities: list[str], hop_len: int, repeat_max: int
     """Whether a trace repeats itself: an entity named more than ``repeat_max`` times; in a frontier
     trace, whose frontiers may share entities, an entity listed twice in one node or more hops than
     the chain has."""
-    if any(n.startswith("{") for n in nodes[1:]):
+    if any(map(is_frontier, nodes[1:])):
         return len(nodes) - 1 > hop_len or any(len(set(names)) < len(names) for names in map(node_names, nodes))
     return any(c > repeat_max for c in Counter(entities).values())
 

@@ -66,3 +66,17 @@ def test_examples_check_the_written_relation(tmp_path):
     # E0 -> E1 is an edge under caused_by, not fixed_by
     assert _hop_list(ep, small_kg()) == [{"src": "E0", "dst": "E1", "real": False},
                                                {"src": "E1", "dst": "E2", "real": True}]
+
+
+def test_a_frontier_hop_is_real_when_every_entity_it_lists_is_reached():
+    def ep(trace, bad=()):
+        return {"ex_id": "q", "hop_len": 2, "correct": False, "answer_star": "A", "hallucinated_hops": list(bad),
+                "parsed": {"valid_format": True, "answer": "B", "trace_text": trace, "trace_entities": [],
+                           "path_entities": ["E0", "E1", "E2"]}}
+
+    kg = small_kg()
+    assert [h["real"] for h in _hop_list(ep("E0 -caused_by-> {E1} -fixed_by-> {E2}"), kg)] == [True, True]
+    # E7 -fixed_by-> E2 is an edge, but E7 is not reached from E0; E3 -fixed_by-> E2 is none
+    wrong = ep("E0 -caused_by-> {E1, E7} -fixed_by-> {E2}", bad=[["E0", "E7"]])
+    assert [h["real"] for h in _hop_list(wrong, kg)] == [False, True]
+    assert [h["real"] for h in _hop_list(wrong, None)] == [False, True]  # read from hallucinated_hops

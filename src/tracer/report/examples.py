@@ -12,6 +12,7 @@ from rich.text import Text
 from tracer.errors import TracerError
 from tracer.format import node_names, parsed_nodes, trace_steps
 from tracer.report.load import as_run, read_episodes
+from tracer.reward import written_hops
 
 if TYPE_CHECKING:  # pragma: no cover
     from tracer.kg import KG
@@ -30,7 +31,7 @@ def _hop_list(ep: dict[str, Any], kg: KG | None) -> list[dict[str, Any]]:
             return not any((a, y) in bad for y in node_names(b))
         if "trace_text" not in parsed:
             return kg.has_edge(a, b)
-        return all(any(kg.has_triple(x, r, y) for x in node_names(a)) for y in node_names(b))
+        return all(hop[3] for hop in written_hops([a, b], [r], kg))
 
     return [{"src": a, "dst": b, "real": real(a, r, b)} for a, r, b in zip(nodes, rels, nodes[1:])]
 
