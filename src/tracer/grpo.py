@@ -47,14 +47,14 @@ from tracer.adapters import adapter_weights, attach_lora, load_checkpoint, save_
 from tracer.batching import Batch, Example, collate
 from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
-from tracer.distributed import peer_lost, world
+from tracer.distributed import world
 from tracer.errors import TracerError
 from tracer.format import answer_end, encode_chat
 from tracer.generate import generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
 from tracer.sampling import finish_text
-from tracer.train import _stopped, hidden, output_logits, schedule
+from tracer.train import hidden, output_logits, schedule, stopped, stops_training
 
 LOG_FILE = "grpo_log.jsonl"
 Scorer = Callable[[str, dict], dict]  # (completion, question row) -> reward.score()'s breakdown
@@ -155,8 +155,8 @@ def sample_completions(model: nn.Module, tokenizer, questions: list[dict], cfg: 
     for p, t in zip(prompts, toks):
         ids = encoded.setdefault(p, encode_chat(tokenizer, p))
         # not at the token budget and not cut after the ANSWER line: a stop token ended it
-        stopped = len(t) < cfg.max_tokens and answer_end(tokenizer.decode(t)) is None
-        examples.append((ids + t + ([tokenizer.eos_token_id] if stopped else []), len(ids)))
+        at_stop = len(t) < cfg.max_tokens and answer_end(tokenizer.decode(t)) is None
+        examples.append((ids + t + ([tokenizer.eos_token_id] if at_stop else []), len(ids)))
         texts.append(finish_text(tokenizer, t))
     return examples, texts
 
@@ -335,7 +335,7 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
 
     Under ``mlx.launch`` each rank samples and trains on its share of every step (:func:`grpo_step`);
     rank 0 alone writes and reports progress. A Ctrl-C, or under ``mlx.launch`` a rank that stops,
-    ends the training with a checkpoint of the last finished step (:func:`tracer.train._stopped`)."""
+    ends the training with a checkpoint of the last finished step (:func:`tracer.train.stopped`)."""
     if not pool:
         raise TracerError("no GRPO questions")
     rank, _ = world()
@@ -371,12 +371,12 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
     except (KeyboardInterrupt, RuntimeError) as exc:
-        if not (isinstance(exc, KeyboardInterrupt) or peer_lost(exc)):
+        if not stops_training(exc):
             raise
         _roll_back(model, optimizer, log, snapshot)
         path = checkpoint(len(log))
         progress.stop()
-        raise _stopped(exc, rank, len(log), path) from None
+        raise stopped(exc, rank, len(log), path) from None
     finally:
         cpu_ops.use_cpu_ops(model, False)
     progress.stop()

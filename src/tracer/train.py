@@ -223,7 +223,7 @@ def train(
 
     Under ``mlx.launch`` each rank trains on its share of every batch (:class:`TrainStep`); rank 0
     alone writes checkpoints and the adapter and reports progress. A Ctrl-C, or under ``mlx.launch``
-    a rank that stops, ends the training with a checkpoint of the last finished step (:func:`_stopped`)."""
+    a rank that stops, ends the training with a checkpoint of the last finished step (:func:`stopped`)."""
     if not train_pairs:
         raise TracerError("no training examples")
     rank, size = world()
@@ -253,12 +253,12 @@ def train(
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)
     except (KeyboardInterrupt, RuntimeError) as exc:
-        if not (isinstance(exc, KeyboardInterrupt) or peer_lost(exc)):
+        if not stops_training(exc):
             raise
         rec.roll_back(model, optimizer)
         path = checkpoint(len(rec.losses))
         progress.stop()
-        raise _stopped(exc, rank, len(rec.losses), path) from None
+        raise stopped(exc, rank, len(rec.losses), path) from None
     finally:
         cpu_ops.use_cpu_ops(model, False)
     progress.stop()
@@ -269,7 +269,13 @@ def train(
     return _summary(rec, cfg.iters, time.perf_counter() - rec.t0)
 
 
-def _stopped(exc: BaseException, rank: int, step: int, path: Path) -> Exception:
+def stops_training(exc: BaseException) -> bool:
+    """Whether ``exc`` ends a training with a checkpoint (:func:`stopped`): a Ctrl-C / SIGTERM, or
+    under ``mlx.launch`` a rank that stopped (other errors propagate as they are)."""
+    return isinstance(exc, KeyboardInterrupt) or peer_lost(exc)
+
+
+def stopped(exc: BaseException, rank: int, step: int, path: Path) -> Exception:
     """What a training stopped by ``exc`` after ``step`` steps raises: :class:`PeerLost` when another
     rank stopped (rank 0 saved the checkpoint ``path``), else :class:`TrainingInterrupted`."""
     if peer_lost(exc):

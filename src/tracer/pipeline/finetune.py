@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from tracer import runs
+from tracer import distributed, runs
 from tracer.errors import TracerError
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.workspace import Workspace
@@ -242,6 +242,7 @@ def sft(ws: Workspace, *, train: str | None = None, adapter_out: str | Path | No
     contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap)
     stats = train_adapter(ws, "sft", rows, out_dir, resume=resume, force=force, source=source)
     mark_contaminated(out_dir, contaminated)
+    distributed.barrier()  # under mlx.launch: rank 0 wrote the adapter before any rank reads it
     stats["contaminated"] = contaminated
     return stats
 

@@ -75,10 +75,9 @@ def _meta(run_dir, **fields: Any) -> None:
 
 
 def _trained(ws: Workspace, phase: str, wall_s: float) -> None:
-    """After a phase's training: its time recorded; under ``mlx.launch`` the adapter rank 0 wrote
-    is there before any rank reads it."""
-    _meta(ws.run_dir, timings={f"{phase}_train": wall_s})  # across interruptions
-    distributed.barrier()
+    """After a phase's training (whose stage waited for rank 0's adapter): its time, across
+    interruptions."""
+    _meta(ws.run_dir, timings={f"{phase}_train": wall_s})
 
 
 def _train_into(model_dir, resume: bool) -> dict:
