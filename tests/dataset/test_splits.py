@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tracer import dataset as ds
+from tracer.dataset import splits as splits_mod
 from tracer.config import DataConfig, RewardConfig
 from tracer.dataset.paths import canonical_path
 from tracer.dataset.verify import letter_balance
@@ -186,6 +187,49 @@ def test_non_functional_relations(kg):
         assert not (set(r["options"].values()) - {r["options"][r["answer_star"]]}) & targets
     cov = ds.train_edge_coverage(sp["train"], nf)
     assert min(cov.values()) >= cfg.min_edge_coverage
+
+
+def dense_many_to_many():
+    """Every symptom with a second cause and every cause with a second symptom it leads to: most
+    4-5-hop chains reach several entities, so questions with one start and chain and other answers
+    abound."""
+    extra = [(f"Sym{i:02d}", "caused_by", f"Cause{(7 * i + 3) % 40:02d}") for i in range(40)]
+    extra += [(f"Cause{i:02d}", "leads_to", f"Sym{(11 * i + 5) % 40:02d}") for i in range(40)]
+    return kg_from_dict(synth_kg_dict(extra_edges=extra), "dense")
+
+
+def test_no_pool_question_asks_what_an_eval_question_asks(monkeypatch):
+    """The RSFT pool shares no start and relation chain with the eval split, not only no path: on a
+    many-to-many graph another answer of an eval question's chain would teach its frontier. The
+    other splits are what they would be without that rule, and --exclude keeps such questions out."""
+    dense = dense_many_to_many()
+    cfg = DataConfig(eval_size=100, rsft_size=200, train_per_hop={"2": 200, "3": 200})
+    sp = ds.generate_splits(dense, cfg)
+    asked = {n: [ds.asked(ds.path_key(r)) for r in rows] for n, rows in sp.items()}
+    assert not set(asked["eval"]) & set(asked["rsft"])
+    assert len(asked["eval"]) > len(set(asked["eval"]))  # eval itself asks some chains twice
+    assert len(sp["rsft"]) == 200 and [r["id"] for r in sp["rsft"]] == [f"rsft-{i:05d}" for i in range(1, 201)]
+    for r in sp["rsft"]:  # each replacement a question with exactly one reachable option
+        reach = dense.follow(r["path_star"]["entities"][0], rels_of(r))
+        assert [L for L, e in r["options"].items() if e in reach] == [r["answer_star"]]
+    check_disjoint(sp)
+    check_letters(sp, cfg.letter_tolerance)
+    # without the rule the pool asks some eval questions; with it only those rows differ
+    monkeypatch.setattr(splits_mod, "_pool_apart_from_eval", lambda kg, cfg, pools, sp: sp["rsft"])
+    with pytest.raises(TracerError, match=r"splits eval and rsft ask \d+ same question"):
+        ds.generate_splits(dense, cfg)  # verify_splits checks the rule
+    monkeypatch.setattr(splits_mod, "verify_splits", lambda *a: None)
+    plain = ds.generate_splits(dense, cfg)
+    monkeypatch.undo()
+    clash = [i for i, r in enumerate(plain["rsft"]) if ds.asked(ds.path_key(r)) in set(asked["eval"])]
+    assert clash
+    assert all(plain[n] == sp[n] for n in ("train", "eval", "eval_shuffled"))
+    assert [i for i, (a, b) in enumerate(zip(plain["rsft"], sp["rsft"])) if a != b] == clash
+    assert all(plain["rsft"][i]["answer_star"] == sp["rsft"][i]["answer_star"] for i in clash)
+    held = frozenset(ds.path_key(r) for r in sp["eval"])
+    other = ds.generate_splits(dense, cfg.model_copy(update={"seed": 5}), held)
+    for name in ("rsft", "eval"):
+        assert not {ds.asked(ds.path_key(r)) for r in other[name]} & set(asked["eval"]), name
 
 
 def test_frontier_traces_list_every_entity_each_hop_reaches(kg):

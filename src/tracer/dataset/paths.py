@@ -30,6 +30,13 @@ def path_key(row: dict[str, Any]) -> tuple[str, tuple[str, ...], str]:
     return (ents[0], rels, ents[-1])
 
 
+def asked(key: tuple[str, tuple[str, ...], str]) -> tuple[str, tuple[str, ...]]:
+    """What a question with this :func:`path_key` asks: its start and relation chain. On a
+    many-to-many graph several keys ask the same, each with another answer, and a frontier trace
+    (the chain's whole reach) is the same for all of them."""
+    return key[0], key[1]
+
+
 def question_key(p: Path_) -> tuple[str, tuple[str, ...], str]:
     """(start entity, relation chain, answer entity) of a path."""
     ents, rels = p

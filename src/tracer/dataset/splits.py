@@ -15,7 +15,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from tracer.dataset.counterfactual import counterfactual_rows
-from tracer.dataset.paths import Path_, Progress, enumerate_paths, path_key, question_key, sample_paths, unique_edges
+from tracer.dataset.paths import (
+    Path_, Progress, asked, enumerate_paths, path_key, question_key, sample_paths, unique_edges,
+)
 from tracer.dataset.questions import QuestionContext, make_row
 from tracer.dataset.templates import templates_for
 from tracer.dataset.verify import verify_splits
@@ -121,8 +123,9 @@ def generate_splits(
 ) -> dict[str, list[dict[str, Any]]]:
     """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified.
 
-    ``exclude`` holds :func:`path_key` keys that no question of any split may take;
-    ``progress(stage, done, total)`` is called as rows are built.
+    ``exclude`` holds :func:`path_key` keys that no question of any split may take, nor ask what
+    they ask (:func:`asked`: the same start and chain); ``progress(stage, done, total)`` is called
+    as rows are built.
     """
     rng = random.Random(cfg.seed)
     ctx = QuestionContext(kg, cfg, rng)
@@ -132,7 +135,9 @@ def generate_splits(
     multi = sorted({h for h in train_hops if h > 1} | set(eval_hops))
     pools, _ = question_pools(kg, cfg, multi, ctx, progress)
     if exclude:
-        pools = {h: [p for p in ps if question_key(p) not in exclude] for h, ps in pools.items()}
+        out = {asked(k) for k in exclude}
+        pools = {h: [p for p in ps if question_key(p) not in exclude and asked(question_key(p)) not in out]
+                 for h, ps in pools.items()}
     eval_paths, rsft_paths = _held_out_paths(pools, cfg, eval_hops, rng)
     held = {question_key(p) for p in eval_paths} | {question_key(p) for p in rsft_paths} | exclude
     items = _multi_hop_items(pools, cfg, train_hops, held, rng)
@@ -147,9 +152,41 @@ def generate_splits(
     if cfg.shuffled_eval:
         counts: Counter = Counter()
         splits["eval_shuffled"] = [_shuffle_row(r, rng, counts) for r in splits["eval"]]
+    splits["rsft"] = _pool_apart_from_eval(kg, cfg, pools, splits)
     verify_splits(kg, splits, cfg)
     _add_counterfactuals(kg, cfg, splits, exclude)
     return splits
+
+
+def _pool_apart_from_eval(kg: "KG", cfg: "DataConfig", pools: dict[int, list[Path_]],
+                          splits: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The RSFT pool's rows, none asking what an eval question asks (:func:`asked`). On a
+    many-to-many graph two paths may share a start and relation chain and end apart; training on
+    one would teach the other's reasoning. Each such pool row is replaced by a row on an unused
+    path of its hop length, with the same id and answer letter, drawn by a generator of its own,
+    so every other row stays as it is (on a graph with one target per pair there is none to
+    replace); a row with no path left to take is dropped."""
+    taken = {asked(path_key(r)) for r in splits["eval"]}
+    rows = splits["rsft"]
+    clash = [i for i, r in enumerate(rows) if asked(path_key(r)) in taken]
+    if not clash:
+        return rows
+    rng = random.Random(f"{cfg.seed}:pool-apart-from-eval")
+    ctx = QuestionContext(kg, cfg, rng)
+    used = {path_key(r) for rs in splits.values() for r in rs}
+    spare: dict[int, list[Path_]] = {}
+    for h in sorted({rows[i]["hop_len"] for i in clash}):
+        spare[h] = [p for p in pools.get(h, []) if question_key(p) not in used and asked(question_key(p)) not in taken]
+        rng.shuffle(spare[h])
+    out: list[dict[str, Any] | None] = list(rows)
+    for i in clash:
+        row, left = rows[i], spare[rows[i]["hop_len"]]
+        out[i] = None
+        if left:
+            p = left.pop()
+            out[i] = make_row(ctx, p, row["answer_star"], rng.randrange(len(templates_for(p[1]))), "rsft")
+            out[i]["id"] = row["id"]
+    return [r for r in out if r is not None]
 
 
 def _check_settings(kg: "KG", cfg: "DataConfig", hops: list[int]) -> None:

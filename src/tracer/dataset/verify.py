@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from tracer.dataset.paths import path_key, unique_edges
+from tracer.dataset.paths import asked, path_key, unique_edges
 from tracer.errors import TracerError
 from tracer.format import LETTERS, edge_tuple, format_fact
 
@@ -71,6 +71,10 @@ def verify_splits(kg: "KG", splits: dict[str, list[dict[str, Any]]], cfg: "DataC
             if both:
                 s, rels, d = sorted(both)[0]
                 raise TracerError(f"splits {a} and {b} share {len(both)} path(s), e.g. {s} {list(rels)} {d}")
+    both = {asked(k) for k in keys.get("eval", ())} & {asked(k) for k in keys.get("rsft", ())}
+    if both:
+        s, rels = sorted(both)[0]
+        raise TracerError(f"splits eval and rsft ask {len(both)} same question(s), e.g. {s} {list(rels)}")
     if len(keys.get("eval", ())) != len(splits.get("eval", ())):
         raise TracerError("eval repeats a path")
     if len(keys.get("rsft", ())) != len(splits.get("rsft", ())):

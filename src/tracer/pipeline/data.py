@@ -164,17 +164,21 @@ def ensure_data(cfg: Config, kg: KG | None = None) -> dict | None:
 
 
 def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
-    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split.
+    """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split,
+    or that ask what an eval question asks (the same start and chain, another answer: on a
+    many-to-many graph its frontier trace is the eval question's).
 
     A row that names no relations is matched by its entity chain instead.
     """
     eval_ids = {r["id"] for r in eval_rows}
     eval_keys = {dataset.path_key(r) for r in eval_rows}
+    eval_asked = {dataset.asked(k) for k in eval_keys if k[1]}
     eval_chains = {tuple(r["path_star"]["entities"]) for r in eval_rows}
 
     def leaks(r: dict) -> bool:
         key = dataset.path_key(r)
-        return r["id"] in eval_ids or key in eval_keys or (not key[1] and tuple(r["path_star"]["entities"]) in eval_chains)
+        near = dataset.asked(key) in eval_asked if key[1] else tuple(r["path_star"]["entities"]) in eval_chains
+        return r["id"] in eval_ids or key in eval_keys or near
 
     return [r["id"] for r in train_rows if leaks(r)]
 
@@ -201,6 +205,7 @@ def guard_leakage(ws: Workspace, rows: list[dict], source: str, *, allow: bool) 
     if not allow:
         raise TracerError(
             f"{source}: {len(overlap)} training examples overlap the eval split {eval_file}{where} "
-            f"(first: {overlap[0]}); refusing to train on eval questions (--allow-eval-overlap overrides)"
+            f"(first: {overlap[0]}: its id, its path, or its start and relation chain); refusing to train "
+            "on eval questions (--allow-eval-overlap overrides)"
         )
     return True
