@@ -226,6 +226,10 @@ def test_no_pool_question_asks_what_an_eval_question_asks(monkeypatch):
     assert all(plain[n] == sp[n] for n in ("train", "eval", "eval_shuffled"))
     assert [i for i, (a, b) in enumerate(zip(plain["rsft"], sp["rsft"])) if a != b] == clash
     assert all(plain["rsft"][i]["answer_star"] == sp["rsft"][i]["answer_star"] for i in clash)
+    # a training hop length the eval shares: its training questions keep out of the eval's as well
+    four = ds.generate_splits(dense, cfg.model_copy(update={"train_hops": [1, 2, 3, 4], "train_per_hop": {"4": 200}}))
+    assert not {ds.asked(ds.path_key(r)) for r in four["train"]} & {ds.asked(ds.path_key(r)) for r in four["eval"]}
+    assert any(r["hop_len"] == 4 for r in four["train"])
     held = frozenset(ds.path_key(r) for r in sp["eval"])
     other = ds.generate_splits(dense, cfg.model_copy(update={"seed": 5}), held)
     for name in ("rsft", "eval"):

@@ -140,7 +140,7 @@ def generate_splits(
                  for h, ps in pools.items()}
     eval_paths, rsft_paths = _held_out_paths(pools, cfg, eval_hops, rng)
     held = {question_key(p) for p in eval_paths} | {question_key(p) for p in rsft_paths} | exclude
-    items = _multi_hop_items(pools, cfg, train_hops, held, rng)
+    items = _multi_hop_items(pools, cfg, train_hops, held, {asked(question_key(p)) for p in eval_paths}, rng)
     if 1 in train_hops:
         items += _one_hop_items(kg, cfg, items, held, rng)
     rng.shuffle(items)
@@ -235,9 +235,10 @@ def _held_out_paths(pools: dict[int, list[Path_]], cfg: "DataConfig", eval_hops:
 
 
 def _multi_hop_items(pools: dict[int, list[Path_]], cfg: "DataConfig", train_hops: list[int], held: set[Key],
-                     rng: random.Random) -> list[tuple[Path_, int]]:
-    """``train_per_hop`` (path, template) items per multi-hop length, on paths not ``held``: the
-    pool shuffled and repeated as often as needed, each repeat of a path in its next template."""
+                     eval_asked: set[tuple[str, tuple[str, ...]]], rng: random.Random) -> list[tuple[Path_, int]]:
+    """``train_per_hop`` (path, template) items per multi-hop length, on paths not ``held`` and not
+    asking an eval question (``eval_asked``, when train and eval share a hop length): the pool
+    shuffled and repeated as often as needed, each repeat of a path in its next template."""
     items: list[tuple[Path_, int]] = []
     for h in train_hops:
         if h == 1:
@@ -245,7 +246,7 @@ def _multi_hop_items(pools: dict[int, list[Path_]], cfg: "DataConfig", train_hop
         n = int(cfg.train_per_hop.get(str(h), 0))
         if n <= 0:
             continue
-        pool = [p for p in pools[h] if question_key(p) not in held]
+        pool = [p for p in pools[h] if question_key(p) not in held and asked(question_key(p)) not in eval_asked]
         if not pool:
             raise TracerError(f"KG has no answerable {h}-hop paths left for training (train_per_hop['{h}']={n})")
         order: list[Path_] = []

@@ -71,10 +71,12 @@ def verify_splits(kg: "KG", splits: dict[str, list[dict[str, Any]]], cfg: "DataC
             if both:
                 s, rels, d = sorted(both)[0]
                 raise TracerError(f"splits {a} and {b} share {len(both)} path(s), e.g. {s} {list(rels)} {d}")
-    both = {asked(k) for k in keys.get("eval", ())} & {asked(k) for k in keys.get("rsft", ())}
-    if both:
-        s, rels = sorted(both)[0]
-        raise TracerError(f"splits eval and rsft ask {len(both)} same question(s), e.g. {s} {list(rels)}")
+    eval_asked = {asked(k) for k in keys.get("eval", ())}
+    for name in ("train", "rsft"):
+        both = eval_asked & {asked(k) for k in keys.get(name, ())}
+        if both:
+            s, rels = sorted(both)[0]
+            raise TracerError(f"splits eval and {name} ask {len(both)} same question(s), e.g. {s} {list(rels)}")
     if len(keys.get("eval", ())) != len(splits.get("eval", ())):
         raise TracerError("eval repeats a path")
     if len(keys.get("rsft", ())) != len(splits.get("rsft", ())):
