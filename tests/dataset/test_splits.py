@@ -215,7 +215,7 @@ def test_no_pool_question_asks_what_an_eval_question_asks(monkeypatch):
     check_disjoint(sp)
     check_letters(sp, cfg.letter_tolerance)
     # without the rule the pool asks some eval questions; with it only those rows differ
-    monkeypatch.setattr(splits_mod, "_pool_apart_from_eval", lambda kg, cfg, pools, sp: sp["rsft"])
+    monkeypatch.setattr(splits_mod, "_pool_apart_from_eval", lambda kg, cfg, pools, sp, taken: sp["rsft"])
     with pytest.raises(TracerError, match=r"splits eval and rsft ask \d+ same question"):
         ds.generate_splits(dense, cfg)  # verify_splits checks the rule
     monkeypatch.setattr(splits_mod, "verify_splits", lambda *a: None)

@@ -135,12 +135,12 @@ def generate_splits(
     multi = sorted({h for h in train_hops if h > 1} | set(eval_hops))
     pools, _ = question_pools(kg, cfg, multi, ctx, progress)
     if exclude:
-        out = {asked(k) for k in exclude}
-        pools = {h: [p for p in ps if question_key(p) not in exclude and asked(question_key(p)) not in out]
-                 for h, ps in pools.items()}
+        out = {asked(k) for k in exclude}  # an excluded key's question, so the key itself too
+        pools = {h: [p for p in ps if asked(question_key(p)) not in out] for h, ps in pools.items()}
     eval_paths, rsft_paths = _held_out_paths(pools, cfg, eval_hops, rng)
     held = {question_key(p) for p in eval_paths} | {question_key(p) for p in rsft_paths} | exclude
-    items = _multi_hop_items(pools, cfg, train_hops, held, {asked(question_key(p)) for p in eval_paths}, rng)
+    eval_asked = {asked(question_key(p)) for p in eval_paths}
+    items = _multi_hop_items(pools, cfg, train_hops, held, eval_asked, rng)
     if 1 in train_hops:
         items += _one_hop_items(kg, cfg, items, held, rng)
     rng.shuffle(items)
@@ -152,21 +152,21 @@ def generate_splits(
     if cfg.shuffled_eval:
         counts: Counter = Counter()
         splits["eval_shuffled"] = [_shuffle_row(r, rng, counts) for r in splits["eval"]]
-    splits["rsft"] = _pool_apart_from_eval(kg, cfg, pools, splits)
+    splits["rsft"] = _pool_apart_from_eval(kg, cfg, pools, splits, eval_asked)
     verify_splits(kg, splits, cfg)
     _add_counterfactuals(kg, cfg, splits, exclude)
     return splits
 
 
 def _pool_apart_from_eval(kg: "KG", cfg: "DataConfig", pools: dict[int, list[Path_]],
-                          splits: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+                          splits: dict[str, list[dict[str, Any]]],
+                          taken: set[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
     """The RSFT pool's rows, none asking what an eval question asks (:func:`asked`). On a
     many-to-many graph two paths may share a start and relation chain and end apart; training on
     one would teach the other's reasoning. Each such pool row is replaced by a row on an unused
     path of its hop length, with the same id and answer letter, drawn by a generator of its own,
     so every other row stays as it is (on a graph with one target per pair there is none to
-    replace); a row with no path left to take is dropped."""
-    taken = {asked(path_key(r)) for r in splits["eval"]}
+    replace); a row with no path left to take is dropped. ``taken``: what the eval questions ask."""
     rows = splits["rsft"]
     clash = [i for i, r in enumerate(rows) if asked(path_key(r)) in taken]
     if not clash:
