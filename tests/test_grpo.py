@@ -16,7 +16,6 @@ from tracer import adapters, batching, dataset, grpo
 from tracer import model as models
 from tracer.config import LoraConfig, RewardConfig
 from tracer.errors import TrainingInterrupted
-from tracer.format import SYSTEM_PROMPT
 from tracer.kg import load_kg
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -171,14 +170,18 @@ def test_kl_is_zero_against_itself_and_the_reference_swap_restores_the_policy(ti
 
 def test_sampled_completions_end_as_they_were_sampled(tiny_model, pool, monkeypatch):
     """A completion trains on the tokens sampled, plus the end-of-turn token where one stopped it
-    (not where the token budget or the ANSWER line's end did); the reward reads the cut text."""
+    (not where the token budget or the ANSWER line's end did); the reward reads the cut text. Both
+    the sampling and the trained prompt are chats under the given system message."""
     _, tok = models.load(str(tiny_model))
     answered = tok.encode("TRACE: a\nANSWER: B\n", add_special_tokens=False)
     short = tok.encode("TRACE: a", add_special_tokens=False)
     budget = tok.encode("x " * 40, add_special_tokens=False)[:8]
-    monkeypatch.setattr(grpo, "generate_tokens", lambda *a, **k: [short, budget, answered, short])
-    examples, texts = grpo.sample_completions(None, tok, pool[:2], run_cfg(max_tokens=8), seed=0)
-    prompt = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+    asked = []
+    monkeypatch.setattr(grpo, "generate_tokens", lambda *a, **k: asked.append(k) or [short, budget, answered, short])
+    system = "You answer multi-hop questions about a clinical knowledge graph."
+    examples, texts = grpo.sample_completions(None, tok, pool[:2], run_cfg(max_tokens=8), seed=0, system=system)
+    assert asked[0]["system"] == system
+    prompt = tok.apply_chat_template([{"role": "system", "content": system},
                                       {"role": "user", "content": pool[0]["prompt"]}], add_generation_prompt=True)
     assert examples[0][0][: examples[0][1]] == list(prompt)
     completions = [ids[start:] for ids, start in examples]

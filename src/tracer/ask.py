@@ -55,7 +55,8 @@ def ask(model, tokenizer, row: dict[str, Any], kg: KG, cfg: Config) -> dict[str,
     a gold answer and path) the reward breakdown of :func:`tracer.reward.score`."""
     from tracer.generate import generate
 
-    completion = generate(model, tokenizer, [row["prompt"]], max_tokens=cfg.eval.max_tokens)[0]
+    completion = generate(model, tokenizer, [row["prompt"]], max_tokens=cfg.eval.max_tokens,
+                          system=cfg.data.system_prompt)[0]
     matcher = EntityMatcher(kg.entities)
     parsed = parse_completion(completion, matcher)
     out: dict[str, Any] = {

@@ -12,17 +12,19 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from tracer.format import answer_text, encode_chat, shared_prefix_len
+from tracer.format import SYSTEM_PROMPT, answer_text, encode_chat, shared_prefix_len
 
 Example = tuple[list[int], int]  # token ids, index where the completion starts
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int) -> list[Example]:
-    """Chat-formatted prompt + completion + end-of-turn; over-long prompts lose their start."""
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_seq_len: int,
+                 system: str = SYSTEM_PROMPT) -> list[Example]:
+    """Chat-formatted (``system`` message) prompt + completion + end-of-turn; over-long prompts lose
+    their start."""
     eos = tokenizer.eos_token_id
     out = []
     for prompt, completion in pairs:
-        p = encode_chat(tokenizer, prompt)
+        p = encode_chat(tokenizer, prompt, system)
         c = tokenizer.encode(completion, add_special_tokens=False) + [eos]
         c = c[: max_seq_len - 1]
         p = p[max(0, len(p) - (max_seq_len - len(c))):]

@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency the
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracer.errors import TracerError
+from tracer.format import SYSTEM_PROMPT
 
 
 class Section(BaseModel):
@@ -29,6 +30,10 @@ class DataConfig(Section):
     kg: str = Field("data/kg.json", description="Knowledge graph: tracer's JSON, or a .tsv/.csv file of head, relation, tail rows.")
     types: Optional[str] = Field(
         None, description="Entity types for the KG: a .tsv/.csv file of entity, type rows (default: the JSON's, or inferred from relations).",
+    )
+    system_prompt: str = Field(
+        SYSTEM_PROMPT, min_length=1,
+        description="System message of every chat (training, eval, sampling); name your own graph's domain here.",
     )
     out_dir: str = Field("data", description="Directory the generated JSONL splits are written to.")
     seed: int = Field(1234, description="Seed for question generation.")

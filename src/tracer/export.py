@@ -9,6 +9,7 @@ is saved by mlx-lm, so ``mlx_lm.generate --model DIR`` runs it without tracer. T
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ def card_facts(adapter: str | Path) -> dict[str, Any]:
     acfg = read_json(Path(adapter) / "adapter_config.json")
     run, phase = run_of(adapter)
     facts: dict[str, Any] = {"base_model": acfg.get("base_model", "unknown"), "phase": phase,
-                             "contaminated": bool(acfg.get("contaminated", False))}
+                             "contaminated": bool(acfg.get("contaminated", False)),
+                             "system_prompt": acfg.get("system_prompt", SYSTEM_PROMPT)}
     if run is not None:
         meta = read_json(run / "meta.json")
         metrics = read_json(run / "metrics.json", default={"phases": {}})
@@ -63,8 +65,9 @@ def model_card(facts: dict[str, Any]) -> str:
                   f"| {m['n']} | {100 * m['accuracy']:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}] | "
                   f"{100 * m['path_coverage']:.1f}% | {m['reward']:+.2f} | {100 * m['format_rate']:.1f}% |",
                   "", "One run is one draw; see the run directory for per-hop figures and episodes."]
-    lines += ["", "## Use", "", "tracer prompts with this system message:", "", f"> {SYSTEM_PROMPT}", "",
-              "```bash", f'mlx_lm.generate --model DIR --system-prompt "{SYSTEM_PROMPT}" --prompt "..."', "```", ""]
+    system = facts["system_prompt"]
+    lines += ["", "## Use", "", "tracer prompts with this system message:", "", f"> {system}", "",
+              "```bash", f'mlx_lm.generate --model DIR --system-prompt {shlex.quote(system)} --prompt "..."', "```", ""]
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from mlx_lm.models import gemma2, llama
 
 from tracer import cpu_ops
 from tracer.blas import share_cores
-from tracer.format import encode_chat, shared_prefix_len
+from tracer.format import SYSTEM_PROMPT, encode_chat, shared_prefix_len
 from tracer.model import head
 from tracer.progress import NullProgress, Progress
 from tracer.sampling import RowStopper, finish_text, make_sampler
@@ -284,6 +284,7 @@ def generate_tokens(
     batch_size: int = 32,
     progress: Progress | None = None,
     stop_after_answer: bool = True,
+    system: str = SYSTEM_PROMPT,
 ) -> list[list[int]]:
     """Completion token ids per prompt (original order); see :func:`generate`."""
     progress = progress or NullProgress()
@@ -293,7 +294,7 @@ def generate_tokens(
         return []
     use_fast_layers(model)
     share_cores()
-    encoded = [encode_chat(tokenizer, p) for p in prompts]
+    encoded = [encode_chat(tokenizer, p, system) for p in prompts]
     stopper = RowStopper(tokenizer, max(1, max_tokens), stop_after_answer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: K copies stay adjacent
     results: list[list[int] | None] = [None] * len(prompts)
@@ -324,15 +325,17 @@ def generate(
     batch_size: int = 32,
     progress: Progress | None = None,
     stop_after_answer: bool = True,
+    system: str = SYSTEM_PROMPT,
 ) -> list[str]:
-    """Completions (prompt and stop token excluded) for raw user ``prompts``, in input order.
+    """Completions (prompt and stop token excluded) for raw user ``prompts``, chats under the
+    ``system`` message, in input order.
 
     Greedy when ``temperature == 0``, else temperature + top-p sampling seeded by ``seed``.
     With ``stop_after_answer`` a completion ends with the ANSWER line the reward reads.
     """
     toks = generate_tokens(
         model, tokenizer, prompts, max_tokens, temperature, top_p, seed, batch_size, progress,
-        stop_after_answer,
+        stop_after_answer, system,
     )
     return [finish_text(tokenizer, t, stop_after_answer) for t in toks]
 

@@ -49,7 +49,7 @@ from tracer.blas import share_cores
 from tracer.config import GRPOConfig, LoraConfig, RewardConfig
 from tracer.distributed import world
 from tracer.errors import TracerError
-from tracer.format import answer_end, encode_chat
+from tracer.format import SYSTEM_PROMPT, answer_end, encode_chat
 from tracer.generate import generate_tokens
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
@@ -144,16 +144,16 @@ def reference_logprobs(model: nn.Module, batches: list[Batch], reference: dict[s
 
 
 def sample_completions(model: nn.Module, tokenizer, questions: list[dict], cfg: GRPOConfig,
-                       seed: int) -> tuple[list[Example], list[str]]:
-    """G sampled completions per question, groups in question order: the (prompt + sampled tokens,
+                       seed: int, system: str = SYSTEM_PROMPT) -> tuple[list[Example], list[str]]:
+    """G sampled completions per question (chats under the ``system`` message), groups in question order: the (prompt + sampled tokens,
     completion start) examples the loss runs on, and the texts the reward reads. A completion that
     ended on a stop token gets the end-of-turn token as its last (sampled, so trained) token."""
     prompts = [q["prompt"] for q in questions for _ in range(cfg.group_size)]
     toks = generate_tokens(model, tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p, seed,
-                           cfg.sample_batch_size)
+                           cfg.sample_batch_size, system=system)
     examples, texts, encoded = [], [], {}
     for p, t in zip(prompts, toks):
-        ids = encoded.setdefault(p, encode_chat(tokenizer, p))
+        ids = encoded.setdefault(p, encode_chat(tokenizer, p, system))
         # not at the token budget and not cut after the ANSWER line: a stop token ended it
         at_stop = len(t) < cfg.max_tokens and answer_end(tokenizer.decode(t)) is None
         examples.append((ids + t + ([tokenizer.eos_token_id] if at_stop else []), len(ids)))
@@ -180,14 +180,15 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def sample_chunks(model: nn.Module, tokenizer, questions: list[dict], scorer: Scorer, cfg: GRPOConfig, seed: int,
-                  chunks: list[tuple[int, list[int]]]) -> tuple[list[Example], list[list[list]]]:
+                  chunks: list[tuple[int, list[int]]], system: str = SYSTEM_PROMPT,
+                  ) -> tuple[list[Example], list[list[list]]]:
     """The completions of ``chunks`` (index c and question positions, of :func:`sampling_chunks`),
     chunk c sampled under ``chunk_seed(seed, c)`` and scored: the examples, groups in chunk order,
     and per chunk, per completion, ``[reward, valid format, correct, completion tokens]``."""
     examples, done = [], []
     for c, chunk in chunks:
         qs = [questions[i] for i in chunk]
-        ex, texts = sample_completions(model, tokenizer, qs, cfg, chunk_seed(seed, c))
+        ex, texts = sample_completions(model, tokenizer, qs, cfg, chunk_seed(seed, c), system)
         scores = [scorer(text, q) for text, q in zip(texts, [q for q in qs for _ in range(cfg.group_size)])]
         examples += ex
         done.append([[float(s["total"]), bool(s["valid_format"]), bool(s["correct"]), len(ids) - start]
@@ -239,14 +240,14 @@ def policy_update(model: nn.Module, optimizer, examples: list[Example], adv: np.
 
 
 def grpo_step(model: nn.Module, tokenizer, optimizer, questions: list[dict], scorer: Scorer, cfg: GRPOConfig,
-              seed: int, reference: dict[str, mx.array] | None = None) -> dict[str, Any]:
+              seed: int, reference: dict[str, mx.array] | None = None, system: str = SYSTEM_PROMPT) -> dict[str, Any]:
     """Sample G completions per question (seeded by ``seed``, chunk by chunk: :func:`sample_chunks`),
     score them, update once; returns the step's metrics: rewards (mean, std), format rate, accuracy,
     KL, clip fraction, tokens/s. Under ``mlx.launch`` this rank samples and trains on its share of
     the chunks; the metrics, gathered, are the whole step's on every rank."""
     t0 = time.perf_counter()
     chunks = distributed.shard(list(enumerate(sampling_chunks(len(questions), cfg))))
-    examples, done = sample_chunks(model, tokenizer, questions, scorer, cfg, seed, chunks)
+    examples, done = sample_chunks(model, tokenizer, questions, scorer, cfg, seed, chunks, system)
     rewards = np.array([c[0] for chunk in done for c in chunk], dtype=np.float64)
     adv = advantages(rewards, cfg.group_size, cfg.advantage_scale)
     every = np.array([c for chunk in distributed.gather_shards(done) for c in chunk], dtype=np.float64).reshape(-1, 4)
@@ -328,8 +329,9 @@ def _roll_back(model: nn.Module, optimizer, log: list[dict], snapshot: tuple | N
 
 def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cfg: GRPOConfig, lora: LoraConfig,
                out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
-               init_adapter: str | None = None) -> dict:
-    """GRPO-train a LoRA policy on the ``pool`` questions, rewarded by ``scorer`` (:func:`kg_scorer`),
+               init_adapter: str | None = None, system: str = SYSTEM_PROMPT) -> dict:
+    """GRPO-train a LoRA policy on the ``pool`` questions (chats under the ``system`` message, which
+    the adapter records), rewarded by ``scorer`` (:func:`kg_scorer`),
     from ``init_adapter`` (else a fresh LoRA); the reference of the KL term is that start. Writes
     the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``.
 
@@ -341,7 +343,7 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
     rank, _ = world()
     progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
-    adapter_cfg = attach_policy(model, lora, cfg.seed, init_adapter)
+    adapter_cfg = dict(attach_policy(model, lora, cfg.seed, init_adapter), system_prompt=system)
     reference = dict(adapter_weights(model)) if cfg.beta > 0 else None
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     start, log, earlier_s = _started(model, optimizer, out, resume, progress)
@@ -362,7 +364,7 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
             idx = draw_questions(len(pool), cfg.batch_questions, cfg.seed, step)
             snapshot = (adapter_weights(model), tree_map(lambda x: x, optimizer.state), step)
             m = grpo_step(model, tokenizer, optimizer, [pool[i] for i in idx], scorer, cfg,
-                          step_seed(cfg.seed, step), reference)
+                          step_seed(cfg.seed, step), reference, system)
             log.append({"step": step + 1, **m, "questions": [pool[i].get("id", i) for i in idx]})
             snapshot = None
             _write_log(out / LOG_FILE, log[-1:], append=True)

@@ -25,6 +25,7 @@ from tracer.blas import share_cores
 from tracer.config import LoraConfig, TrainConfig
 from tracer.distributed import peer_lost, world
 from tracer.errors import PeerLost, TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
+from tracer.format import SYSTEM_PROMPT
 from tracer.model import head
 from tracer.progress import NullProgress, Progress
 
@@ -218,8 +219,10 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     init_adapter: str | None = None,
+    system: str = SYSTEM_PROMPT,
 ) -> dict:
-    """LoRA-train ``model`` on (prompt, completion) pairs; writes the adapter to ``out_dir``.
+    """LoRA-train ``model`` on (prompt, completion) pairs, chats under the ``system`` message (which
+    the adapter records); writes the adapter to ``out_dir``.
 
     Under ``mlx.launch`` each rank trains on its share of every batch (:class:`TrainStep`); rank 0
     alone writes checkpoints and the adapter and reports progress. A Ctrl-C, or under ``mlx.launch``
@@ -229,9 +232,9 @@ def train(
     rank, size = world()
     progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
-    adapter_cfg = attach_lora(model, lora, cfg.seed, init_adapter)
+    adapter_cfg = dict(attach_lora(model, lora, cfg.seed, init_adapter), system_prompt=system)
     model.train()
-    examples, val_examples, answers, lengths = _encoded(tokenizer, train_pairs, val_pairs, cfg)
+    examples, val_examples, answers, lengths = _encoded(tokenizer, train_pairs, val_pairs, cfg, system)
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     rec = _Record.resumed(load_checkpoint(model, optimizer, out, progress.log)) if resume else _Record()
 
@@ -284,11 +287,11 @@ def stopped(exc: BaseException, rank: int, step: int, path: Path) -> Exception:
 
 
 def _encoded(tokenizer, train_pairs: list[tuple[str, str]], val_pairs: list[tuple[str, str]] | None,
-             cfg: TrainConfig) -> tuple[list[Example], list[Example], list[int] | None, list[int]]:
+             cfg: TrainConfig, system: str) -> tuple[list[Example], list[Example], list[int] | None, list[int]]:
     """The training and validation examples, the answers' token indices (when ``answer_weight``
     weighs them) and the examples' lengths."""
-    examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len)
-    val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len) if val_pairs else []
+    examples = encode_pairs(tokenizer, train_pairs, cfg.max_seq_len, system)
+    val_examples = encode_pairs(tokenizer, val_pairs, cfg.max_seq_len, system) if val_pairs else []
     answers = answer_indices(tokenizer, train_pairs, examples) if cfg.answer_weight != 1.0 else None
     return examples, val_examples, answers, [len(ids) for ids, _ in examples]
 

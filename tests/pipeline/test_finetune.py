@@ -143,3 +143,27 @@ def test_resume_under_other_settings_is_refused_naming_them(tiny_work, capsys):
     assert "resuming at step 6 with sft.iters 6 -> 9" in capsys.readouterr().out
     assert json.loads((tiny_work / "a" / "checkpoint" / "state.json").read_text())["step"] == 9
     assert json.loads((tiny_work / "a" / "train_settings.json").read_text())["settings"]["iters"] == 9
+
+
+def test_the_system_message_is_the_configs_and_the_adapter_keeps_it(tiny_work, capsys):
+    """data.system_prompt reaches training and is recorded in the adapter; eval under another one is
+    refused before any work (the adapter would be asked in a chat it never saw), as is a resume
+    under another one; a continuation may retrain the adapter under a new one."""
+    system = "You answer multi-hop questions about a clinical knowledge graph."
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "clinic.toml").write_text(text.replace("[data]\n", f'[data]\nsystem_prompt = "{system}"\n', 1))
+    assert main(["sft", "-c", "clinic.toml", "--iters", "3", "--adapter-out", "a"]) == 0
+    assert json.loads((tiny_work / "a" / "adapter_config.json").read_text())["system_prompt"] == system
+    capsys.readouterr()
+    assert main(["eval", "-c", "tiny.toml", "--adapter", "a", "--run-dir", "r"]) == 2
+    line = one_error(capsys)
+    assert f"a: adapter was trained under the system message '{system}'" in line, line
+    assert not (tiny_work / "r").exists()
+    assert main(["sft", "-c", "tiny.toml", "--iters", "6", "--adapter-out", "a", "--resume"]) == 2
+    assert "data.system_prompt" in one_error(capsys)
+    assert main(["eval", "-c", "clinic.toml", "--adapter", "a", "--run-dir", "r", "--phase", "sft"]) == 0
+    train = str(tiny_work / "data" / "tiny" / "train.jsonl")
+    assert main(["continue", "-c", "tiny.toml", "-a", "a", "-t", train, "--iters", "2", "--adapter-out", "b"]) == 0
+    from tracer.format import SYSTEM_PROMPT
+
+    assert json.loads((tiny_work / "b" / "adapter_config.json").read_text())["system_prompt"] == SYSTEM_PROMPT

@@ -150,7 +150,10 @@ def ask(
     else:
         row = asking.question_row(question)
     from tracer import model as models
+    from tracer.pipeline.finetune import check_adapter
 
+    if adapter:
+        check_adapter(ws, adapter)
     lm, tok = models.load(**ws.load_args(adapter))
     console.print(ask_panel(asking.ask(lm, tok, row, ws.kg, cfg)))
 

@@ -89,7 +89,7 @@ def _answer(ws: Workspace, pool, rows: list[dict]) -> list[str]:
     mine = distributed.shard(rows)
     ws.progress.start("generate", total=len(mine))
     texts = pool.generate([r["prompt"] for r in mine], progress=OneBar(ws.progress), max_tokens=ec.max_tokens,
-                          batch_size=ec.batch_size, seed=ec.seed)
+                          batch_size=ec.batch_size, seed=ec.seed, system=ws.cfg.data.system_prompt)
     ws.progress.stop()
     return distributed.gather_shards(texts)
 

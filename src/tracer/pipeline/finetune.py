@@ -15,6 +15,7 @@ from typing import Iterator
 
 from tracer import distributed, runs
 from tracer.errors import TracerError
+from tracer.format import SYSTEM_PROMPT
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.workspace import Workspace
 
@@ -47,7 +48,7 @@ def train_adapter(ws: Workspace, section: str, rows: list[dict], out_dir: Path, 
             lm, tokenizer, _pairs(train_rows), tcfg, ws.cfg.lora, out_dir,
             base_model=ws.base_model_id(), val_pairs=_pairs(val_rows) or None,
             hop_lens=[r["hop_len"] for r in train_rows], resume=resume, progress=ws.progress,
-            init_adapter=init_adapter,
+            init_adapter=init_adapter, system=ws.cfg.data.system_prompt,
         )
     stats["adapter"] = str(out_dir)
     return stats
@@ -140,13 +141,15 @@ def _file_digest(path: Path) -> str | None:
 def training_settings(ws: Workspace, section: str, rows: list[dict], init_adapter: str | None = None,
                       source: str | None = None) -> dict:
     """What a training's result is a function of: the section's settings, the LoRA settings (or the
-    starting adapter's weights), the base model and the training rows (their SHA-256). Recorded in
+    starting adapter's weights), the base model, the system message and the training rows (their
+    SHA-256). Recorded in
     ``train_settings.json`` beside the checkpoint; a resume must match it (:func:`check_resume_settings`)."""
     from tracer.blas import blas_info
 
     out = {"section": section, "settings": getattr(ws.cfg, section).model_dump(mode="json"),
            "base_model": ws.base_model_id(), "rows": len(rows), "rows_sha256": _rows_digest(rows),
-           "source": source, "blas_threads_at_start": blas_info()["threads"]}
+           "source": source, "blas_threads_at_start": blas_info()["threads"],
+           "system_prompt": ws.cfg.data.system_prompt}
     if init_adapter:
         out["init_adapter"] = str(init_adapter)
         out["init_adapter_sha256"] = _file_digest(Path(init_adapter) / "adapters.safetensors")
@@ -188,6 +191,8 @@ def check_resume_settings(out_dir: Path, settings: dict, log=None) -> None:
                 changed.append(f"{key}.{k} {was!r} -> {v!r}")
     if stored.get("base_model") not in (None, settings["base_model"]):
         changed.append(f"the base model ({stored['base_model']} -> {settings['base_model']})")
+    if stored.get("system_prompt", SYSTEM_PROMPT) != settings["system_prompt"]:  # older records: the default
+        changed.append(f"data.system_prompt ({stored.get('system_prompt', SYSTEM_PROMPT)!r} -> {settings['system_prompt']!r})")
     if stored.get("rows_sha256") not in (None, settings["rows_sha256"]):
         was, now = stored.get("source"), settings.get("source")
         where = f"{was} -> {now}" if was != now else f"{now or 'the rows'} changed"
@@ -249,8 +254,9 @@ def sft(ws: Workspace, *, train: str | None = None, adapter_out: str | Path | No
 
 def continue_(ws: Workspace, *, adapter: str, train: str, adapter_out: str | Path, resume: bool = False,
               force: bool = False, allow_eval_overlap: bool = False) -> dict:
-    """Continue training an existing adapter on new examples, into ``adapter_out``."""
-    check_adapter(ws, adapter)
+    """Continue training an existing adapter on new examples (under this config's system message,
+    which may differ from the adapter's), into ``adapter_out``."""
+    check_adapter(ws, adapter, same_system=False)
     check_distinct(adapter, adapter_out)
     check_output(Path(adapter_out), resume=resume, force=force)
     rows = ws.load_split("train", train)
@@ -280,12 +286,17 @@ def check_adapter_base(ws: Workspace, adapter: str) -> dict:
     return acfg
 
 
-def check_adapter(ws: Workspace, adapter: str) -> dict:
+def check_adapter(ws: Workspace, adapter: str, *, same_system: bool = True) -> dict:
     """An adapter to read, checked before any work: a complete adapter directory (config and
-    weights) trained for this base model; returns its adapter_config.json."""
+    weights) trained for this base model and, unless a continuation retrains it under another one
+    (``same_system`` False), under this config's system message; returns its adapter_config.json."""
     acfg = check_adapter_base(ws, adapter)
     if not (Path(adapter) / "adapters.safetensors").is_file():
         raise TracerError(f"{adapter}: adapter directory has no adapters.safetensors")
+    have, want = acfg.get("system_prompt", SYSTEM_PROMPT), ws.cfg.data.system_prompt  # older adapters: the default
+    if same_system and have != want:
+        raise TracerError(f"{adapter}: adapter was trained under the system message {have!r}, "
+                          f"not data.system_prompt {want!r}")
     return acfg
 
 

@@ -368,7 +368,8 @@ class _Sampler:
     def _job(self, chunk: list[dict], k: int, seed: int) -> dict:
         rc = self.ws.cfg.rsft
         return {"prompts": [q["prompt"] for q in chunk for _ in range(k)], "max_tokens": rc.max_tokens,
-                "temperature": rc.temperature, "top_p": rc.top_p, "seed": seed, "batch_size": self.ws.cfg.eval.batch_size}
+                "temperature": rc.temperature, "top_p": rc.top_p, "seed": seed, "batch_size": self.ws.cfg.eval.batch_size,
+                "system": self.ws.cfg.data.system_prompt}
 
     def _record(self, chunk: list[dict], indices: range, completions: list[str]) -> None:
         """Score a finished chunk's completions (``len(indices)`` per question, in order), keep them
