@@ -348,3 +348,28 @@ def test_schedule_warms_up_to_the_peak_and_ends_at_the_floor(kind):
     assert lr[5] == pytest.approx(1e-3) and max(lr) == pytest.approx(1e-3)  # the peak, once
     assert all(a > b for a, b in zip(lr[5:], lr[6:]))  # then falling every step
     assert lr[-1] == pytest.approx(1e-4)  # the floor at the last step, not one step above it
+
+
+def test_examples_cut_at_max_seq_len_are_said(facts_model, tmp_path):
+    """Training on examples longer than max_seq_len says how many (they lose part of a prompt or
+    trace); examples that fit say nothing."""
+
+    class Lines(NullProgress):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    cfg = TrainConfig(iters=1, batch_size=4, warmup=0, val_every=0, save_every=1000)
+    lengths = []
+    for max_seq_len, out in ((512, "fits"), (30, "cut")):
+        model, tok = fresh(facts_model)
+        said = Lines()
+        train.train(model, tok, PAIRS, cfg.model_copy(update={"max_seq_len": max_seq_len}), LoraConfig(rank=4, alpha=8.0),
+                    tmp_path / out, "tiny", progress=said)
+        lengths.append(said.lines)
+    cut = sum(len(ids) > 30 for ids, _ in batching.encode_pairs(fresh(facts_model)[1], PAIRS, 512))
+    assert lengths[0] == [] and cut > 0
+    assert lengths[1] == [f"warning: {cut} of {len(PAIRS)} training examples reach max_seq_len (30 tokens); "
+                          "longer ones lose the start of their prompt or the end of their trace"]

@@ -235,6 +235,10 @@ def train(
     adapter_cfg = dict(attach_lora(model, lora, cfg.seed, init_adapter), system_prompt=system)
     model.train()
     examples, val_examples, answers, lengths = _encoded(tokenizer, train_pairs, val_pairs, cfg, system)
+    full = sum(n >= cfg.max_seq_len for n in lengths)
+    if full:
+        progress.log(f"warning: {full} of {len(examples)} training examples reach max_seq_len ({cfg.max_seq_len} "
+                     "tokens); longer ones lose the start of their prompt or the end of their trace")
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     rec = _Record.resumed(load_checkpoint(model, optimizer, out, progress.log)) if resume else _Record()
 

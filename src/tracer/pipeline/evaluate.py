@@ -48,6 +48,7 @@ def evaluate(
     contaminated = contaminated or adapter_contaminated(adapter)
     rows = _eval_rows(ws, examples)
     ws.check_model()
+    ws.check_budget(rows, cfg.eval.max_tokens, "eval.max_tokens")
     pool = ws.generation_pool(adapter)
     t0 = time.perf_counter()
     with pool:

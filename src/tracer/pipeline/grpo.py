@@ -27,6 +27,7 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
         check_recording(ws, "grpo")
     check_distinct(adapter or runs.model_dir(ws.run_dir, "sft"), out_dir)
     adapter, source, rows, contaminated = rl_start(ws, adapter, pool, allow_eval_overlap)
+    ws.check_budget(rows, ws.cfg.grpo.max_tokens, "grpo.max_tokens")
     settings = training_settings(ws, "grpo", rows, adapter, source)
     with training_in(ws, out_dir, settings, resume=resume) as (lm, tokenizer):
         stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,

@@ -165,6 +165,7 @@ def _start(ws: Workspace, *, adapter: str | None, pool: str | None, adapter_out:
     if replay_pool:
         contaminated |= guard_leakage(ws, replay_pool, str(train_file), allow=allow)
     ws.check_model()
+    ws.check_budget(pool_rows, rc.max_tokens, "rsft.max_tokens")
     stored = ws.run_dir / "config.toml"
     if resume and stored.is_file() and not runs.is_follower():  # the run now holds this many rounds
         runs.write_text_atomic(stored, to_toml(ws.cfg))

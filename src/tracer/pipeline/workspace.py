@@ -126,6 +126,21 @@ class Workspace:
 
         return workers.Pool(self.load_args(adapter), workers.auto_workers(self.cfg.eval.workers))
 
+    def check_budget(self, rows: list[dict], max_tokens: int, knob: str) -> None:
+        """Warn (a line above the bars) when some of ``rows``' reference traces are longer than the
+        token budget ``knob`` = ``max_tokens`` gives a completion: a model that writes such a trace
+        runs out of tokens before its answer (long frontier traces on a dense graph do)."""
+        from mlx_lm.utils import load_tokenizer
+
+        traces = [r["ref"]["trace"] for r in rows if isinstance(r.get("ref", {}).get("trace"), str)]
+        if not traces:
+            return
+        tokenizer = load_tokenizer(self.check_model())
+        over = [n for n in (len(tokenizer.encode(t, add_special_tokens=False)) for t in traces) if n > max_tokens]
+        if over:
+            self.progress.log(f"warning: {len(over)} of {len(traces)} reference traces are longer than {knob} "
+                              f"({max_tokens} tokens; the longest {max(over)}): raise {knob}")
+
     def base_model_id(self) -> str:
         """The base model's name as adapters record it (``base_model``)."""
         from tracer import model as models
