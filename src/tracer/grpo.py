@@ -145,9 +145,10 @@ def reference_logprobs(model: nn.Module, batches: list[Batch], reference: dict[s
 
 def sample_completions(model: nn.Module, tokenizer, questions: list[dict], cfg: GRPOConfig,
                        seed: int, system: str = SYSTEM_PROMPT) -> tuple[list[Example], list[str]]:
-    """G sampled completions per question (chats under the ``system`` message), groups in question order: the (prompt + sampled tokens,
-    completion start) examples the loss runs on, and the texts the reward reads. A completion that
-    ended on a stop token gets the end-of-turn token as its last (sampled, so trained) token."""
+    """G sampled completions per question (chats under the ``system`` message), groups in question
+    order: the (prompt + sampled tokens, completion start) examples the loss runs on, and the texts
+    the reward reads. A completion that ended on a stop token gets the end-of-turn token as its last
+    (sampled, so trained) token."""
     prompts = [q["prompt"] for q in questions for _ in range(cfg.group_size)]
     toks = generate_tokens(model, tokenizer, prompts, cfg.max_tokens, cfg.temperature, cfg.top_p, seed,
                            cfg.sample_batch_size, system=system)
@@ -331,8 +332,8 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
                out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
                init_adapter: str | None = None, system: str = SYSTEM_PROMPT) -> dict:
     """GRPO-train a LoRA policy on the ``pool`` questions (chats under the ``system`` message, which
-    the adapter records), rewarded by ``scorer`` (:func:`kg_scorer`),
-    from ``init_adapter`` (else a fresh LoRA); the reference of the KL term is that start. Writes
+    the adapter records), rewarded by ``scorer`` (:func:`kg_scorer`), from ``init_adapter`` (else a
+    fresh LoRA); the reference of the KL term is that start. Writes
     the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``.
 
     Under ``mlx.launch`` each rank samples and trains on its share of every step (:func:`grpo_step`);

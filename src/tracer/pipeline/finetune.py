@@ -142,8 +142,8 @@ def training_settings(ws: Workspace, section: str, rows: list[dict], init_adapte
                       source: str | None = None) -> dict:
     """What a training's result is a function of: the section's settings, the LoRA settings (or the
     starting adapter's weights), the base model, the system message and the training rows (their
-    SHA-256). Recorded in
-    ``train_settings.json`` beside the checkpoint; a resume must match it (:func:`check_resume_settings`)."""
+    SHA-256). Recorded in ``train_settings.json`` beside the checkpoint; a resume must match it
+    (:func:`check_resume_settings`)."""
     from tracer.blas import blas_info
 
     out = {"section": section, "settings": getattr(ws.cfg, section).model_dump(mode="json"),
