@@ -191,8 +191,9 @@ def check_resume_settings(out_dir: Path, settings: dict, log=None) -> None:
                 changed.append(f"{key}.{k} {was!r} -> {v!r}")
     if stored.get("base_model") not in (None, settings["base_model"]):
         changed.append(f"the base model ({stored['base_model']} -> {settings['base_model']})")
-    if stored.get("system_prompt", SYSTEM_PROMPT) != settings["system_prompt"]:  # older records: the default
-        changed.append(f"data.system_prompt ({stored.get('system_prompt', SYSTEM_PROMPT)!r} -> {settings['system_prompt']!r})")
+    system_was = stored.get("system_prompt", SYSTEM_PROMPT)  # older records: the default
+    if system_was != settings["system_prompt"]:
+        changed.append(f"data.system_prompt ({system_was!r} -> {settings['system_prompt']!r})")
     if stored.get("rows_sha256") not in (None, settings["rows_sha256"]):
         was, now = stored.get("source"), settings.get("source")
         where = f"{was} -> {now}" if was != now else f"{now or 'the rows'} changed"
