@@ -24,14 +24,18 @@ def test_summarize(kg, splits, cfg):
 
 
 def test_rsft_shortfall_is_a_warning(kg):
-    n4 = len(ds.enumerate_paths(kg, [4, 5])[4]) + len(ds.enumerate_paths(kg, [4, 5])[5])
-    cfg = DataConfig(eval_size=100, rsft_size=n4, train_per_hop={"2": 50, "3": 50})
+    paths = [p for ps in ds.enumerate_paths(kg, [4, 5]).values() for p in ps]
+    cfg = DataConfig(eval_size=100, rsft_size=len(paths), train_per_hop={"2": 50, "3": 50})
     sp = ds.generate_splits(kg, cfg)
-    assert 0 < len(sp["rsft"]) == n4 - 100
+    eval_keys = {ds.path_key(r) for r in sp["eval"]}
+    eval_asked = {ds.asked(k) for k in eval_keys}
+    left = [k for k in ((e[0], rels, e[-1]) for e, rels in paths)  # outside eval, through no eval question
+            if k not in eval_keys and not ds.passes_through(k, eval_asked)]
+    assert 0 < len(sp["rsft"]) == len(left) < len(paths) - 100
     summary = ds.summarize(sp, kg, cfg)
     assert any("rsft" in w for w in summary["warnings"])
     with pytest.raises(TracerError, match="RSFT"):
-        ds.generate_splits(kg, DataConfig(eval_size=n4, rsft_size=10))
+        ds.generate_splits(kg, DataConfig(eval_size=len(paths), rsft_size=10))
 
 
 def test_pool_shortfall_is_counted_without_the_renamed_copies(kg):

@@ -128,8 +128,9 @@ def test_entity_chain_counts_only_for_rows_without_relations():
 
 def test_another_answer_to_an_eval_question_is_refused():
     """On a many-to-many graph a row with an eval row's start and relation chain but another answer
-    asks the same question (its frontier trace is the eval one's); a row whose chain only begins
-    with the eval row's is another question."""
+    asks the same question (its frontier trace is the eval one's); a row whose chain begins with the
+    eval row's and goes on passes through it (its trace reaches the eval answer on the way); a row
+    whose chain is the start of the eval row's is another question (the eval goes one hop further)."""
     def row(rid, ents, rels):
         edges = [{"src": s, "rel": r, "dst": d} for s, r, d in zip(ents, rels, ents[1:])]
         return {"id": rid, "path_star": {"entities": ents, "edges": edges}, "meta": {}}
@@ -137,4 +138,4 @@ def test_another_answer_to_an_eval_question_is_refused():
     ev = [row("e1", ["a", "b", "c"], ["r", "s"])]
     rows = [row("other-end", ["a", "x", "y"], ["r", "s"]), row("prefix", ["a", "b"], ["r"]),
             row("longer", ["a", "b", "c", "d"], ["r", "s", "t"]), row("other-start", ["z", "b", "c"], ["r", "s"])]
-    assert eval_overlap(rows, ev) == ["other-end"]
+    assert eval_overlap(rows, ev) == ["other-end", "longer"]

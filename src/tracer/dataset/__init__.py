@@ -21,12 +21,12 @@ public interface.
 """
 
 from tracer.dataset.jsonl import SPLIT_FILES, load_examples, normalize_row, read_jsonl, write_jsonl, write_splits
-from tracer.dataset.paths import asked, enumerate_paths, path_key
+from tracer.dataset.paths import asked, enumerate_paths, passes_through, path_key
 from tracer.dataset.splits import generate_splits, question_counts
 from tracer.dataset.verify import summarize, train_edge_coverage, verify_row, verify_splits
 
 __all__ = [
-    "SPLIT_FILES", "asked", "enumerate_paths", "generate_splits", "load_examples", "normalize_row",
+    "SPLIT_FILES", "asked", "enumerate_paths", "generate_splits", "load_examples", "normalize_row", "passes_through",
     "path_key", "question_counts", "read_jsonl", "summarize", "train_edge_coverage", "verify_row",
     "verify_splits", "write_jsonl", "write_splits",
 ]

@@ -37,6 +37,15 @@ def asked(key: tuple[str, tuple[str, ...], str]) -> tuple[str, tuple[str, ...]]:
     return key[0], key[1]
 
 
+def passes_through(key: tuple[str, tuple[str, ...], str], questions: set[tuple[str, tuple[str, ...]]]) -> bool:
+    """Whether a question with this :func:`path_key` asks, or passes through, one of ``questions``
+    (:func:`asked` tuples): its start with its whole relation chain or a leading part of it. A
+    longer chain's trace, its path or its frontiers, runs through the shorter question's whole
+    chain and reaches its answer on the way, so training on it teaches that question's answer."""
+    start, rels = key[0], key[1]
+    return any((start, rels[:k]) in questions for k in range(1, len(rels) + 1))
+
+
 def question_key(p: Path_) -> tuple[str, tuple[str, ...], str]:
     """(start entity, relation chain, answer entity) of a path."""
     ents, rels = p

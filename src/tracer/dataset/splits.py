@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from tracer.dataset.counterfactual import counterfactual_rows
 from tracer.dataset.paths import (
-    Path_, Progress, asked, enumerate_paths, path_key, question_key, sample_paths, unique_edges,
+    Path_, Progress, asked, enumerate_paths, passes_through, path_key, question_key, sample_paths, unique_edges,
 )
 from tracer.dataset.questions import QuestionContext, make_row
 from tracer.dataset.templates import templates_for
@@ -123,8 +123,8 @@ def generate_splits(
 ) -> dict[str, list[dict[str, Any]]]:
     """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified.
 
-    ``exclude`` holds :func:`path_key` keys that no question of any split may take, nor ask what
-    they ask (:func:`asked`: the same start and chain); ``progress(stage, done, total)`` is called
+    ``exclude`` holds :func:`path_key` keys that no question of any split may take, nor ask or pass
+    through what they ask (:func:`passes_through`); ``progress(stage, done, total)`` is called
     as rows are built.
     """
     rng = random.Random(cfg.seed)
@@ -136,7 +136,7 @@ def generate_splits(
     pools, _ = question_pools(kg, cfg, multi, ctx, progress)
     if exclude:
         out = {asked(k) for k in exclude}  # an excluded key's question, so the key itself too
-        pools = {h: [p for p in ps if asked(question_key(p)) not in out] for h, ps in pools.items()}
+        pools = {h: [p for p in ps if not passes_through(question_key(p), out)] for h, ps in pools.items()}
     eval_paths, rsft_paths = _held_out_paths(pools, cfg, eval_hops, rng)
     held = {question_key(p) for p in eval_paths} | {question_key(p) for p in rsft_paths} | exclude
     eval_asked = {asked(question_key(p)) for p in eval_paths}
@@ -161,14 +161,15 @@ def generate_splits(
 def _pool_apart_from_eval(kg: "KG", cfg: "DataConfig", pools: dict[int, list[Path_]],
                           splits: dict[str, list[dict[str, Any]]],
                           taken: set[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
-    """The RSFT pool's rows, none asking what an eval question asks (:func:`asked`). On a
-    many-to-many graph two paths may share a start and relation chain and end apart; training on
-    one would teach the other's reasoning. Each such pool row is replaced by a row on an unused
-    path of its hop length, with the same id and answer letter, drawn by a generator of its own,
-    so every other row stays as it is (on a graph with one target per pair there is none to
-    replace); a row with no path left to take is dropped. ``taken``: what the eval questions ask."""
+    """The RSFT pool's rows, none asking or passing through an eval question
+    (:func:`passes_through`). On a many-to-many graph two paths may share a start and relation chain
+    and end apart; training on one would teach the other's reasoning. On any graph, a longer chain
+    that starts with an eval question's runs through its answer. Each such pool row is replaced by
+    a row on an unused path of its hop length, with the same id and answer letter, drawn by a
+    generator of its own, so every other row stays as it is; a row with no path left to take is
+    dropped. ``taken``: what the eval questions ask."""
     rows = splits["rsft"]
-    clash = [i for i, r in enumerate(rows) if asked(path_key(r)) in taken]
+    clash = [i for i, r in enumerate(rows) if passes_through(path_key(r), taken)]
     if not clash:
         return rows
     rng = random.Random(f"{cfg.seed}:pool-apart-from-eval")
@@ -176,7 +177,8 @@ def _pool_apart_from_eval(kg: "KG", cfg: "DataConfig", pools: dict[int, list[Pat
     used = {path_key(r) for rs in splits.values() for r in rs}
     spare: dict[int, list[Path_]] = {}
     for h in sorted({rows[i]["hop_len"] for i in clash}):
-        spare[h] = [p for p in pools.get(h, []) if question_key(p) not in used and asked(question_key(p)) not in taken]
+        spare[h] = [p for p in pools.get(h, [])
+                    if question_key(p) not in used and not passes_through(question_key(p), taken)]
         rng.shuffle(spare[h])
     out: list[dict[str, Any] | None] = list(rows)
     for i in clash:
@@ -237,7 +239,8 @@ def _held_out_paths(pools: dict[int, list[Path_]], cfg: "DataConfig", eval_hops:
 def _multi_hop_items(pools: dict[int, list[Path_]], cfg: "DataConfig", train_hops: list[int], held: set[Key],
                      eval_asked: set[tuple[str, tuple[str, ...]]], rng: random.Random) -> list[tuple[Path_, int]]:
     """``train_per_hop`` (path, template) items per multi-hop length, on paths not ``held`` and not
-    asking an eval question (``eval_asked``, when train and eval share a hop length): the pool
+    asking or passing through an eval question (``eval_asked``, when train and eval share a hop
+    length): the pool
     shuffled and repeated as often as needed, each repeat of a path in its next template."""
     items: list[tuple[Path_, int]] = []
     for h in train_hops:
@@ -246,7 +249,7 @@ def _multi_hop_items(pools: dict[int, list[Path_]], cfg: "DataConfig", train_hop
         n = int(cfg.train_per_hop.get(str(h), 0))
         if n <= 0:
             continue
-        pool = [p for p in pools[h] if question_key(p) not in held and asked(question_key(p)) not in eval_asked]
+        pool = [p for p in pools[h] if question_key(p) not in held and not passes_through(question_key(p), eval_asked)]
         if not pool:
             raise TracerError(f"KG has no answerable {h}-hop paths left for training (train_per_hop['{h}']={n})")
         order: list[Path_] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from tracer.dataset.paths import asked, path_key, unique_edges
+from tracer.dataset.paths import asked, passes_through, path_key, unique_edges
 from tracer.errors import TracerError
 from tracer.format import LETTERS, edge_tuple, format_fact
 
@@ -73,10 +73,11 @@ def verify_splits(kg: "KG", splits: dict[str, list[dict[str, Any]]], cfg: "DataC
                 raise TracerError(f"splits {a} and {b} share {len(both)} path(s), e.g. {s} {list(rels)} {d}")
     eval_asked = {asked(k) for k in keys.get("eval", ())}
     for name in ("train", "rsft"):
-        both = eval_asked & {asked(k) for k in keys.get(name, ())}
-        if both:
-            s, rels = sorted(both)[0]
-            raise TracerError(f"splits eval and {name} ask {len(both)} same question(s), e.g. {s} {list(rels)}")
+        through = sorted(k for k in keys.get(name, ()) if passes_through(k, eval_asked))
+        if through:
+            s, rels, _ = through[0]
+            raise TracerError(f"{len(through)} {name} question(s) ask or pass through an eval question, "
+                              f"e.g. {s} {list(rels)}")
     if len(keys.get("eval", ())) != len(splits.get("eval", ())):
         raise TracerError("eval repeats a path")
     if len(keys.get("rsft", ())) != len(splits.get("rsft", ())):

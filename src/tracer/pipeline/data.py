@@ -166,7 +166,8 @@ def ensure_data(cfg: Config, kg: KG | None = None) -> dict | None:
 def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
     """Ids of training rows whose id or path (start, relation chain, answer) is in the eval split,
     or that ask what an eval question asks (the same start and chain, another answer: on a
-    many-to-many graph its frontier trace is the eval question's).
+    many-to-many graph its frontier trace is the eval question's), or pass through it (a longer
+    chain that starts with the eval question's: its trace reaches the eval answer on the way).
 
     A row that names no relations is matched by its entity chain instead.
     """
@@ -177,7 +178,7 @@ def eval_overlap(train_rows: list[dict], eval_rows: list[dict]) -> list[str]:
 
     def leaks(r: dict) -> bool:
         key = dataset.path_key(r)
-        near = dataset.asked(key) in eval_asked if key[1] else tuple(r["path_star"]["entities"]) in eval_chains
+        near = dataset.passes_through(key, eval_asked) if key[1] else tuple(r["path_star"]["entities"]) in eval_chains
         return r["id"] in eval_ids or key in eval_keys or near
 
     return [r["id"] for r in train_rows if leaks(r)]
