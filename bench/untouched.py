@@ -1,0 +1,56 @@
+"""Accuracy on the eval questions that no training row asks or passes through, for runs made on
+splits from before that rule (``tracer.dataset.passes_through``). Reads the eval questions, the
+training files a run learned from, and the runs' episodes.
+
+    python bench/untouched.py data/mhr_frontier/eval.jsonl \\
+        --train data/mhr_frontier/rsft.jsonl data/mhr_frontier/more_mix.jsonl \\
+        --runs docs/results/mhr_frontier_pool/episodes/sft.jsonl docs/results/mhr_frontier_more/episodes/sft.jsonl
+
+Prints how many eval questions the training rows touch, each run's accuracy (95% Wilson interval)
+on the untouched and the touched ones, and the exact McNemar test of each run against the first
+on the untouched questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tracer.dataset import asked, passes_through, path_key, read_jsonl
+from tracer.metrics import mcnemar, wilson
+
+
+def touched(eval_rows: list[dict], train_rows: list[dict]) -> set[str]:
+    """Ids of the eval questions some training row asks or passes through."""
+    keys = [path_key(r) for r in train_rows]
+    return {q["id"] for q in eval_rows if any(passes_through(k, {asked(path_key(q))}) for k in keys)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("eval", help="the eval questions (JSONL)")
+    ap.add_argument("--train", nargs="+", required=True, help="training files the runs learned from")
+    ap.add_argument("--runs", nargs="+", required=True, help="episodes files (JSONL), one per run")
+    args = ap.parse_args()
+    eval_rows = read_jsonl(args.eval)
+    hit = touched(eval_rows, [r for f in args.train for r in read_jsonl(f)])
+    clean = [q["id"] for q in eval_rows if q["id"] not in hit]
+    print(f"{len(eval_rows)} eval questions: {len(hit)} touched, {len(clean)} untouched")
+    first = None
+    for path in args.runs:
+        eps = {e["ex_id"]: e for e in read_jsonl(path)}
+        k = sum(bool(eps[i]["correct"]) for i in clean)
+        lo, hi = wilson(k, len(clean))
+        kt = sum(bool(eps[i]["correct"]) for i in hit)
+        line = f"{path}: untouched {k}/{len(clean)} = {100 * k / len(clean):.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]"
+        line += f", touched {kt}/{len(hit)}" if hit else ""
+        mine = [eps[i] for i in clean]
+        if first is None:
+            first = mine
+        else:
+            m = mcnemar(first, mine)
+            line += f"; against the first: {m['fixed']} fixed, {m['broken']} broken, p = {m['p']:.2g}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
