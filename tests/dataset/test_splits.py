@@ -243,6 +243,23 @@ def test_no_pool_question_asks_or_passes_through_an_eval_question(monkeypatch):
         assert not through(other[name], set(asked["eval"])), name
 
 
+def test_exclude_keeps_out_what_passes_through_held_out_questions_only():
+    """--exclude: an excluded question of an eval hop length is neither asked again nor passed
+    through; a shorter one (a training file's) is only not asked again: longer chains still start
+    with it, as eval questions start with training chains."""
+    dense = dense_many_to_many()
+    cfg = DataConfig(eval_size=100, rsft_size=200, train_per_hop={"2": 200, "3": 200})
+    sp = ds.generate_splits(dense, cfg)
+    two_hop = [r for r in sp["train"] if r["hop_len"] == 2]
+    other = ds.generate_splits(dense, cfg.model_copy(update={"seed": 5}),
+                               frozenset(ds.path_key(r) for r in sp["eval"] + two_hop))
+    held, short = ({ds.asked(ds.path_key(r)) for r in rows} for rows in (sp["eval"], two_hop))
+    keys = [ds.path_key(r) for name in ("train", "rsft", "eval") for r in other[name]]
+    assert not any(ds.passes_through(k, held) for k in keys)
+    assert not any(ds.asked(k) in short for k in keys)
+    assert any(ds.passes_through(k, short) for k in keys)
+
+
 def test_frontier_traces_list_every_entity_each_hop_reaches(kg):
     """trace = 'frontier': the same questions, each reference trace naming the chain's whole frontier
     after every hop; the last frontier holds the answer and no distractor, and the trace scores full."""

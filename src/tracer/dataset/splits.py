@@ -123,9 +123,10 @@ def generate_splits(
 ) -> dict[str, list[dict[str, Any]]]:
     """Build the train / rsft / eval (/ eval_shuffled) splits; every rule is verified.
 
-    ``exclude`` holds :func:`path_key` keys that no question of any split may take, nor ask or pass
-    through what they ask (:func:`passes_through`); ``progress(stage, done, total)`` is called
-    as rows are built.
+    ``exclude`` holds :func:`path_key` keys that no question of any split may take, nor ask what
+    they ask, nor pass through it where it has an eval hop length (:func:`passes_through`: a held-out
+    question; a shorter one, from a training file, may be built on); ``progress(stage, done,
+    total)`` is called as rows are built.
     """
     rng = random.Random(cfg.seed)
     ctx = QuestionContext(kg, cfg, rng)
@@ -136,7 +137,9 @@ def generate_splits(
     pools, _ = question_pools(kg, cfg, multi, ctx, progress)
     if exclude:
         out = {asked(k) for k in exclude}  # an excluded key's question, so the key itself too
-        pools = {h: [p for p in ps if not passes_through(question_key(p), out)] for h, ps in pools.items()}
+        held_out = {q for q in out if len(q[1]) >= min(eval_hops)}
+        pools = {h: [p for p in ps if asked(question_key(p)) not in out
+                     and not passes_through(question_key(p), held_out)] for h, ps in pools.items()}
     eval_paths, rsft_paths = _held_out_paths(pools, cfg, eval_hops, rng)
     held = {question_key(p) for p in eval_paths} | {question_key(p) for p in rsft_paths} | exclude
     eval_asked = {asked(question_key(p)) for p in eval_paths}
