@@ -21,7 +21,8 @@ from tracer.metrics import mcnemar, wilson
 
 def touched(eval_rows: list[dict], train_rows: list[dict]) -> set[str]:
     """Ids of the eval questions some training row asks or passes through."""
-    keys = [path_key(r) for r in train_rows]
+    eval_asked = {asked(path_key(q)) for q in eval_rows}
+    keys = [k for k in map(path_key, train_rows) if passes_through(k, eval_asked)]  # the few that touch any
     return {q["id"] for q in eval_rows if any(passes_through(k, {asked(path_key(q))}) for k in keys)}
 
 

@@ -243,8 +243,8 @@ def _multi_hop_items(pools: dict[int, list[Path_]], cfg: "DataConfig", train_hop
                      eval_asked: set[tuple[str, tuple[str, ...]]], rng: random.Random) -> list[tuple[Path_, int]]:
     """``train_per_hop`` (path, template) items per multi-hop length, on paths not ``held`` and not
     asking or passing through an eval question (``eval_asked``, when train and eval share a hop
-    length): the pool
-    shuffled and repeated as often as needed, each repeat of a path in its next template."""
+    length): the pool shuffled and repeated as often as needed, each repeat of a path in its next
+    template."""
     items: list[tuple[Path_, int]] = []
     for h in train_hops:
         if h == 1:
