@@ -19,6 +19,9 @@ def test_free_text_question_and_options():
     for bad, msg in [("Q?\nA) x\nB) y", "four options"), ("A) a\nB) b\nC) c\nD) d", "empty")]:
         with pytest.raises(TracerError, match=msg):
             ask.parse_free_text(bad)
+    text = "What is DiskFull caused by?\nA) LogGrowth\nB) CronJob\nC) Other\nD) Noise"
+    assert ask.question_row(text)["prompt"].endswith("caused by?\nA) LogGrowth\nB) CronJob\nC) Other\nD) Noise")
+    assert ask.question_row(text, tags=True)["prompt"].endswith("\nLogGrowth (A)\nCronJob (B)\nOther (C)\nNoise (D)")
 
 
 def test_hops_are_checked_with_their_relation():

@@ -165,3 +165,32 @@ def test_frontier_trace_lists_each_hops_entities_in_the_order_first_reached():
     assert F.node_names("{}") == [] and F.node_names("{ A, `B`, }") == ["A", "B"] and F.node_names("{A") == ["{A"]
     assert F.node_names("{Smith,John, B}") == ["Smith,John", "B"]  # an id may hold a comma, not a space
     assert F.with_answer(trace, "A") == "TRACE: S -r-> {A, B} -s-> {T, X, C}\nANSWER: A"
+
+
+# --- letter tags (data.option_tags) --------------------------------------------------------------
+
+
+def test_tagged_prompts_and_traces_write_the_letter_after_the_entity():
+    opts = {"A": "X1", "B": "X2", "C": "X3", "D": "X4"}
+    p = F.build_prompt("Which?", opts, tags=True)
+    assert p.endswith("Which?\nX1 (A)\nX2 (B)\nX3 (C)\nX4 (D)") and "entity ... (letter)>" in p
+    edges = [("E0", "a", "E1"), ("E1", "b", "E2")]
+    text = F.reference_trace(["E0", "E1", "E2"], edges, "C", tags=True)
+    assert text == "TRACE: E0 -a-> E1 -b-> E2 (C)\nANSWER: C"
+    assert F.with_answer(text, "A") == "TRACE: E0 -a-> E1 -b-> E2 (A)\nANSWER: A"
+    edges = {("S", "r"): ["B", "A"], ("A", "s"): ["T", "X"], ("B", "s"): ["T", "C"]}
+    trace = F.frontier_trace("S", ["r", "s"], lambda x, rel: edges.get((x, rel), []), "D", answer="X")
+    assert trace == "TRACE: S -r-> {A, B} -s-> {T, X (D), C}\nANSWER: D"
+    assert F.with_answer(trace, "B") == "TRACE: S -r-> {A, B} -s-> {T, X (B), C}\nANSWER: B"
+
+
+@pytest.mark.parametrize("completion, nodes", [
+    ("TRACE: E0 -a-> E1 -b-> E2 (C)\nANSWER: C", ["E0", "E1", "E2"]),
+    ("TRACE: E0 -a-> {E1 (B), E2}\nANSWER: B", ["E0", "{E1, E2}"]),
+    ("TRACE: E0 -a-> E1 (B) -b-> E2\nANSWER: B", ["E0", "E1", "E2"]),
+    ("TRACE: E0 -a-> E1 -b-> E2 (C) trailing\nANSWER: C", ["E0", "E1", "E2 (C) trailing"]),
+])
+def test_a_trace_is_read_without_its_letter_tags(completion, nodes):
+    p = F.parse_completion(completion, M)
+    assert p.valid_format and F.trace_nodes(p.trace_text) == nodes
+    assert F.untagged("E0 -a-> E2 (C)") == "E0 -a-> E2" and F.untagged("E0 (Cx)") == "E0 (Cx)"

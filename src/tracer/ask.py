@@ -37,10 +37,11 @@ def parse_free_text(text: str) -> tuple[str, dict[str, str]]:
     return " ".join(question), options
 
 
-def question_row(text: str) -> dict[str, Any]:
-    """A row without gold for free text (closed-book prompt)."""
+def question_row(text: str, tags: bool = False) -> dict[str, Any]:
+    """A row without gold for free text (closed-book prompt; options ``perf (A)`` with ``tags``,
+    ``data.option_tags``)."""
     question, options = parse_free_text(text)
-    return {"id": "ask", "question": question, "options": options, "prompt": build_prompt(question, options)}
+    return {"id": "ask", "question": question, "options": options, "prompt": build_prompt(question, options, tags=tags)}
 
 
 def checked_hops(completion: str, graph: KG, matcher: EntityMatcher) -> list[dict[str, Any]]:

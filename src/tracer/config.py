@@ -65,6 +65,10 @@ class DataConfig(Section):
     )
     shuffled_eval: bool = Field(True, description="Also write eval_shuffled.jsonl (options permuted) for robustness.")
     letter_tolerance: float = Field(0.03, ge=0, le=0.25, description="Allowed deviation of each answer letter from 25%.")
+    option_tags: bool = Field(
+        False, description="Write options as `perf (A)` and end reference traces with the answer's tag, so the "
+        "model copies the letter after the entity it traced to instead of looking it up.",
+    )
     trace: Literal["path", "frontier"] = Field(
         "path", description="Reference traces: 'path' (one path to the answer) or 'frontier' (every entity each hop "
         "reaches: exact where a pair has several targets, and longer).",

@@ -38,18 +38,20 @@ FORMAT_INSTRUCTIONS = (
     f"{TRACE_TAG} <entity -relation-> entity ...>\n"
     f"{ANSWER_TAG} <A|B|C|D>"
 )
+TAGGED_INSTRUCTIONS = FORMAT_INSTRUCTIONS.replace("entity ...>", "entity ... (letter)>")
 
 # ---------------------------------------------------------------------------------------------
 # Prompts, facts and reference traces
 # ---------------------------------------------------------------------------------------------
 
 
-def build_prompt(question: str, options: dict[str, str], facts: list[str] | None = None) -> str:
-    """The user message: format instructions, optional facts, the question and the options."""
-    parts = [FORMAT_INSTRUCTIONS]
+def build_prompt(question: str, options: dict[str, str], facts: list[str] | None = None, tags: bool = False) -> str:
+    """The user message: format instructions, optional facts, the question and the options, written
+    ``A) perf`` or, with ``tags``, ``perf (A)`` (the tag a tagged trace copies, :func:`tag`)."""
+    parts = [TAGGED_INSTRUCTIONS if tags else FORMAT_INSTRUCTIONS]
     if facts:
         parts.append("Facts:\n" + "\n".join(facts))
-    opts = "\n".join(f"{k}) {options[k]}" for k in sorted(options))
+    opts = "\n".join(tag(options[k], k) if tags else f"{k}) {options[k]}" for k in sorted(options))
     parts.append(f"Question: {question}\n{opts}")
     return "\n\n".join(parts)
 
@@ -82,8 +84,16 @@ def parse_fact(text: str) -> tuple[str, str, str]:
     return _FACT_RE.match(text).groups()
 
 
-def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
-    """``TRACE: E0 -caused_by-> E1 -fixed_by-> E2\\nANSWER: C``."""
+def tag(entity: str, letter: str) -> str:
+    """``perf (C)``: an option as a tagged prompt lists it, and as a tagged trace ends. Written after
+    the entity, the letter is what follows a repeat of the option's name, so the model copies it
+    (an induction-style copy) instead of looking the trace's last entity up among the options."""
+    return f"{entity} ({letter})"
+
+
+def reference_trace(entities: list[str], edges: list[Any], letter: str, tags: bool = False) -> str:
+    """``TRACE: E0 -caused_by-> E1 -fixed_by-> E2\\nANSWER: C``; with ``tags`` the last entity is
+    tagged, ``... -fixed_by-> E2 (C)``."""
     if not entities:
         raise TracerError("reference trace: empty path")
     if edges and len(edges) != len(entities) - 1:
@@ -94,24 +104,38 @@ def reference_trace(entities: list[str], edges: list[Any], letter: str) -> str:
     for i, e in enumerate(edges):
         _, rel, _ = edge_tuple(e)
         text += f" -{rel}-> {entities[i + 1]}"
+    if tags:
+        text = tag(text, letter)
     return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
 
 
-def frontier_trace(start: str, rels: list[str], targets: Callable[[str, str], Iterable[str]], letter: str) -> str:
+def frontier_trace(start: str, rels: list[str], targets: Callable[[str, str], Iterable[str]], letter: str,
+                   answer: str | None = None) -> str:
     """``TRACE: E0 -caused_by-> {E1, E2} -fixed_by-> {E3}\nANSWER: C``: after each relation, every
     entity the chain reaches (its frontier), in the order first reached: each member of the previous
     frontier in turn, its ``targets(member, rel)`` sorted. Exact on a graph whose pairs have several
-    targets, where one path must guess the branch that reaches an option."""
+    targets, where one path must guess the branch that reaches an option. With ``answer`` given, that
+    entity is tagged in the last frontier (``{E3 (C), E4}``, :func:`tag`)."""
     frontier, text = [start], start
-    for rel in rels:
+    for i, rel in enumerate(rels):
         frontier = list(dict.fromkeys(t for x in frontier for t in sorted(targets(x, rel))))
-        text += f" -{rel}-> {{{', '.join(frontier)}}}"
+        last = i == len(rels) - 1 and answer is not None
+        text += f" -{rel}-> {{{', '.join(tag(t, letter) if last and t == answer else t for t in frontier)}}}"
     return f"{TRACE_TAG} {text}\n{ANSWER_TAG} {letter}"
 
 
 def with_answer(trace: str, letter: str) -> str:
-    """A reference trace with its ANSWER line's letter replaced by ``letter``."""
-    return f"{trace.rsplit(chr(10), 1)[0]}\n{ANSWER_TAG} {letter}"
+    """A reference trace with its ANSWER line's letter, and the tag of a tagged trace, replaced by ``letter``."""
+    return f"{_TAG_RE.sub(f' ({letter})', trace.rsplit(chr(10), 1)[0])}\n{ANSWER_TAG} {letter}"
+
+
+_TAG_RE = re.compile(rf"\s*\([A-D]\)(?=\s*(?:[,}}]|-[{RELATION_CHARS}]*->|$))")  # a letter tag ending a trace node or a frontier member
+
+
+def untagged(trace_text: str) -> str:
+    """A trace without its letter tags (``... -> E2 (C)`` → ``... -> E2``): what the reward and the
+    metrics judge. An entity id has no whitespace, so ``␣(C)`` is never part of one."""
+    return _TAG_RE.sub("", trace_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +169,8 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     Valid iff a line starts with ``TRACE:`` with non-empty text before the first following
     line that starts with ``ANSWER:``, and that line is ``ANSWER: X`` with X in A-D
     (surrounding whitespace and a trailing period tolerated). Everything after the ANSWER
-    line is ignored. ``answer`` is the letter whenever the ANSWER line is well formed, even if
+    line is ignored. Letter tags in the trace (``E2 (C)``) are dropped from ``trace_text``
+    (:func:`untagged`). ``answer`` is the letter whenever the ANSWER line is well formed, even if
     the format is invalid for another reason (empty trace); ``trace_text`` runs to the end of
     the text when there is no ANSWER line (diagnostics only).
     """
@@ -154,9 +179,9 @@ def parse_completion(text: str, matcher: EntityMatcher) -> Parsed:
     if t is None:
         return Parsed(False, None, "", [])
     if a is None:
-        trace_text = text[t.end():].strip()
+        trace_text = untagged(text[t.end():].strip())
         return Parsed(False, None, trace_text, matcher.find(trace_text))
-    trace_text = text[t.end():a.start()].strip()
+    trace_text = untagged(text[t.end():a.start()].strip())
     m = _ANSWER_OK_RE.match(a.group(0))
     answer = m.group(1) if m else None
     valid = answer is not None and bool(trace_text)

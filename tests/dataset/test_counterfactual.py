@@ -108,3 +108,15 @@ def test_counterfactual_needs_facts_mode():
         DataConfig(counterfactual=0.2)
     with pytest.raises(ValueError, match="counterfactual_pool"):
         DataConfig(counterfactual_pool=0.2)
+
+
+def test_renamed_copies_of_tagged_questions_are_tagged(kg):
+    cfg = DataConfig(eval_size=60, rsft_size=60, train_per_hop={"2": 100, "3": 100}, context="facts",
+                     max_facts=8, counterfactual=0.25, option_tags=True)
+    cf = [r for r in ds.generate_splits(kg, cfg)["train"] if r["meta"].get("counterfactual")]
+    assert cf
+    for r in cf:
+        letter, answer = r["answer_star"], r["options"][r["answer_star"]]
+        assert r["meta"]["option_tags"] and r["prompt"].endswith(f"{r['options']['D']} (D)")
+        assert r["ref"]["trace"] == reference_trace(r["path_star"]["entities"], r["path_star"]["edges"], letter, True)
+        assert r["ref"]["trace"].startswith("TRACE: ") and f"{answer} ({letter})\nANSWER: {letter}" in r["ref"]["trace"]

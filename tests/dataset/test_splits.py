@@ -316,3 +316,27 @@ def test_shipped_kg_files_byte_identical(shipped, tmp_path):
         assert a[name].read_bytes() == b[name].read_bytes()
     rows = ds.load_examples(a["eval"], kg)
     assert rows == sp["eval"]
+
+
+@pytest.mark.parametrize("trace", ["path", "frontier"])
+def test_tagged_splits_ask_the_same_questions_with_letters_after_entities(kg, trace):
+    """data.option_tags: the same questions, options written ``X (A)``, and every reference trace
+    (the shuffled eval's included) tags the answer with its letter; it scores as the untagged one."""
+    d = synth_kg_dict(extra_edges=[("Sym00", "caused_by", "Cause39"), ("Sym00", "caused_by", "Cause38")])
+    nf = kg_from_dict(d, "nonfunctional")
+    cfg = DataConfig(eval_size=100, rsft_size=100, train_per_hop={"2": 200, "3": 200}, trace=trace)
+    plain, tagged = ds.generate_splits(nf, cfg), ds.generate_splits(nf, cfg.model_copy(update={"option_tags": True}))
+    matcher = EntityMatcher(nf.entities)
+    assert set(tagged) == set(plain) and "eval_shuffled" in tagged
+    for name in plain:
+        for p, t in zip(plain[name], tagged[name], strict=True):
+            assert {k: v for k, v in p.items() if k not in ("ref", "prompt", "meta")} == \
+                   {k: v for k, v in t.items() if k not in ("ref", "prompt", "meta")}
+            assert t["meta"]["option_tags"] is True and "option_tags" not in p["meta"]
+            letter, answer = t["answer_star"], t["options"][t["answer_star"]]
+            assert t["prompt"].endswith("\n".join(f"{t['options'][L]} ({L})" for L in "ABCD"))
+            line = t["ref"]["trace"].split("\n")[0]
+            assert line.count(f"({letter})") == 1 and line.count("(") == 1 and f"{answer} ({letter})" in line
+            assert t["ref"]["trace"].replace(f" ({letter})", "") == p["ref"]["trace"]
+            assert score(t["ref"]["trace"], t, matcher, nf, RewardConfig()) == \
+                   score(p["ref"]["trace"], p, matcher, nf, RewardConfig())

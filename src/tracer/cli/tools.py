@@ -148,7 +148,7 @@ def ask(
         if row is None:
             raise TracerError(f"{examples or ws.split_path('eval')}: no question with id {question_id!r}")
     else:
-        row = asking.question_row(question)
+        row = asking.question_row(question, cfg.data.option_tags)
     from tracer import model as models
     from tracer.pipeline.finetune import check_adapter
 

@@ -36,8 +36,8 @@ def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: s
         "question": question,
         "options": options,
         "path_star": {"entities": ents, "edges": edges},
-        "prompt": build_prompt(question, options, facts),
-        "ref": {"trace": reference_trace(ents, edges, row["answer_star"])},
+        "prompt": build_prompt(question, options, facts, meta.get("option_tags", False)),
+        "ref": {"trace": reference_trace(ents, edges, row["answer_star"], meta.get("option_tags", False))},
         "meta": dict(meta, facts=facts, counterfactual=True, renamed_from=row["id"]),
     }
 

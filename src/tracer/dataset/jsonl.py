@@ -89,10 +89,10 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         facts = meta.get("facts") if context == "facts" else None
-        prompt = build_prompt(row["question"], options, facts)
+        prompt = build_prompt(row["question"], options, facts, meta.get("option_tags", False))
     ref = dict(row.get("ref") or {})
     if not isinstance(ref.get("trace"), str) and edges and len(edges) == len(ents) - 1:
-        ref["trace"] = reference_trace(ents, edges, row["answer_star"])
+        ref["trace"] = reference_trace(ents, edges, row["answer_star"], meta.get("option_tags", False))
     out = {
         "id": str(row["id"]),
         "split": row.get("split") or "unknown",

@@ -153,7 +153,10 @@ def make_row(ctx: QuestionContext, p: Path_, letter: str, template: int, split: 
     options = {L: options_map[L] for L in LETTERS}
     edges = [{"src": ents[i], "rel": rels[i], "dst": ents[i + 1]} for i in range(len(rels))]
     question = render_question(ctx.kg, ents[0], rels, template)
+    tags = ctx.cfg.option_tags
     meta: dict[str, Any] = {"relations": list(rels), "context": ctx.cfg.context, "template": template}
+    if tags:
+        meta["option_tags"] = True
     facts = None
     if ctx.cfg.context == "facts":
         facts = _pick_facts(ctx, ents, rels, distractors)
@@ -166,9 +169,9 @@ def make_row(ctx: QuestionContext, p: Path_, letter: str, template: int, split: 
         "options": options,
         "answer_star": letter,
         "path_star": {"entities": list(ents), "edges": edges},
-        "prompt": build_prompt(question, options, facts),
-        "ref": {"trace": frontier_trace(ents[0], list(rels), ctx.kg.targets, letter) if ctx.cfg.trace == "frontier"
-                else reference_trace(list(ents), edges, letter)},
+        "prompt": build_prompt(question, options, facts, tags),
+        "ref": {"trace": frontier_trace(ents[0], list(rels), ctx.kg.targets, letter, ents[-1] if tags else None)
+                if ctx.cfg.trace == "frontier" else reference_trace(list(ents), edges, letter, tags)},
         "meta": meta,
     }
 

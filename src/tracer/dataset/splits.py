@@ -62,7 +62,7 @@ def _shuffle_row(row: dict[str, Any], rng: random.Random, counts: Counter) -> di
         "options": options,
         "answer_star": new,
         "path_star": {"entities": list(ps["entities"]), "edges": [dict(e) for e in ps["edges"]]},
-        "prompt": build_prompt(row["question"], options, meta.get("facts")),
+        "prompt": build_prompt(row["question"], options, meta.get("facts"), meta.get("option_tags", False)),
         "ref": {"trace": with_answer(row["ref"]["trace"], new)},
         "meta": meta,
     }
