@@ -38,7 +38,6 @@ FORMAT_INSTRUCTIONS = (
     f"{TRACE_TAG} <entity -relation-> entity ...>\n"
     f"{ANSWER_TAG} <A|B|C|D>"
 )
-TAGGED_INSTRUCTIONS = FORMAT_INSTRUCTIONS.replace("entity ...>", "entity ... (letter)>")
 
 # ---------------------------------------------------------------------------------------------
 # Prompts, facts and reference traces
@@ -48,7 +47,7 @@ TAGGED_INSTRUCTIONS = FORMAT_INSTRUCTIONS.replace("entity ...>", "entity ... (le
 def build_prompt(question: str, options: dict[str, str], facts: list[str] | None = None, tags: bool = False) -> str:
     """The user message: format instructions, optional facts, the question and the options, written
     ``A) perf`` or, with ``tags``, ``perf (A)`` (the tag a tagged trace copies, :func:`tag`)."""
-    parts = [TAGGED_INSTRUCTIONS if tags else FORMAT_INSTRUCTIONS]
+    parts = [FORMAT_INSTRUCTIONS]  # the same with tags: trained models follow their training, not this line
     if facts:
         parts.append("Facts:\n" + "\n".join(facts))
     opts = "\n".join(tag(options[k], k) if tags else f"{k}) {options[k]}" for k in sorted(options))
