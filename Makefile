@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONFIG ?= configs/quick.toml
+CONFIG ?= configs/demo.toml
 
 .PHONY: install test demo clean
 
@@ -22,4 +22,4 @@ demo: install
 	$(BIN)/tracer run $(CONFIG) --force
 
 clean:
-	rm -rf $(VENV) .pytest_cache data/runs data/*.jsonl
+	rm -rf $(VENV) .pytest_cache data/runs data/*.jsonl data/demo

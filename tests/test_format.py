@@ -188,9 +188,18 @@ def test_tagged_prompts_and_traces_write_the_letter_after_the_entity():
     ("TRACE: E0 -a-> E1 -b-> E2 (C)\nANSWER: C", ["E0", "E1", "E2"]),
     ("TRACE: E0 -a-> {E1 (B), E2}\nANSWER: B", ["E0", "{E1, E2}"]),
     ("TRACE: E0 -a-> E1 (B) -b-> E2\nANSWER: B", ["E0", "E1", "E2"]),
+    ("TRACE: E0 (A)-> E1 (B) -> E2\nANSWER: B", ["E0", "E1", "E2"]),  # bare arrows
+    ("TRACE: E0 -a-> `E2 (C)`.\nANSWER: C", ["E0", "E2"]),  # what a node is trimmed of may follow
+    # not a tag: not at a node's end, no space before it, or not one letter A-D
     ("TRACE: E0 -a-> E1 -b-> E2 (C) trailing\nANSWER: C", ["E0", "E1", "E2 (C) trailing"]),
+    ("TRACE: E0 -a-> Vitamin(A)\nANSWER: C", ["E0", "Vitamin(A)"]),
+    ("TRACE: E0 -a-> E2 (E)\nANSWER: C", ["E0", "E2 (E)"]),
 ])
 def test_a_trace_is_read_without_its_letter_tags(completion, nodes):
     p = F.parse_completion(completion, M)
     assert p.valid_format and F.trace_nodes(p.trace_text) == nodes
-    assert F.untagged("E0 -a-> E2 (C)") == "E0 -a-> E2" and F.untagged("E0 (Cx)") == "E0 (Cx)"
+
+
+def test_with_answer_changes_only_tags():
+    assert F.with_answer("TRACE: E0 -a-> Vitamin(A)\nANSWER: A", "C") == "TRACE: E0 -a-> Vitamin(A)\nANSWER: C"
+    assert F.with_answer("TRACE: E0 -a-> E2 (A)\nANSWER: A.", "C") == "TRACE: E0 -a-> E2 (C)\nANSWER: C"

@@ -128,7 +128,9 @@ def with_answer(trace: str, letter: str) -> str:
     return f"{_TAG_RE.sub(f' ({letter})', trace.rsplit(chr(10), 1)[0])}\n{ANSWER_TAG} {letter}"
 
 
-_TAG_RE = re.compile(rf"\s*\([A-D]\)(?=\s*(?:[,}}]|-[{RELATION_CHARS}]*->|$))")  # a letter tag ending a trace node or a frontier member
+# a letter tag after a space that ends a trace node or a frontier member (what may trail it: what a
+# node is trimmed of, then a comma, a brace, an arrow or the end)
+_TAG_RE = re.compile(rf"[ \t]+\([A-D]\)(?=[{re.escape(NODE_TRIM)}]*(?:[,}}]|(?:-[{RELATION_CHARS}]*)?->|$))")
 
 
 def untagged(trace_text: str) -> str:

@@ -330,9 +330,9 @@ def _roll_back(model: nn.Module, optimizer, log: list[dict], snapshot: tuple | N
 
 def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cfg: GRPOConfig, lora: LoraConfig,
                out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
-               init_adapter: str | None = None, system: str = SYSTEM_PROMPT) -> dict:
+               init_adapter: str | None = None, system: str = SYSTEM_PROMPT, tags: bool = False) -> dict:
     """GRPO-train a LoRA policy on the ``pool`` questions (chats under the ``system`` message, which
-    the adapter records), rewarded by ``scorer`` (:func:`kg_scorer`), from ``init_adapter`` (else a
+    the adapter records, with ``tags``: whether the prompts carry letter tags), rewarded by ``scorer`` (:func:`kg_scorer`), from ``init_adapter`` (else a
     fresh LoRA); the reference of the KL term is that start. Writes
     the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``.
 
@@ -344,7 +344,7 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
     rank, _ = world()
     progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
-    adapter_cfg = dict(attach_policy(model, lora, cfg.seed, init_adapter), system_prompt=system)
+    adapter_cfg = dict(attach_policy(model, lora, cfg.seed, init_adapter), system_prompt=system, option_tags=tags)
     reference = dict(adapter_weights(model)) if cfg.beta > 0 else None
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     start, log, earlier_s = _started(model, optimizer, out, resume, progress)

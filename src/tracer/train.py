@@ -220,9 +220,11 @@ def train(
     progress: Progress | None = None,
     init_adapter: str | None = None,
     system: str = SYSTEM_PROMPT,
+    tags: bool = False,
 ) -> dict:
     """LoRA-train ``model`` on (prompt, completion) pairs, chats under the ``system`` message (which
-    the adapter records); writes the adapter to ``out_dir``.
+    the adapter records, with ``tags``: whether the prompts carry letter tags); writes the adapter
+    to ``out_dir``.
 
     Under ``mlx.launch`` each rank trains on its share of every batch (:class:`TrainStep`); rank 0
     alone writes checkpoints and the adapter and reports progress. A Ctrl-C, or under ``mlx.launch``
@@ -232,7 +234,7 @@ def train(
     rank, size = world()
     progress = progress if progress is not None and rank == 0 else NullProgress()
     out = Path(out_dir)
-    adapter_cfg = dict(attach_lora(model, lora, cfg.seed, init_adapter), system_prompt=system)
+    adapter_cfg = dict(attach_lora(model, lora, cfg.seed, init_adapter), system_prompt=system, option_tags=tags)
     model.train()
     examples, val_examples, answers, lengths = _encoded(tokenizer, train_pairs, val_pairs, cfg, system)
     full = sum(n >= cfg.max_seq_len for n in lengths)

@@ -167,3 +167,24 @@ def test_the_system_message_is_the_configs_and_the_adapter_keeps_it(tiny_work, c
     from tracer.format import SYSTEM_PROMPT
 
     assert json.loads((tiny_work / "b" / "adapter_config.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+
+
+def test_an_adapter_trained_with_letter_tags_is_evaluated_with_them(tiny_work, capsys):
+    """data.option_tags is recorded in the adapter; eval under a config without tags (the prompts the
+    adapter never saw) is refused before any work, and an untagged adapter under tags too."""
+    text = (tiny_work / "tiny.toml").read_text()
+    (tiny_work / "tags.toml").write_text(text.replace("[data]\n", '[data]\noption_tags = true\n', 1)
+                                         .replace('out_dir = "data/tiny"', 'out_dir = "data/tiny_tags"'))
+    assert main(["sft", "-c", "tags.toml", "--iters", "2", "--adapter-out", "a"]) == 0
+    assert json.loads((tiny_work / "a" / "adapter_config.json").read_text())["option_tags"] is True
+    rows = [json.loads(line) for line in (tiny_work / "data" / "tiny_tags" / "train.jsonl").read_text().splitlines()]
+    assert all(r["ref"]["trace"].split("\n")[0].endswith(f" ({r['answer_star']})") for r in rows)
+    capsys.readouterr()
+    assert main(["eval", "-c", "tiny.toml", "--adapter", "a", "--run-dir", "r"]) == 2
+    assert "a: adapter was trained with letter tags; set data.option_tags = true" in one_error(capsys)
+    assert not (tiny_work / "r").exists()
+    assert main(["eval", "-c", "tags.toml", "--adapter", "a", "--run-dir", "r", "--phase", "sft"]) == 0
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "--adapter-out", "b"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "-c", "tags.toml", "--adapter", "b", "--run-dir", "r", "--phase", "b"]) == 2
+    assert "trained without letter tags; set data.option_tags = false" in one_error(capsys)

@@ -73,6 +73,16 @@ def test_winners_drawn_under_another_prompt_take_the_rows_letter():
     assert winner_rows([same], {"p1": pool[0]})[0]["ref"]["trace"].endswith("ANSWER: C")
 
 
+def test_a_tagged_winner_is_learned_with_the_tag_of_its_answer():
+    row = _row("p1", 4, answer="C")
+    # the tag disagrees with the (correct) answer: it is learned as the answer's
+    rows = winner_rows([_sample("p1", 1, True, "TRACE: a -r-> b (A)\nANSWER: C.")], {"p1": row})
+    assert rows[0]["ref"]["trace"] == "TRACE: a -r-> b (C)\nANSWER: C"
+    other = _row("p1", 4, prompt="Facts: ... q p1", answer="B")  # drawn under another prompt
+    rows = winner_rows([_sample("p1", 1, True, "TRACE: a -r-> {b (C), d}\nANSWER: C")], {"p1": other})
+    assert rows[0]["ref"]["trace"] == "TRACE: a -r-> {b (B), d}\nANSWER: B"
+
+
 def test_winner_ties_go_to_the_trace_with_real_edges():
     def scored(sample, total, edge_precision, completion, correct=True):
         return {"ex_id": "q", "sample": sample, "correct": correct, "completion": completion,

@@ -48,7 +48,7 @@ def train_adapter(ws: Workspace, section: str, rows: list[dict], out_dir: Path, 
             lm, tokenizer, _pairs(train_rows), tcfg, ws.cfg.lora, out_dir,
             base_model=ws.base_model_id(), val_pairs=_pairs(val_rows) or None,
             hop_lens=[r["hop_len"] for r in train_rows], resume=resume, progress=ws.progress,
-            init_adapter=init_adapter, system=ws.cfg.data.system_prompt,
+            init_adapter=init_adapter, system=ws.cfg.data.system_prompt, tags=ws.cfg.data.option_tags,
         )
     stats["adapter"] = str(out_dir)
     return stats
@@ -289,8 +289,9 @@ def check_adapter_base(ws: Workspace, adapter: str) -> dict:
 
 def check_adapter(ws: Workspace, adapter: str, *, same_system: bool = True) -> dict:
     """An adapter to read, checked before any work: a complete adapter directory (config and
-    weights) trained for this base model and, unless a continuation retrains it under another one
-    (``same_system`` False), under this config's system message; returns its adapter_config.json."""
+    weights) trained for this base model and, unless a continuation retrains it under other ones
+    (``same_system`` False), under this config's system message and letter tags (``data.option_tags``);
+    returns its adapter_config.json."""
     acfg = check_adapter_base(ws, adapter)
     if not (Path(adapter) / "adapters.safetensors").is_file():
         raise TracerError(f"{adapter}: adapter directory has no adapters.safetensors")
@@ -298,6 +299,10 @@ def check_adapter(ws: Workspace, adapter: str, *, same_system: bool = True) -> d
     if same_system and have != want:
         raise TracerError(f"{adapter}: adapter was trained under the system message {have!r}, "
                           f"not data.system_prompt {want!r}")
+    tags = acfg.get("option_tags", False)  # older adapters: untagged
+    if same_system and tags != ws.cfg.data.option_tags:
+        raise TracerError(f"{adapter}: adapter was trained {'with' if tags else 'without'} letter tags; "
+                          f"set data.option_tags = {str(tags).lower()}")
     return acfg
 
 

@@ -32,7 +32,7 @@ def grpo(ws: Workspace, *, adapter: str | None = None, pool: str | None = None, 
     with training_in(ws, out_dir, settings, resume=resume) as (lm, tokenizer):
         stats = rl.train_grpo(lm, tokenizer, rows, rl.kg_scorer(ws.kg, ws.cfg.reward), ws.cfg.grpo, ws.cfg.lora,
                               out_dir, ws.base_model_id(), resume=resume, progress=ws.progress, init_adapter=adapter,
-                              system=ws.cfg.data.system_prompt)
+                              system=ws.cfg.data.system_prompt, tags=ws.cfg.data.option_tags)
     mark_contaminated(out_dir, contaminated)
     distributed.barrier()  # under mlx.launch: rank 0 wrote the adapter before any rank reads it
     out = {"train": stats, "adapter": str(out_dir), "contaminated": contaminated}

@@ -22,7 +22,7 @@ from pathlib import Path
 from tracer import dataset, distributed, runs
 from tracer.config import load_config, to_toml
 from tracer.errors import TracerError
-from tracer.format import ANSWER_TAG, answer_span
+from tracer.format import answer_span, with_answer
 from tracer.pipeline.data import guard_leakage
 from tracer.pipeline.evaluate import check_recording, evaluate, score_rows
 from tracer.pipeline.finetune import copy_adapter, mark_contaminated, rl_start, train_adapter
@@ -74,8 +74,10 @@ def round_questions(pool: list[dict], n: int, r: int, rotate: bool) -> list[dict
 def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
     """Training rows from winning samples: the question's row with the winner as its reference trace.
 
-    A correct winner sampled under another prompt of the same question (closed-book winners reused
-    for facts prompts, whose options are drawn anew) gets the row's answer letter.
+    A correct winner gets the row's answer letter, written as the row writes it (and as the tag of a
+    tagged trace, so a tag that disagreed with the answer is not learned): this carries a winner
+    sampled under another prompt of the same question (closed-book winners reused for facts
+    prompts, whose options are drawn anew) over to the row's options.
     """
     rows = []
     for w in winners:
@@ -87,11 +89,11 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
             raise TracerError(f"sample {w['ex_id']}: drawn on another path than the pool's question {w['ex_id']} "
                               "(sampled from another RSFT pool? consolidate --pool names it)")
         trace = answer_span(w["completion"])
-        if w["prompt"] != row["prompt"]:
-            if not w["correct"]:
-                raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
-                                  "its answer letter cannot be carried over")
-            trace = trace.rsplit("\n", 1)[0] + f"\n{ANSWER_TAG} {row['answer_star']}"
+        if w["prompt"] != row["prompt"] and not w["correct"]:
+            raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
+                              "its answer letter cannot be carried over")
+        if w["correct"]:  # the row's letter, and in a tagged trace the tag agrees with it
+            trace = with_answer(trace, row["answer_star"])
         rows.append(dict(row, ref={"trace": trace}))
     return rows
 
