@@ -332,9 +332,10 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
                out_dir: str | Path, base_model: str, resume: bool = False, progress: Progress | None = None,
                init_adapter: str | None = None, system: str = SYSTEM_PROMPT, tags: bool = False) -> dict:
     """GRPO-train a LoRA policy on the ``pool`` questions (chats under the ``system`` message, which
-    the adapter records, with ``tags``: whether the prompts carry letter tags), rewarded by ``scorer`` (:func:`kg_scorer`), from ``init_adapter`` (else a
-    fresh LoRA); the reference of the KL term is that start. Writes
-    the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict per step) to ``out_dir``.
+    the adapter records, with ``tags``: whether the prompts carry letter tags), rewarded by
+    ``scorer`` (:func:`kg_scorer`), from ``init_adapter`` (else a fresh LoRA); the reference of the
+    KL term is that start. Writes the adapter, checkpoints and ``grpo_log.jsonl`` (one metrics dict
+    per step) to ``out_dir``.
 
     Under ``mlx.launch`` each rank samples and trains on its share of every step (:func:`grpo_step`);
     rank 0 alone writes and reports progress. A Ctrl-C, or under ``mlx.launch`` a rank that stops,
