@@ -124,8 +124,12 @@ def frontier_trace(start: str, rels: list[str], targets: Callable[[str, str], It
 
 
 def with_answer(trace: str, letter: str) -> str:
-    """A reference trace with its ANSWER line's letter, and the tag of a tagged trace, replaced by ``letter``."""
-    return f"{_TAG_RE.sub(f' ({letter})', trace.rsplit(chr(10), 1)[0])}\n{ANSWER_TAG} {letter}"
+    """A trace with its ANSWER line's letter replaced by ``letter``, and its tag too when it has one
+    (a trace that tags several entities keeps them: which one is the answer's is not known here)."""
+    head = trace.rsplit("\n", 1)[0]
+    if len(_TAG_RE.findall(head)) == 1:
+        head = _TAG_RE.sub(f" ({letter})", head)
+    return f"{head}\n{ANSWER_TAG} {letter}"
 
 
 # a letter tag after a space that ends a trace node or a frontier member (what may trail it: what a

@@ -81,6 +81,9 @@ def test_a_tagged_winner_is_learned_with_the_tag_of_its_answer():
     other = _row("p1", 4, prompt="Facts: ... q p1", answer="B")  # drawn under another prompt
     rows = winner_rows([_sample("p1", 1, True, "TRACE: a -r-> {b (C), d}\nANSWER: C")], {"p1": other})
     assert rows[0]["ref"]["trace"] == "TRACE: a -r-> {b (B), d}\nANSWER: B"
+    # two tagged entities: which one is the answer's is not known, so both stay as written
+    rows = winner_rows([_sample("p1", 1, True, "TRACE: a -r-> {b (C), d (A)}\nANSWER: C")], {"p1": row})
+    assert rows[0]["ref"]["trace"] == "TRACE: a -r-> {b (C), d (A)}\nANSWER: C"
 
 
 def test_winner_ties_go_to_the_trace_with_real_edges():

@@ -75,7 +75,7 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
     """Training rows from winning samples: the question's row with the winner as its reference trace.
 
     A correct winner gets the row's answer letter, written as the row writes it (and as the tag of a
-    tagged trace, so a tag that disagreed with the answer is not learned): this carries a winner
+    trace with one tag, so a tag that disagreed with the answer is not learned): this carries a winner
     sampled under another prompt of the same question (closed-book winners reused for facts
     prompts, whose options are drawn anew) over to the row's options.
     """
