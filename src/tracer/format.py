@@ -127,9 +127,8 @@ def with_answer(trace: str, letter: str) -> str:
     """A trace with its ANSWER line's letter replaced by ``letter``, and its tag too when it has one
     (a trace that tags several entities keeps them: which one is the answer's is not known here)."""
     head = trace.rsplit("\n", 1)[0]
-    if len(_TAG_RE.findall(head)) == 1:
-        head = _TAG_RE.sub(f" ({letter})", head)
-    return f"{head}\n{ANSWER_TAG} {letter}"
+    retagged, tags = _TAG_RE.subn(f" ({letter})", head)
+    return f"{retagged if tags == 1 else head}\n{ANSWER_TAG} {letter}"
 
 
 # a letter tag after a space that ends a trace node or a frontier member (what may trail it: what a

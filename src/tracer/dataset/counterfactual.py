@@ -30,14 +30,15 @@ def rename_row(kg: "KG", row: dict[str, Any], mapping: dict[str, str], new_id: s
         facts.append(format_fact((m(src), rel, m(dst))))
     options = {L: m(v) for L, v in row["options"].items()}
     question = render_question(kg, ents[0], meta["relations"], meta["template"])
+    tags = meta.get("option_tags", False)
     return {
         **row,
         "id": new_id,
         "question": question,
         "options": options,
         "path_star": {"entities": ents, "edges": edges},
-        "prompt": build_prompt(question, options, facts, meta.get("option_tags", False)),
-        "ref": {"trace": reference_trace(ents, edges, row["answer_star"], meta.get("option_tags", False))},
+        "prompt": build_prompt(question, options, facts, tags),
+        "ref": {"trace": reference_trace(ents, edges, row["answer_star"], tags)},
         "meta": dict(meta, facts=facts, counterfactual=True, renamed_from=row["id"]),
     }
 

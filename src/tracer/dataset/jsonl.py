@@ -86,13 +86,14 @@ def normalize_row(row: dict[str, Any], where: str, kg: "KG | None" = None, conte
     hop_len = row.get("hop_len")
     if not isinstance(hop_len, int):
         hop_len = len(edges) if edges else len(ents) - 1
+    tags = meta.get("option_tags", False)
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         facts = meta.get("facts") if context == "facts" else None
-        prompt = build_prompt(row["question"], options, facts, meta.get("option_tags", False))
+        prompt = build_prompt(row["question"], options, facts, tags)
     ref = dict(row.get("ref") or {})
     if not isinstance(ref.get("trace"), str) and edges and len(edges) == len(ents) - 1:
-        ref["trace"] = reference_trace(ents, edges, row["answer_star"], meta.get("option_tags", False))
+        ref["trace"] = reference_trace(ents, edges, row["answer_star"], tags)
     out = {
         "id": str(row["id"]),
         "split": row.get("split") or "unknown",

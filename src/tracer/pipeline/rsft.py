@@ -92,7 +92,7 @@ def winner_rows(winners: list[dict], by_id: dict[str, dict]) -> list[dict]:
         if w["prompt"] != row["prompt"] and not w["correct"]:
             raise TracerError(f"sample {w['ex_id']}: drawn under another prompt and not correct; "
                               "its answer letter cannot be carried over")
-        if w["correct"]:  # the row's letter, and in a tagged trace the tag agrees with it
+        if w["correct"]:  # the row's letter, and a trace's one tag agrees with it
             trace = with_answer(trace, row["answer_star"])
         rows.append(dict(row, ref={"trace": trace}))
     return rows
