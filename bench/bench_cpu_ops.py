@@ -10,7 +10,7 @@ SmolLM2-135M fp32, LoRA rank 16 on all layers) over the first ``--batches`` batc
 schedule of ``--data``, each batch twice, in one process per variant: plain (mlx-lm's layers,
 unpadded batches) and compiled (cpu_ops layers, batches padded to (8, 32)). A compiled step is
 traced and built again for each new batch shape; its second run of a batch is what every later
-batch of that shape costs (a configs/default.toml SFT has 33 shapes in 720 steps).
+batch of that shape costs (a configs/default_rsft.toml SFT has 33 shapes in 720 steps).
 """
 
 from __future__ import annotations

@@ -47,9 +47,17 @@ def test_experiment_configs_point_to_their_log_entry():
         assert (ROOT / log).is_file(), f"{path.name}: {log} does not exist"
 
 
-def test_default_preset_is_the_code_defaults():
-    # configs/default.toml is the measured closed-book recipe, and so are the code defaults: it only names its run
-    assert load_config(ROOT / "configs" / "default.toml") == Config(run={"name": "default"})
+def test_rsft_preset_is_the_code_defaults():
+    # configs/default_rsft.toml is the measured closed-book RL recipe, and so are the code defaults: it only names its run
+    assert load_config(ROOT / "configs" / "default_rsft.toml") == Config(run={"name": "default_rsft"})
+
+
+def test_default_preset_is_the_measured_run():
+    # configs/default.toml holds the settings of the run its results come from, under its own names
+    preset = load_config(ROOT / "configs" / "default.toml")
+    measured = load_config(ROOT / "configs" / "experiments" / "default_fast.toml")
+    names = {"data": {"out_dir": "data/default"}, "run": {"name": "default"}}
+    assert preset == measured.model_copy(update={k: getattr(measured, k).model_copy(update=v) for k, v in names.items()})
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
