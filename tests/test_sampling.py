@@ -26,6 +26,37 @@ def test_top_p_keeps_nucleus():
     assert not mx.isinf(S.apply_top_p(logits, 1.0)).any().item()
 
 
+PEAKED = [6.0, 5.5, 5.0, 4.0, 3.5] + [-10.0] * 995  # nucleus at 0.95: the first 4 tokens
+FLAT = [float(i % 7) / 10 for i in range(1000)]  # 95% of the mass needs most of the 1000 tokens
+
+
+def _draws(rows: list[list[float]], top_p: float, k: int, n: int = 4000) -> tuple[list[list[int]], list[list[float]]]:
+    """Per row of logits, ``n`` draws of :func:`S.sample_top_p` (rows interleaved in one batch) and the
+    nucleus probabilities :func:`S.apply_top_p` gives over the whole vocabulary."""
+    lp = mx.array(rows)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    want = mx.softmax(S.apply_top_p(lp, top_p), axis=-1).tolist()
+    batch = mx.concatenate([lp] * n)  # row j of the batch is rows[j % len(rows)]
+    drawn = S.sample_top_p(batch, top_p, mx.random.key(3), k=k).tolist()
+    return [drawn[j :: len(rows)] for j in range(len(rows))], want
+
+
+def test_top_p_sampling_among_candidates_is_the_full_nucleus_distribution():
+    # the nucleus (4 tokens) lies inside the 8 candidates: drawn among them
+    (draws,), (want,) = _draws([PEAKED], 0.95, k=8)
+    kept = [i for i, p in enumerate(want) if p > 0]
+    assert kept == [0, 1, 2, 3] and set(draws) <= set(kept)
+    for i in kept:  # each nucleus token as often as its renormalised probability (4000 draws: sd <= 0.008)
+        assert abs(draws.count(i) / len(draws) - want[i]) < 0.04, (i, draws.count(i), want[i])
+
+
+def test_top_p_sampling_draws_a_wider_nucleus_from_the_whole_vocabulary():
+    # in one batch, flat rows draw beyond any 8 candidates while peaked rows keep to their nucleus
+    (flat, peaked), (want_flat, _) = _draws([FLAT, PEAKED], 0.95, k=8, n=2000)
+    assert len(set(flat)) > 500 and all(want_flat[t] > 0 for t in flat)
+    assert set(peaked) == {0, 1, 2, 3}
+
+
 def test_sampler_is_greedy_at_zero_temperature_and_seeded_above():
     logits = mx.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
     assert S.make_sampler(0.0, 1.0, mx.random.key(0))(logits).tolist() == [1, 0]

@@ -10,6 +10,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from tracer import cpu_ops
 from tracer.format import answer_end, cut_after_answer
 
 # per tokenizer object (weakly: a new tokenizer that reuses a freed one's id gets its own entry)
@@ -74,6 +75,30 @@ def apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
     return mx.where(logprobs < threshold, -float("inf"), logprobs)
 
 
+NUCLEUS_CANDIDATES = 256  # tokens per row among which top-p sampling first looks for the nucleus
+
+
+def sample_top_p(logprobs: mx.array, top_p: float, key: mx.array, k: int = NUCLEUS_CANDIDATES) -> mx.array:
+    """Tokens ``(B,)`` drawn from each row's top-p nucleus. A row whose ``k`` most likely tokens,
+    all but the least likely of them, already hold ``top_p`` of the mass has its nucleus inside
+    them and draws among them: the same distribution as :func:`apply_top_p` over the whole
+    vocabulary, found by an O(V) partition instead of a sort (about 10x the time on a CPU at
+    SmolLM2's 49,152 tokens). The other rows (a flat distribution) draw over the whole vocabulary."""
+    if k >= logprobs.shape[-1]:
+        return mx.random.categorical(apply_top_p(logprobs, top_p), axis=-1, key=key)
+    near_key, full_key = mx.random.split(key)
+    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    top = mx.take_along_axis(logprobs, idx, axis=-1)
+    choice = mx.random.categorical(apply_top_p(top, top_p), axis=-1, key=near_key)
+    tokens = mx.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    p = mx.exp(top)
+    wide = [i for i, inside in enumerate((p.sum(axis=-1) - p.min(axis=-1) >= top_p).tolist()) if not inside]
+    if wide:
+        rows = mx.array(wide, dtype=mx.int32)
+        tokens[rows] = mx.random.categorical(apply_top_p(logprobs[rows], top_p), axis=-1, key=full_key).astype(tokens.dtype)
+    return tokens
+
+
 def make_sampler(temperature: float, top_p: float, key: mx.array) -> Callable[[mx.array], mx.array]:
     """``logits (B, V) -> tokens (B,)``: argmax when temperature == 0, else seeded sampling.
 
@@ -83,12 +108,14 @@ def make_sampler(temperature: float, top_p: float, key: mx.array) -> Callable[[m
     if temperature <= 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     state = {"key": key}
+    # on a CPU, cpu_ops' polynomial exp: a few times faster than mx.logsumexp over a whole vocabulary
+    logsumexp = cpu_ops.logsumexp if cpu_ops.available() else lambda x: mx.logsumexp(x, axis=-1)
 
     def sample(logits: mx.array) -> mx.array:
         state["key"], sub = mx.random.split(state["key"])
         scaled = logits.astype(mx.float32) / temperature
         if top_p < 1.0:  # categorical takes unnormalised logits; only top-p needs log-probs
-            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
+            return sample_top_p(scaled - logsumexp(scaled)[..., None], top_p, sub)
         return mx.random.categorical(scaled, axis=-1, key=sub)
 
     return sample
