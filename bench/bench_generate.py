@@ -239,8 +239,8 @@ def main() -> None:
         "max_tokens": args.max_tokens, "batch_size": args.batch_size, **extra,
         "mlx_lm_single": {"completions": len(single) * k, "tokens": s_tok, "wall_s": round(s_wall, 2),
                           "tok_s": round(s_rate, 1)},
-        "tracer_pool" if args.sample else "tracer_batched": {"completions": len(prompts) * k, "tokens": b_tok, "wall_s": round(b_wall, 2),
-                           "tok_s": round(b_rate, 1)},
+        "tracer_pool" if args.sample else "tracer_batched": {
+            "completions": len(prompts) * k, "tokens": b_tok, "wall_s": round(b_wall, 2), "tok_s": round(b_rate, 1)},
         "ratio": round(b_rate / s_rate, 2),
     }, indent=2))
 

@@ -2,8 +2,8 @@
 
 Every knob has a type, a default and a one-line description (``Field(description=...)``).
 The defaults are the closed-book RL recipe (``configs/default_rsft.toml`` only names its run), so a
-preset lists just what differs from them (``configs/default.toml``, the faster SFT recipe, five keys). Unknown keys and wrong types are errors that name the file and
-the key.
+preset lists just what differs from them (``configs/default.toml``, the faster SFT recipe, is
+one). Unknown keys and wrong types are errors that name the file and the key.
 """
 
 from __future__ import annotations
