@@ -118,6 +118,11 @@ def bench_tracer(model, tok, prompts: list[str], max_tokens: int, batch_size: in
         len(t) for t in toks if len(t) >= max_tokens), time.perf_counter() - t0
 
 
+def count_tokens(tok, texts: list[str]) -> int:
+    """Tokens of completions, counted alike on every side: each text encoded again."""
+    return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts)
+
+
 def bench_mlx_lm_sampled(model, tok, prompts: list[str], k: int, max_tokens: int, temperature: float,
                          top_p: float) -> tuple[int, float]:
     from mlx_lm import stream_generate
@@ -125,13 +130,13 @@ def bench_mlx_lm_sampled(model, tok, prompts: list[str], k: int, max_tokens: int
 
     mx.random.seed(0)
     sampler = make_sampler(temp=temperature, top_p=top_p)
-    n_tok, t0 = 0, time.perf_counter()
+    texts, t0 = [], time.perf_counter()
     for p in prompts:
         for _ in range(k):
-            text = "".join(r.text for r in stream_generate(model, tok, F.encode_chat(tok, p), max_tokens=max_tokens,
-                                                           sampler=sampler))
-            n_tok += len(tok.encode(text, add_special_tokens=False))
-    return n_tok, time.perf_counter() - t0
+            texts.append("".join(r.text for r in stream_generate(model, tok, F.encode_chat(tok, p),
+                                                                 max_tokens=max_tokens, sampler=sampler)))
+    wall = time.perf_counter() - t0
+    return count_tokens(tok, texts), wall
 
 
 def full_vocab_sampler(temperature: float, top_p: float, key):
@@ -164,7 +169,7 @@ def bench_tracer_sampled_here(model, tok, prompts: list[str], k: int, max_tokens
         wall = time.perf_counter() - t0
     finally:
         G.make_sampler = kept
-    return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts), wall
+    return count_tokens(tok, texts), wall
 
 
 def bench_tracer_sampled(path: str, tok, prompts: list[str], k: int, max_tokens: int, temperature: float,
@@ -183,7 +188,7 @@ def bench_tracer_sampled(path: str, tok, prompts: list[str], k: int, max_tokens:
         texts = [t for job in pool.map(jobs) for t in job]
         used = pool.used
     wall = time.perf_counter() - t0
-    return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts), wall, used
+    return count_tokens(tok, texts), wall, used
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ samples of one question) once. A row stops at an end-of-turn / eos token, at the
 the ANSWER line the reward reads (when ``stop_after_answer``; the verdict is then the same as had
 it run on) or at ``max_tokens`` (:mod:`tracer.sampling`); finished rows are dropped from the batch and cache, and waiting prompts take their places (continuous batching).
 Each step is dispatched with ``mx.async_eval`` before the previous step's tokens are read back,
-so Python bookkeeping overlaps the model's compute.
+so Python bookkeeping overlaps the model's compute (not under top-p sampling, whose sampler reads
+back which rows draw over the whole vocabulary: :func:`tracer.sampling.sample_top_p`).
 """
 
 from __future__ import annotations
