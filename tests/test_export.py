@@ -59,6 +59,13 @@ def test_card_says_contaminated(adapter):
         cfg.write_text(before)
 
 
+def test_card_says_how_to_write_the_prompt(adapter):
+    facts = export.card_facts(adapter)
+    assert "written `A) Name`" in export.model_card(facts) and "traces" not in export.model_card(facts)
+    tagged = export.model_card(dict(facts, option_tags=True, trace="frontier"))
+    assert "written `Name (A)`" in tagged and "every entity each hop reaches" in tagged
+
+
 def test_export_command_bad_input(tiny_work, capsys):
     from tracer.cli import main
 

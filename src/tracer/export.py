@@ -18,6 +18,10 @@ from tracer.format import SYSTEM_PROMPT
 from tracer.runs import read_json
 
 
+TRACES = {"path": "Its traces follow one path through the graph.",
+          "frontier": "Its traces list every entity each hop reaches (frontier traces)."}
+
+
 def run_of(adapter: str | Path) -> tuple[Path | None, str]:
     """The run directory an adapter was trained in (``<run>/models/<phase>``) and its phase name;
     (None, name) for an adapter outside a run."""
@@ -32,7 +36,8 @@ def card_facts(adapter: str | Path) -> dict[str, Any]:
     run, phase = run_of(adapter)
     facts: dict[str, Any] = {"base_model": acfg.get("base_model", "unknown"), "phase": phase,
                              "contaminated": bool(acfg.get("contaminated", False)),
-                             "system_prompt": acfg.get("system_prompt", SYSTEM_PROMPT)}
+                             "system_prompt": acfg.get("system_prompt", SYSTEM_PROMPT),
+                             "option_tags": bool(acfg.get("option_tags", False))}
     if run is not None:
         meta = read_json(run / "meta.json")
         metrics = read_json(run / "metrics.json", default={"phases": {}})
@@ -44,7 +49,7 @@ def card_facts(adapter: str | Path) -> dict[str, Any]:
             from tracer.config import load_config
 
             data = load_config(config).data
-            facts.update(kg=data.kg, context=data.context)
+            facts.update(kg=data.kg, context=data.context, trace=data.trace)
     return facts
 
 
@@ -66,7 +71,10 @@ def model_card(facts: dict[str, Any]) -> str:
                   f"{100 * m['path_coverage']:.1f}% | {m['reward']:+.2f} | {100 * m['format_rate']:.1f}% |",
                   "", "One run is one draw; see the run directory for per-hop figures and episodes."]
     system = facts["system_prompt"]
+    options = ("written `Name (A)`, and the trace ends with the answer's tag (letter tags)" if facts["option_tags"]
+               else "written `A) Name`")
     lines += ["", "## Use", "", "tracer prompts with this system message:", "", f"> {system}", "",
+              f"The question's options are {options}.", *([TRACES[facts["trace"]]] if "trace" in facts else []), "",
               "```bash", f'mlx_lm.generate --model DIR --system-prompt {shlex.quote(system)} --prompt "..."', "```", ""]
     return "\n".join(lines)
 
