@@ -112,6 +112,9 @@ def test_small_many_to_many_graph_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["kg", "stats", "g.tsv", "--config", write(tmp_path / "c.toml", "[data]\neval_hops = [3]\n")]) == 0
     out = capsys.readouterr().out
     assert "with several targets" in out and "Questions the generator can make" in out
+    assert 'consider data.trace = "frontier"' in " ".join(out.split())
+    assert main(["kg", "stats", "g.tsv", "--config", write(tmp_path / "f.toml", '[data]\ntrace = "frontier"\n')]) == 0
+    assert "consider" not in capsys.readouterr().out
 
 
 @public

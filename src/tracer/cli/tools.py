@@ -29,10 +29,15 @@ def kg_stats(
 
     cfg = _config(config, data__kg=kg, data__types=types)
     graph = load_graph(cfg)
-    for table in kg_tables(describe(graph), dataset.question_counts(graph, cfg.data)):
+    info = describe(graph)
+    for table in kg_tables(info, dataset.question_counts(graph, cfg.data)):
         console.print(table)
     for note in graph.notes:
         console.print(f"note: {note}")
+    if info["multi_pairs"] and cfg.data.trace == "path":
+        console.print(f"note: {info['multi_pairs']:,} of {info['pairs']:,} (entity, relation) pairs have several "
+                      "targets; a path trace must guess the branch there, a frontier trace lists them all: "
+                      'consider data.trace = "frontier" (docs/graphs.md)')
 
 
 @app.command()
