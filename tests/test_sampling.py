@@ -27,7 +27,7 @@ def test_top_p_keeps_nucleus():
 
 
 PEAKED = [6.0, 5.5, 5.0, 4.0, 3.5] + [-10.0] * 995  # nucleus at 0.95: the first 4 tokens
-FLAT = [float(i % 7) / 10 for i in range(1000)]  # 95% of the mass needs most of the 1000 tokens
+FLAT = [i / 200 for i in range(1000)]  # distinct; 95% of the mass needs hundreds of the 1000 tokens
 
 
 def _draws(rows: list[list[float]], top_p: float, k: int, n: int = 4000) -> tuple[list[list[int]], list[list[float]]]:
@@ -48,13 +48,40 @@ def test_top_p_sampling_among_candidates_is_the_full_nucleus_distribution():
     assert kept == [0, 1, 2, 3] and set(draws) <= set(kept)
     for i in kept:  # each nucleus token as often as its renormalised probability (4000 draws: sd <= 0.008)
         assert abs(draws.count(i) / len(draws) - want[i]) < 0.04, (i, draws.count(i), want[i])
+    # the same through the decode loop's sampler (temperature 1: its log-probs via cpu_ops on a CPU)
+    sampled = S.make_sampler(1.0, 0.95, mx.random.key(5))(mx.array([PEAKED] * 4000)).tolist()
+    for i in kept:
+        assert abs(sampled.count(i) / len(sampled) - want[i]) < 0.04, (i, sampled.count(i), want[i])
+    assert set(sampled) <= set(kept)
 
 
 def test_top_p_sampling_draws_a_wider_nucleus_from_the_whole_vocabulary():
     # in one batch, flat rows draw beyond any 8 candidates while peaked rows keep to their nucleus
     (flat, peaked), (want_flat, _) = _draws([FLAT, PEAKED], 0.95, k=8, n=2000)
-    assert len(set(flat)) > 500 and all(want_flat[t] > 0 for t in flat)
+    assert 0 < want_flat.count(0.0) < 1000 - 8  # the nucleus drops some tokens and needs more than 8
+    assert len(set(flat)) > 100 and all(want_flat[t] > 0 for t in flat)
     assert set(peaked) == {0, 1, 2, 3}
+
+
+def _logprobs(head: list[float], k: int = 1000) -> list[float]:
+    """Log-probabilities of ``k`` tokens: ``head``'s probabilities, the rest spread evenly."""
+    rest = (1.0 - sum(head)) / (k - len(head))
+    return [float(mx.log(mx.array(p)).item()) for p in head + [rest] * (k - len(head))]
+
+
+def test_only_rows_whose_nucleus_may_pass_the_candidates_sort_the_vocabulary(monkeypatch):
+    shapes = []
+    real = S.apply_top_p
+    monkeypatch.setattr(S, "apply_top_p", lambda lp, top_p: shapes.append(tuple(lp.shape)) or real(lp, top_p))
+    inside = _logprobs([0.96 / 7] * 7 + [0.01])  # the 7 most likely of 8 candidates hold 0.96 >= 0.95
+    boundary = _logprobs([0.94 / 7] * 7 + [0.02])  # they hold 0.94: the 8th may be the nucleus' edge
+    S.sample_top_p(mx.array([inside, inside]), 0.95, mx.random.key(0), k=8)
+    assert shapes == [(2, 8)]  # no full sort
+    shapes.clear()
+    flat = mx.array(FLAT) - mx.logsumexp(mx.array(FLAT))
+    S.sample_top_p(mx.stack([mx.array(inside), mx.array(boundary), flat, mx.array(inside)]), 0.95,
+                   mx.random.key(0), k=8)
+    assert shapes == [(4, 8), (2, 1000)]  # the boundary and flat rows alone
 
 
 def test_sampler_is_greedy_at_zero_temperature_and_seeded_above():

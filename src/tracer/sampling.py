@@ -82,7 +82,8 @@ def sample_top_p(logprobs: mx.array, top_p: float, key: mx.array, k: int = NUCLE
     """Tokens ``(B,)`` drawn from each row's top-p nucleus. A row whose ``k`` most likely tokens,
     all but the least likely of them, already hold ``top_p`` of the mass has its nucleus inside
     them and draws among them: the same distribution as :func:`apply_top_p` over the whole
-    vocabulary, found by an O(V) partition instead of a sort (docs/performance.md). The other
+    vocabulary (but for tokens outside the candidates tied exactly with the nucleus' least likely
+    one), found by an O(V) partition instead of a sort (docs/performance.md). The other
     rows (a flat distribution) draw over the whole vocabulary. Which rows those are is read back
     here, so the step's logits are computed before the decode loop goes on."""
     if k >= logprobs.shape[-1]:
