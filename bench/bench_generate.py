@@ -84,14 +84,11 @@ def smollm2_shaped(path: Path, vocab: int = 49152) -> Path:
 
 
 def load(path: str, adapter: str | None = None):
-    if adapter:  # merged into the weights, as tracer generates
-        from tracer.model import load as tracer_load
+    """A model directory or tracer model name (``smollm2-135m-instruct``), an adapter merged into
+    the weights as tracer generates."""
+    from tracer.model import load as tracer_load
 
-        model, tok = tracer_load(path, adapter=adapter, fuse=True)
-    else:
-        from mlx_lm import load as mlx_load
-
-        model, tok = mlx_load(path)
+    model, tok = tracer_load(path, adapter=adapter, fuse=adapter is not None)
     if any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
@@ -194,7 +191,7 @@ def bench_tracer_sampled(path: str, tok, prompts: list[str], k: int, max_tokens:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_pos", nargs="?", help="model directory (same as --model)")
-    ap.add_argument("--model", help="mlx-lm model directory")
+    ap.add_argument("--model", help="model directory or tracer model name (e.g. smollm2-135m-instruct)")
     ap.add_argument("--adapter", help="LoRA adapter directory, merged into the model on every side")
     ap.add_argument("--shape", choices=["tiny", "smollm2"], default="tiny",
                     help="random model to build when no --model is given")

@@ -52,7 +52,7 @@ def last_frontier(written: set[str], options: dict[str, str], answer: str) -> st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kg")
-    ap.add_argument("eval", help="the eval split the episodes answer (JSONL)")
+    ap.add_argument("eval", help="the eval file the episodes answer (JSONL; its prompts are checked)")
     ap.add_argument("episodes", help="a phase's episodes (JSONL)")
     args = ap.parse_args()
     kg = load_kg(args.kg)
@@ -60,7 +60,9 @@ def main() -> None:
     per_hop: dict[int, list[tuple[set[str], set[str]]]] = {}
     wrong: Counter[str] = Counter()
     for ep in read_jsonl(args.episodes):
-        row = rows[ep["ex_id"]]
+        row = rows.get(ep["ex_id"])
+        if row is None or row["prompt"] != ep["prompt"]:  # another build of the splits reuses ids
+            raise SystemExit(f"{args.episodes}: episode {ep['ex_id']} does not answer a question of {args.eval}")
         chain = [e["rel"] for e in row["path_star"]["edges"]]
         steps = judge(kg, row["path_star"]["entities"][0], chain, ep["parsed"].get("trace_text") or "")
         for i, pair in enumerate(steps, 1):

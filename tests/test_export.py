@@ -62,7 +62,15 @@ def test_card_says_contaminated(adapter):
 def test_card_says_how_to_write_the_prompt(adapter):
     facts = export.card_facts(adapter)
     assert "written `A) Name`" in export.model_card(facts) and "traces" not in export.model_card(facts)
-    tagged = export.model_card(dict(facts, option_tags=True, trace="frontier"))
+    config, acfg = adapter.parent.parent / "config.toml", adapter / "adapter_config.json"
+    before = acfg.read_text()
+    config.write_text('[data]\ntrace = "frontier"\noption_tags = true\n')
+    acfg.write_text(json.dumps(dict(json.loads(before), option_tags=True)))
+    try:
+        tagged = export.model_card(export.card_facts(adapter))
+    finally:
+        config.unlink()
+        acfg.write_text(before)
     assert "written `Name (A)`" in tagged and "every entity each hop reaches" in tagged
 
 

@@ -71,7 +71,7 @@ def model_card(facts: dict[str, Any]) -> str:
                   f"{100 * m['path_coverage']:.1f}% | {m['reward']:+.2f} | {100 * m['format_rate']:.1f}% |",
                   "", "One run is one draw; see the run directory for per-hop figures and episodes."]
     system = facts["system_prompt"]
-    options = ("written `Name (A)`, and the trace ends with the answer's tag (letter tags)" if facts["option_tags"]
+    options = ("written `Name (A)`, and the trace writes the answer with its tag (letter tags)" if facts["option_tags"]
                else "written `A) Name`")
     lines += ["", "## Use", "", "tracer prompts with this system message:", "", f"> {system}", "",
               f"The question's options are {options}.", *([TRACES[facts["trace"]]] if "trace" in facts else []), "",
