@@ -334,6 +334,26 @@ def test_progress_off_a_terminal_prints_plain_status_lines():
     assert not any(line.startswith("train 2/5") for line in lines), lines
 
 
+def test_progress_eta_holds_steady_over_steps_of_uneven_length():
+    import io
+
+    from rich.console import Console
+
+    from tracer.display import RichProgress
+
+    now = [0.0]
+    p = RichProgress(Console(file=io.StringIO()), clock=lambda: now[0])
+    p.start("train", 100)
+    etas = []
+    for step in range(1, 61):  # short and long batches, 11 s a step on average
+        now[0] += (2.0, 20.0, 2.0, 2.0, 29.0)[step % 5]
+        p.update(1)
+        if step > 40:
+            etas.append(p.bar.tasks[0].time_remaining / ((100 - step) * 11.0))  # against the true time left
+    p.stop()
+    assert all(0.75 < r < 1.25 for r in etas), [round(r, 2) for r in etas]
+
+
 def test_ctrl_c_is_one_line_and_exit_130(capsys, work, monkeypatch):
     from tracer.pipeline import data
 

@@ -20,8 +20,10 @@ class RichProgress:
     is printed instead, at most every ``every`` seconds.
     """
 
-    def __init__(self, con: Console, every: float = 60.0):
-        self.console = con
+    ETA_WINDOW = 600.0  # seconds of steps behind the eta: steps over length-grouped batches vary widely
+
+    def __init__(self, con: Console, every: float = 60.0, clock=time.monotonic):
+        self.console, self.clock = con, clock
         self.bar: Progress | None = None
         self.task = None
         self.plain, self.every, self.last = not con.is_terminal, every, float("-inf")
@@ -31,7 +33,7 @@ class RichProgress:
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, transient=False,
+            console=self.console, transient=False, speed_estimate_period=self.ETA_WINDOW, get_time=self.clock,
         )
         self.bar.start()
         self.task = self.bar.add_task(description, total=total, info="")
