@@ -276,6 +276,24 @@ def test_continue_refuses_adapter_of_another_base_model(tmp_path, capsys, tiny_m
     assert not (tmp_path / "out").exists()
 
 
+def test_sft_and_continue_train_on_several_files_together(tiny_work, capsys):
+    assert main(["data", "-c", "tiny.toml"]) == 0
+    lines = (tiny_work / "data" / "tiny" / "train.jsonl").read_text().splitlines(keepends=True)
+    (tiny_work / "a.jsonl").write_text("".join(lines[:5]))
+    (tiny_work / "b.jsonl").write_text("".join(lines[5:12]))
+    assert main(["sft", "-c", "tiny.toml", "--iters", "2", "-t", "a.jsonl", "-t", "b.jsonl", "--adapter-out", "two"]) == 0
+    settings = json.loads((tiny_work / "two" / "train_settings.json").read_text())
+    assert settings["rows"] == 12 and settings["source"] == "a.jsonl + b.jsonl"
+    assert main(["continue", "-c", "tiny.toml", "--iters", "1", "-a", "two", "-t", "b.jsonl", "-t", "a.jsonl",
+                 "--adapter-out", "more"]) == 0
+    assert json.loads((tiny_work / "more" / "train_settings.json").read_text())["rows"] == 12
+    capsys.readouterr()
+    (tiny_work / "c.jsonl").write_text(lines[6])  # an id b.jsonl has too
+    assert main(["sft", "-c", "tiny.toml", "-t", "b.jsonl", "-t", "c.jsonl", "--adapter-out", "dup"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c.jsonl" in err[0] and "also in b.jsonl" in err[0] and not (tiny_work / "dup").exists()
+
+
 def test_interrupt_inside_a_step_rolls_back_to_the_last_finished_step(facts_model, tmp_path, monkeypatch):
     cfg = TrainConfig(iters=6, batch_size=8, learning_rate=1e-3, warmup=1, save_every=100, val_every=0, seed=2)
     lora = LoraConfig(rank=4, alpha=8.0)

@@ -78,7 +78,8 @@ def _print_train(stats: dict) -> None:
 @app.command()
 def sft(
     config: Optional[Path] = ConfigOpt,
-    train: Optional[str] = typer.Option(None, "--train", "-t", help="Training JSONL (default: the train split)."),
+    train: Optional[list[str]] = typer.Option(
+        None, "--train", "-t", help="Training JSONL (default: the train split); repeat it to train on several files together."),
     kg: Optional[str] = KgOpt,
     model: Optional[str] = ModelOpt,
     adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Directory for the adapter (default runs_dir/run.name/models/sft)."),
@@ -102,7 +103,7 @@ def sft(
 def continue_(
     ctx: typer.Context,
     adapter: str = typer.Option(..., "--adapter", "-a", help="Existing adapter directory to continue from."),
-    train: str = typer.Option(..., "--train", "-t", help="New training examples (JSONL)."),
+    train: list[str] = typer.Option(..., "--train", "-t", help="New training examples (JSONL); repeat it for several files."),
     adapter_out: Optional[str] = typer.Option(None, "--adapter-out", help="Directory for the continued adapter (required)."),
     output: Optional[str] = _old_name("--output", "-o"),
     config: Optional[Path] = ConfigOpt,

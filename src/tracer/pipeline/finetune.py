@@ -11,7 +11,7 @@ import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from tracer import distributed, runs
 from tracer.errors import TracerError
@@ -234,17 +234,32 @@ def _split_val(rows: list[dict], size: int, seed: int) -> tuple[list[dict], list
     return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
-def sft(ws: Workspace, *, train: str | None = None, adapter_out: str | Path | None = None, resume: bool = False,
-        force: bool = False, allow_eval_overlap: bool = False) -> dict:
-    """LoRA SFT on reference traces of the train split (or ``train``) into ``adapter_out``
-    (default ``models/sft`` of the run directory); returns training stats and the adapter directory.
-    ``resume`` continues its checkpoint, ``force`` starts over in a directory an earlier training used."""
+def training_rows(ws: Workspace, train: str | Sequence[str]) -> tuple[list[dict], str]:
+    """The rows of one training file or several (in order), and their name in messages; an id may
+    appear in one file only."""
+    files = [train] if isinstance(train, str) else list(train)
+    rows, seen = [], {}
+    for f in files:
+        for r in ws.load_split("train", f):
+            if r["id"] in seen:
+                raise TracerError(f"{f}: example id {r['id']} is also in {seen[r['id']]}; ids must be unique "
+                                  "across training files")
+            seen[r["id"]] = f
+            rows.append(r)
+    return rows, " + ".join(files)
+
+
+def sft(ws: Workspace, *, train: str | Sequence[str] | None = None, adapter_out: str | Path | None = None,
+        resume: bool = False, force: bool = False, allow_eval_overlap: bool = False) -> dict:
+    """LoRA SFT on reference traces of the train split (or of the file(s) ``train``) into
+    ``adapter_out`` (default ``models/sft`` of the run directory); returns training stats and the
+    adapter directory. ``resume`` continues its checkpoint, ``force`` starts over in a directory an
+    earlier training used."""
     out_dir = Path(adapter_out) if adapter_out else runs.model_dir(ws.run_dir, "sft")
     check_output(out_dir, resume=resume, force=force)
-    if train is None:
+    if not train:
         ws.ensure_data(model_first=True)
-    source = train or str(ws.split_path("train"))
-    rows = ws.load_split("train", source)
+    rows, source = training_rows(ws, train or str(ws.split_path("train")))
     contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap)
     stats = train_adapter(ws, "sft", rows, out_dir, resume=resume, force=force, source=source)
     mark_contaminated(out_dir, contaminated)
@@ -253,17 +268,17 @@ def sft(ws: Workspace, *, train: str | None = None, adapter_out: str | Path | No
     return stats
 
 
-def continue_(ws: Workspace, *, adapter: str, train: str, adapter_out: str | Path, resume: bool = False,
-              force: bool = False, allow_eval_overlap: bool = False) -> dict:
-    """Continue training an existing adapter on new examples (under this config's system message,
-    which may differ from the adapter's), into ``adapter_out``."""
+def continue_(ws: Workspace, *, adapter: str, train: str | Sequence[str], adapter_out: str | Path,
+              resume: bool = False, force: bool = False, allow_eval_overlap: bool = False) -> dict:
+    """Continue training an existing adapter on new examples, one file or several (under this
+    config's system message, which may differ from the adapter's), into ``adapter_out``."""
     check_adapter(ws, adapter, same_system=False)
     check_distinct(adapter, adapter_out)
     check_output(Path(adapter_out), resume=resume, force=force)
-    rows = ws.load_split("train", train)
-    contaminated = guard_leakage(ws, rows, train, allow=allow_eval_overlap) or adapter_contaminated(adapter)
+    rows, source = training_rows(ws, train)
+    contaminated = guard_leakage(ws, rows, source, allow=allow_eval_overlap) or adapter_contaminated(adapter)
     stats = train_adapter(ws, "sft", rows, Path(adapter_out), resume=resume, force=force, init_adapter=adapter,
-                          source=train)
+                          source=source)
     mark_contaminated(adapter_out, contaminated)
     stats["contaminated"] = contaminated
     return stats
