@@ -290,8 +290,9 @@ def test_device_info():
 
 
 def test_share_cores_splits_threads_between_live_tracer_processes(tmp_path):
-    """Each registered, still-running tracer process gets cores // n OpenBLAS threads; entries of
-    dead processes are dropped; a thread count set in the environment is left alone."""
+    """Each registered, still-running tracer process gets cores // n OpenBLAS threads; a stopped one
+    is not counted, entries of dead processes are dropped; a thread count set in the environment is
+    left alone."""
     code = f"""
 import ctypes, os, subprocess, sys, time
 from pathlib import Path
@@ -309,6 +310,10 @@ reg.mkdir()
 assert blas.share_cores(0, reg) == max(1, cores // 2) == lib.openblas_get_num_threads()
 assert blas.blas_info()["threads"] == max(1, cores // 2)  # what `tracer doctor` shows
 assert sorted(p.name for p in reg.iterdir()) == sorted([str(os.getpid()), str(other.pid)])
+other.send_signal(19); time.sleep(0.2)  # SIGSTOP: stopped, its cores are free
+assert blas.share_cores(0, reg) == cores and (reg / str(other.pid)).exists()
+other.send_signal(18); time.sleep(0.2)  # SIGCONT
+assert blas.share_cores(0, reg) == max(1, cores // 2)
 other.kill(); other.wait()
 assert blas.share_cores(0, reg) == cores == lib.openblas_get_num_threads()
 os.environ["OPENBLAS_NUM_THREADS"] = "1"

@@ -205,13 +205,18 @@ def preload_openblas() -> str | None:
     return None
 
 
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat``'s fields after the command name (``[]`` when the process is gone):
+    the first is the state, the 20th the start time."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
 def _start_time(pid: int) -> str | None:
     """A process's start time (``/proc/<pid>/stat`` field 22): with the pid, names it uniquely."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
+    fields = _stat(pid)
     return fields[19] if len(fields) > 19 else None
 
 
@@ -238,7 +243,8 @@ def step_aside() -> None:
 
 
 def live_processes(registry: Path | None = None) -> int:
-    """Register this process (once) and count the registered tracer processes still running."""
+    """Register this process (once) and count the registered tracer processes still running (not
+    stopped)."""
     folder = registry or _registry()
     if _SHARE["file"] is None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -248,14 +254,15 @@ def live_processes(registry: Path | None = None) -> int:
         atexit.register(_unregister)
     n = 0
     for entry in folder.iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else []
         try:
-            alive = entry.name.isdigit() and _start_time(int(entry.name)) == entry.read_text()
+            alive = len(fields) > 19 and fields[19] == entry.read_text()
         except OSError:
             alive = False
-        if alive:
-            n += 1
-        else:
+        if not alive:
             entry.unlink(missing_ok=True)  # a process that died without cleaning up
+        elif fields[0] not in ("T", "t"):  # a stopped process (SIGSTOP, Ctrl-Z) leaves its cores free
+            n += 1
     return max(n, 1)
 
 
