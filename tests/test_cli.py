@@ -228,7 +228,8 @@ def test_run_seed_seeds_every_phase_but_keeps_the_questions(capsys, work):
     cfg = write(work / "s.toml", '[run]\nname = "s"\nphases = []\n')
     assert main(["run", cfg, "--seed", "7"]) == 0
     resolved = load_config(work / "data" / "runs" / "s" / "config.toml")
-    assert [resolved.sft.seed, resolved.rsft.seed, resolved.consolidate.seed, resolved.eval.seed, resolved.run.seed] == [7] * 5
+    assert [resolved.sft.seed, resolved.rsft.seed, resolved.grpo.seed, resolved.consolidate.seed, resolved.eval.seed,
+            resolved.run.seed] == [7] * 6
     assert resolved.data.seed == load_config(cfg).data.seed
     assert json.loads((work / "data" / "runs" / "s" / "meta.json").read_text())["seed"] == 7
 

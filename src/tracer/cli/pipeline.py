@@ -236,8 +236,8 @@ def run_(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (overrides run.name)."),
     model: Optional[str] = ModelOpt,
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed of the whole run: sets run.seed and the sft, rsft, consolidate and eval "
-                             "seeds (data.seed, which picks the questions, is kept)."),
+        None, "--seed", help="Seed of the whole run: sets run.seed and the sft, rsft, grpo, consolidate and "
+                             "eval seeds (data.seed, which picks the questions, is kept)."),
     allow_eval_overlap: bool = OverlapOpt,
 ) -> None:
     """The whole pipeline: data → base eval → SFT → eval → RSFT → eval (→ consolidate → eval) → report."""
@@ -246,7 +246,7 @@ def run_(
     if force and resume:
         raise TracerError("--force and --resume exclude each other")
     cfg = _config(config, run__name=name, model__path=model, run__seed=seed, sft__seed=seed, rsft__seed=seed,
-                  consolidate__seed=seed, eval__seed=seed)
+                  grpo__seed=seed, consolidate__seed=seed, eval__seed=seed)
     out = run_pipeline(_workspace(cfg), force=force, resume=resume, allow_eval_overlap=allow_eval_overlap)
     if runs.is_follower():  # under mlx.launch rank 0 writes the run and prints it
         return
