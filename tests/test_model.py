@@ -187,6 +187,35 @@ def test_retained_heap_reuses_freed_blocks_without_page_faults(disabled):
         assert status == "retained" and max(later) < 100
 
 
+TRIM_PROBE = """
+import ctypes
+from tracer.heap import release_freed_pages, retain_freed_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20  # MB
+retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6"); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+keep = libc.malloc(1 << 20)
+blocks = [libc.malloc(64 << 20) for _ in range(4)]
+for p in blocks:
+    ctypes.memset(p, 1, 64 << 20)
+pin = libc.malloc(1 << 20)  # a live block above them: the heap's top cannot shrink
+for p in blocks:
+    libc.free(p)
+held = rss()
+print(held, release_freed_pages(60.0), rss(), release_freed_pages(60.0))
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc_trim only")
+def test_freed_pages_go_back_to_the_system_once_a_minute_at_most():
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TRACER_NO_MALLOPT": "0"}
+    r = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    held, trimmed, after, again = r.stdout.split()
+    assert int(held) - int(after) > 200  # of the 256 MB freed below a live block
+    assert (trimmed, again) == ("True", "False")  # the second call comes within the interval
+
+
 # ---------------------------------------------------------------- loading a tiny model
 
 

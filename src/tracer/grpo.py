@@ -51,6 +51,7 @@ from tracer.distributed import world
 from tracer.errors import TracerError
 from tracer.format import SYSTEM_PROMPT, answer_end, encode_chat
 from tracer.generate import generate_tokens
+from tracer.heap import release_freed_pages
 from tracer.kg import KG
 from tracer.progress import NullProgress, Progress
 from tracer.sampling import finish_text
@@ -371,6 +372,7 @@ def train_grpo(model: nn.Module, tokenizer, pool: list[dict], scorer: Scorer, cf
             snapshot = None
             _write_log(out / LOG_FILE, log[-1:], append=True)
             share_cores()  # nothing in flight here
+            release_freed_pages()
             progress.update(1, **_progress_info(m))
             if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.iters:
                 checkpoint(step + 1)

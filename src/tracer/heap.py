@@ -8,6 +8,8 @@ MB; ``bench/bench_malloc.py`` measures the cost, docs/performance.md records it)
 :func:`retain_freed_memory` turns mmap allocations off and raises the heap's trim threshold, so
 freed blocks are reused from the heap. The process keeps its peak heap rather than returning it
 to the system, which a training or eval process would reach again at its next step anyway.
+Training loops call :func:`release_freed_pages` to hand freed blocks' pages back once a minute,
+since a heap serving blocks of many sizes fragments and would otherwise keep growing.
 ``TRACER_NO_MALLOPT=1`` leaves glibc's defaults (for benchmarks). No mlx import here.
 """
 
@@ -18,6 +20,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import time
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: give back a free heap top only beyond 2 GB
@@ -44,6 +47,26 @@ def _set() -> str:
     except (OSError, AttributeError) as e:
         return f"mallopt unavailable: {e}"
     return "retained" if ok else "mallopt refused"
+
+
+_TRIM = {"next": 0.0}
+
+
+def release_freed_pages(interval: float = 60.0) -> bool:
+    """Every ``interval`` seconds at most: hand the pages of freed heap blocks back to the system
+    (glibc's ``malloc_trim``), keeping the heap's address space. A retained heap serving blocks of
+    many sizes (batches of uneven length) fragments, and its resident size then grows step after
+    step; this bounds it, at the cost of faulting the released pages in again when reused. Call it
+    between computations. True when it trimmed."""
+    if _STATE["status"] != "retained":
+        return False
+    now = time.monotonic()
+    if now < _TRIM["next"]:
+        return False
+    _TRIM["next"] = now + interval
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(0)
+    return True
 
 
 def heap_info() -> str:

@@ -26,6 +26,7 @@ from tracer.config import LoraConfig, TrainConfig
 from tracer.distributed import peer_lost, world
 from tracer.errors import PeerLost, TracerError, TrainingInterrupted  # noqa: F401  (re-exported)
 from tracer.format import SYSTEM_PROMPT
+from tracer.heap import release_freed_pages
 from tracer.model import head
 from tracer.progress import NullProgress, Progress
 
@@ -325,6 +326,7 @@ def _train_step(model: nn.Module, optimizer, step_fn: TrainStep, batch: Batch, s
     loss = step_fn(batch, share)
     mx.eval(loss, model.trainable_parameters(), optimizer.state)
     share_cores()  # nothing in flight here
+    release_freed_pages()
     rec.losses.append(loss.item())
     rec.snapshot = None
 
