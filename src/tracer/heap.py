@@ -8,8 +8,9 @@ MB; ``bench/bench_malloc.py`` measures the cost, docs/performance.md records it)
 :func:`retain_freed_memory` turns mmap allocations off and raises the heap's trim threshold, so
 freed blocks are reused from the heap. The process keeps its peak heap rather than returning it
 to the system, which a training or eval process would reach again at its next step anyway.
-Training loops call :func:`release_freed_pages` to hand freed blocks' pages back once a minute,
-since a heap serving blocks of many sizes fragments and would otherwise keep growing.
+Training loops call :func:`release_freed_pages`, which hands freed blocks' pages back when the
+machine runs short of memory: a heap serving blocks of many sizes fragments and would otherwise
+keep growing.
 ``TRACER_NO_MALLOPT=1`` leaves glibc's defaults (for benchmarks). No mlx import here.
 """
 
@@ -52,18 +53,31 @@ def _set() -> str:
 _TRIM = {"next": 0.0}
 
 
-def release_freed_pages(interval: float = 60.0) -> bool:
-    """Every ``interval`` seconds at most: hand the pages of freed heap blocks back to the system
-    (glibc's ``malloc_trim``), keeping the heap's address space. A retained heap serving blocks of
-    many sizes (batches of uneven length) fragments, and its resident size then grows step after
-    step; this bounds it, at the cost of faulting the released pages in again when reused. Call it
-    between computations. True when it trimmed."""
+def available_memory() -> float:
+    """The share of the machine's memory still available (``MemAvailable / MemTotal`` of
+    ``/proc/meminfo``); 1.0 where that cannot be read."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+        return int(info["MemAvailable"].split()[0]) / int(info["MemTotal"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return 1.0
+
+
+def release_freed_pages(low: float = 0.25, interval: float = 10.0) -> bool:
+    """When less than ``low`` of the machine's memory is available (looked at every ``interval``
+    seconds at most): hand the pages of freed heap blocks back to the system (glibc's
+    ``malloc_trim``), keeping the heap's address space. A retained heap serving blocks of many sizes
+    (batches of uneven length) fragments, and its resident size then grows step after step; this
+    bounds it, at the cost of faulting the released pages in again when reused. Call it between
+    computations. True when it trimmed."""
     if _STATE["status"] != "retained":
         return False
     now = time.monotonic()
     if now < _TRIM["next"]:
         return False
     _TRIM["next"] = now + interval
+    if available_memory() >= low:
+        return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc_trim(0)
     return True
