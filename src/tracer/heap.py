@@ -9,8 +9,7 @@ MB; ``bench/bench_malloc.py`` measures the cost, docs/performance.md records it)
 freed blocks are reused from the heap. The process keeps its peak heap rather than returning it
 to the system, which a training or eval process would reach again at its next step anyway.
 Training loops call :func:`release_freed_pages`, which hands freed blocks' pages back when the
-machine runs short of memory: a heap serving blocks of many sizes fragments and would otherwise
-keep growing.
+machine runs short of memory.
 ``TRACER_NO_MALLOPT=1`` leaves glibc's defaults (for benchmarks). No mlx import here.
 """
 
@@ -66,10 +65,10 @@ def available_memory() -> float:
 def release_freed_pages(low: float = 0.25, interval: float = 10.0) -> bool:
     """When less than ``low`` of the machine's memory is available (looked at every ``interval``
     seconds at most): hand the pages of freed heap blocks back to the system (glibc's
-    ``malloc_trim``), keeping the heap's address space. A retained heap serving blocks of many sizes
-    (batches of uneven length) fragments, and its resident size then grows step after step; this
-    bounds it, at the cost of faulting the released pages in again when reused. Call it between
-    computations. True when it trimmed."""
+    ``malloc_trim``), keeping the heap's address space. A retained heap keeps the blocks a long
+    batch freed resident, memory that another process, or this one's next long batch, may need;
+    the released pages fault in again when reused. Call it between computations. True when it
+    trimmed."""
     if _STATE["status"] != "retained":
         return False
     now = time.monotonic()
