@@ -194,7 +194,6 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20  # MB
 retain_freed_memory()
 libc = ctypes.CDLL("libc.so.6"); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
-keep = libc.malloc(1 << 20)
 blocks = [libc.malloc(64 << 20) for _ in range(4)]
 for p in blocks:
     ctypes.memset(p, 1, 64 << 20)
