@@ -25,7 +25,7 @@ import time
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: give back a free heap top only beyond 2 GB
 
-_STATE: dict = {"status": None}
+_STATE: dict = {"status": None, "libc": None}  # the libc that took the settings, for malloc_trim
 
 
 def retain_freed_memory() -> bool:
@@ -46,6 +46,7 @@ def _set() -> str:
         ok = libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError) as e:
         return f"mallopt unavailable: {e}"
+    _STATE["libc"] = libc
     return "retained" if ok else "mallopt refused"
 
 
@@ -77,8 +78,7 @@ def release_freed_pages(low: float = 0.25, interval: float = 10.0) -> bool:
     _TRIM["next"] = now + interval
     if available_memory() >= low:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc_trim(0)
+    _STATE["libc"].malloc_trim(0)
     return True
 
 
