@@ -8,14 +8,18 @@ training files a run learned from, and the runs' episodes.
 
 Prints how many eval questions the training rows touch, each run's accuracy (95% Wilson interval)
 on the untouched and the touched ones, and the exact McNemar test of each run against the first
-on the untouched questions.
+on the untouched questions. ``--write FILE`` writes the untouched questions as JSONL, to evaluate
+a run on them (``tracer eval -e FILE``), for example the RSFT pool's questions that a run which
+never saw the pool did not train through:
+
+    python bench/untouched.py data/mhr/rsft.jsonl --train data/mhr/train.jsonl --write /tmp/pool.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 
-from tracer.dataset import asked, passes_through, path_key, read_jsonl
+from tracer.dataset import asked, passes_through, path_key, read_jsonl, write_jsonl
 from tracer.metrics import mcnemar, wilson
 
 
@@ -30,20 +34,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("eval", help="the eval questions (JSONL)")
     ap.add_argument("--train", nargs="+", required=True, help="training files the runs learned from")
-    ap.add_argument("--runs", nargs="+", required=True, help="episodes files (JSONL), one per run")
+    ap.add_argument("--runs", nargs="*", default=[], help="episodes files (JSONL), one per run")
+    ap.add_argument("--write", metavar="FILE", help="write the untouched questions to FILE (JSONL)")
     args = ap.parse_args()
     eval_rows = read_jsonl(args.eval)
     hit = touched(eval_rows, [r for f in args.train for r in read_jsonl(f)])
     clean = [q["id"] for q in eval_rows if q["id"] not in hit]
     print(f"{len(eval_rows)} eval questions: {len(hit)} touched, {len(clean)} untouched")
+    if args.write:
+        write_jsonl(args.write, [q for q in eval_rows if q["id"] not in hit])
     first = None
     for path in args.runs:
         eps = {e["ex_id"]: e for e in read_jsonl(path)}
         k = sum(bool(eps[i]["correct"]) for i in clean)
         lo, hi = wilson(k, len(clean))
-        kt = sum(bool(eps[i]["correct"]) for i in hit)
         line = f"{path}: untouched {k}/{len(clean)} = {100 * k / len(clean):.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]"
-        line += f", touched {kt}/{len(hit)}" if hit else ""
+        answered = [i for i in hit if i in eps]  # none when the run answered the untouched questions alone
+        if answered:
+            line += f", touched {sum(bool(eps[i]['correct']) for i in answered)}/{len(answered)}"
         mine = [eps[i] for i in clean]
         if first is None:
             first = mine
