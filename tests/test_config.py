@@ -59,6 +59,13 @@ def test_default_preset_is_the_measured_run():
     assert load_config(ROOT / "configs" / "default.toml").model_dump() == want
 
 
+def test_public_graph_preset_is_the_measured_run():
+    # configs/mhr.toml holds the settings of the run its results come from (mhr_one), under its own names
+    want = load_config(ROOT / "configs" / "experiments" / "mhr_one.toml").model_dump()
+    want["data"]["out_dir"], want["run"]["name"] = "data/mhr", "mhr"
+    assert load_config(ROOT / "configs" / "mhr.toml").model_dump() == want
+
+
 def test_unknown_key_names_file_and_key(tmp_path):
     p = tmp_path / "x.toml"
     p.write_text("[sft]\niterz = 3\n")
