@@ -39,10 +39,11 @@ def main() -> None:
     args = ap.parse_args()
     eval_rows = read_jsonl(args.eval)
     hit = touched(eval_rows, [r for f in args.train for r in read_jsonl(f)])
-    clean = [q["id"] for q in eval_rows if q["id"] not in hit]
+    untouched = [q for q in eval_rows if q["id"] not in hit]
+    clean = [q["id"] for q in untouched]
     print(f"{len(eval_rows)} eval questions: {len(hit)} touched, {len(clean)} untouched")
     if args.write:
-        write_jsonl(args.write, [q for q in eval_rows if q["id"] not in hit])
+        write_jsonl(args.write, untouched)
     first = None
     for path in args.runs:
         eps = {e["ex_id"]: e for e in read_jsonl(path)}

@@ -205,19 +205,19 @@ def preload_openblas() -> str | None:
     return None
 
 
-def _stat(pid: int) -> list[str]:
-    """``/proc/<pid>/stat``'s fields after the command name (``[]`` when the process is gone):
-    the first is the state, the 20th the start time."""
+def _proc(pid: int) -> tuple[str, str] | None:
+    """A process's state and start time (``/proc/<pid>/stat`` fields 3 and 22; None when it is
+    gone). The start time, with the pid, names the process uniquely."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
-        return []
+        return None
+    return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
 def _start_time(pid: int) -> str | None:
-    """A process's start time (``/proc/<pid>/stat`` field 22): with the pid, names it uniquely."""
-    fields = _stat(pid)
-    return fields[19] if len(fields) > 19 else None
+    proc = _proc(pid)
+    return proc[1] if proc else None
 
 
 def _registry() -> Path:
@@ -254,14 +254,14 @@ def live_processes(registry: Path | None = None) -> int:
         atexit.register(_unregister)
     n = 0
     for entry in folder.iterdir():
-        fields = _stat(int(entry.name)) if entry.name.isdigit() else []
+        proc = _proc(int(entry.name)) if entry.name.isdigit() else None
         try:
-            alive = len(fields) > 19 and fields[19] == entry.read_text()
+            alive = proc is not None and proc[1] == entry.read_text()
         except OSError:
             alive = False
         if not alive:
             entry.unlink(missing_ok=True)  # a process that died without cleaning up
-        elif fields[0] not in ("T", "t"):  # a stopped process (SIGSTOP, Ctrl-Z) leaves its cores free
+        elif proc[0] not in ("T", "t"):  # a stopped process (SIGSTOP, Ctrl-Z) leaves its cores free
             n += 1
     return max(n, 1)
 

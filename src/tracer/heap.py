@@ -25,7 +25,7 @@ import time
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: give back a free heap top only beyond 2 GB
 
-_STATE: dict = {"status": None, "libc": None}  # the libc that took the settings, for malloc_trim
+_STATE: dict = {"status": None, "libc": None, "next_trim": 0.0}  # libc: the one that took the settings
 
 
 def retain_freed_memory() -> bool:
@@ -50,9 +50,6 @@ def _set() -> str:
     return "retained" if ok else "mallopt refused"
 
 
-_TRIM = {"next": 0.0}
-
-
 def available_memory() -> float:
     """The share of the machine's memory still available (``MemAvailable / MemTotal`` of
     ``/proc/meminfo``); 1.0 where that cannot be read."""
@@ -73,9 +70,9 @@ def release_freed_pages(low: float = 0.25, interval: float = 10.0) -> bool:
     if _STATE["status"] != "retained":
         return False
     now = time.monotonic()
-    if now < _TRIM["next"]:
+    if now < _STATE["next_trim"]:
         return False
-    _TRIM["next"] = now + interval
+    _STATE["next_trim"] = now + interval
     if available_memory() >= low:
         return False
     _STATE["libc"].malloc_trim(0)
